@@ -1,0 +1,157 @@
+"""Model presets as dataclasses.
+
+`tiny` runs in seconds on a CPU and is what tests and the embedded default use; `vilau-256`,
+`vilau-384` and `vilau-7b` carry the paper's shapes (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class VisionTowerConfig:
+    """The unified vision tower: CLIP/SigLIP encoders (open_clip), residual quantizer, pixel decoder."""
+
+    name: str
+    # open_clip model name; a name not known to open_clip is built from the shapes below.
+    clip_model: str
+    image_size: int
+    patch_size: int
+    width: int  # vision encoder width == code dimension
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    context_length: int = 32
+    text_vocab_size: int = 49408
+    embed_dim: int = 64
+    # Residual quantizer
+    codebook_size: int = 16384
+    code_depth: int = 4
+    shared_codebook: bool = True
+    ema_decay: float = 0.99
+    ema_eps: float = 1e-5
+    commitment_weight: float = 0.25
+    dead_code_threshold: float = 1.0
+    search_chunk_size: int = 4096
+    # Pixel decoder
+    decoder_channels: tuple[int, ...] = (64, 32)
+    # open_clip tag or local checkpoint path; None = random init
+    pretrained: str | None = None
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """The unified LLM (transformers causal LM) plus projector and depth transformer."""
+
+    name: str
+    # Local path for from_pretrained (weights + tokenizer); None = random init from the shapes below.
+    pretrained_path: str | None = None
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    vocab_size: int = 512  # text vocabulary before the visual markers are added
+    max_position_embeddings: int = 2048
+    depth_layers: int = 2
+    depth_heads: int = 4
+    depth_hidden_size: int = 64
+    frames_per_video: int = 8
+    max_images_per_doc: int = 6
+    cfg_scale: float = 3.0
+    top_k: int = 900
+    top_p: float = 0.96
+
+
+TOWER_PRESETS: dict[str, VisionTowerConfig] = {
+    "tiny": VisionTowerConfig(
+        name="tiny",
+        clip_model="vilau-tiny",
+        image_size=32,
+        patch_size=4,
+        width=64,
+        layers=4,
+        heads=4,
+        codebook_size=256,
+        code_depth=4,
+        search_chunk_size=1024,
+    ),
+    # SigLIP-L/16 at 256 px: 16x16 grid, D=4
+    "vilau-256": VisionTowerConfig(
+        name="vilau-256",
+        clip_model="ViT-L-16-SigLIP-256",
+        image_size=256,
+        patch_size=16,
+        width=1024,
+        layers=24,
+        heads=16,
+        text_width=1024,
+        text_layers=24,
+        text_heads=16,
+        context_length=64,
+        text_vocab_size=32000,
+        embed_dim=1024,
+        codebook_size=16384,
+        code_depth=4,
+        decoder_channels=(512, 256, 128, 64),
+    ),
+    # SigLIP-SO400M/14 at 384 px: 27x27 grid, D=16
+    "vilau-384": VisionTowerConfig(
+        name="vilau-384",
+        clip_model="ViT-SO400M-14-SigLIP-384",
+        image_size=384,
+        patch_size=14,
+        width=1152,
+        layers=27,
+        heads=16,
+        mlp_ratio=3.7362,
+        text_width=1152,
+        text_layers=27,
+        text_heads=16,
+        context_length=64,
+        text_vocab_size=32000,
+        embed_dim=1152,
+        codebook_size=16384,
+        code_depth=16,
+        decoder_channels=(512, 256, 128, 64),
+    ),
+}
+
+LM_PRESETS: dict[str, LMConfig] = {
+    "tiny": LMConfig(name="tiny"),
+    # LLaMA-2-7B shapes
+    "vilau-7b": LMConfig(
+        name="vilau-7b",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=8192,
+        depth_layers=3,
+        depth_heads=16,
+        depth_hidden_size=1024,
+    ),
+}
+
+
+def get_tower_config(name: str, **overrides) -> VisionTowerConfig:
+    if name not in TOWER_PRESETS:
+        raise ValueError(f"unknown vision tower preset {name!r}; known: {sorted(TOWER_PRESETS)}")
+    return dataclasses.replace(TOWER_PRESETS[name], **overrides)
+
+
+def get_lm_config(name: str, **overrides) -> LMConfig:
+    if name not in LM_PRESETS:
+        raise ValueError(f"unknown LM preset {name!r}; known: {sorted(LM_PRESETS)}")
+    return dataclasses.replace(LM_PRESETS[name], **overrides)
