@@ -1,0 +1,257 @@
+"""Tower evaluation metrics on constructed cases whose right answer is known by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+from vilau_model.evaluation import (
+    InceptionFeatureNet,
+    RandomConvFeatureNet,
+    codebook_usage,
+    evaluate_tower,
+    frechet_distance,
+    load_frechet_feature_net,
+    psnr,
+    retrieval_recall,
+    ssim,
+    zero_shot_accuracy,
+)
+
+
+def _images(n=4, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- reconstruction quality
+
+
+def test_perfect_reconstruction_gives_infinite_psnr_and_ssim_one():
+    x = _images()
+    assert psnr(x, x.clone()) == math.inf
+    assert ssim(x, x.clone()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_psnr_known_value():
+    a = torch.zeros(2, 3, 8, 8)
+    b = torch.full((2, 3, 8, 8), 0.1)  # MSE 0.01 -> 10*log10(1/0.01) = 20 dB
+    assert psnr(a, b) == pytest.approx(20.0)
+
+
+def test_ssim_known_value_and_ordering():
+    # Constant images have zero variance, so SSIM reduces to the luminance term
+    # (2*mu_a*mu_b + C1) / (mu_a^2 + mu_b^2 + C1), C1 = 0.01^2.
+    a, b = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.6)
+    c1 = 0.01**2
+    assert ssim(a, b) == pytest.approx((2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1))
+
+    x = _images()
+    gen = torch.Generator().manual_seed(1)
+    noisy = [(x + s * torch.randn(x.shape, generator=gen)).clamp(0, 1) for s in (0.02, 0.1, 0.3)]
+    scores = [ssim(x, y) for y in noisy]
+    assert 1.0 > scores[0] > scores[1] > scores[2]
+    assert ssim(x, noisy[1]) == pytest.approx(ssim(noisy[1], x))  # symmetric
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+
+def _with_exact_moments(n, mean, cov, seed):
+    """n samples whose sample mean and (unbiased) covariance are exactly `mean` and `cov`."""
+    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T  # whiten: cov(z) = I
+    return z @ torch.linalg.cholesky(cov).T + mean
+
+
+def test_identical_feature_sets_give_zero_distance():
+    feats = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    assert frechet_distance(feats, feats.clone()) == pytest.approx(0.0, abs=1e-9)
+    # Also with fewer samples than dimensions (rank-deficient covariances, as in small eval sets).
+    few = torch.randn(10, 64, generator=torch.Generator().manual_seed(1))
+    assert frechet_distance(few, few.clone()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_of_known_gaussians():
+    # N((0,0), diag(1,4)) vs N((3,0), diag(4,1)):
+    # |mu|^2 = 9, tr = 5 + 5, tr sqrt(S_a S_b) = sqrt(4) + sqrt(4) = 4  ->  9 + 10 - 8 = 11
+    a = _with_exact_moments(500, torch.tensor([0.0, 0.0]), torch.diag(torch.tensor([1.0, 4.0])).double(), 0)
+    b = _with_exact_moments(500, torch.tensor([3.0, 0.0]), torch.diag(torch.tensor([4.0, 1.0])).double(), 1)
+    assert frechet_distance(a, b) == pytest.approx(11.0, rel=1e-9)
+    assert frechet_distance(b, a) == pytest.approx(11.0, rel=1e-9)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_reference():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(300, 8, generator=gen, dtype=torch.float64) @ torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    b = torch.randn(300, 8, generator=gen, dtype=torch.float64) + 0.5
+    mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
+    s_a, s_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    covmean = scipy.linalg.sqrtm(s_a @ s_b).real
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+
+
+# ---------------------------------------------------------------- feature networks
+
+
+def test_fallback_feature_net_is_declared_and_deterministic():
+    net = load_frechet_feature_net(None)
+    assert isinstance(net, RandomConvFeatureNet)
+    assert net.metric_name == "rfid_fallback_randconv" != "rfid"
+    torch.manual_seed(123)  # the global RNG must not change the fallback's weights
+    again = load_frechet_feature_net(None)
+    x = _images(3)
+    feats = net(x)
+    assert feats.shape == (3, net.feature_dim)
+    assert torch.equal(feats, again(x))
+    # Its distance grows as reconstructions get worse.
+    xs = _images(32, seed=3)
+    noise = torch.randn(xs.shape, generator=torch.Generator().manual_seed(4))
+    dists = [frechet_distance(net(xs), net((xs + s * noise).clamp(0, 1))) for s in (0.0, 0.05, 0.3)]
+    assert dists[0] == pytest.approx(0.0, abs=1e-6) and dists[0] < dists[1] < dists[2]
+
+
+def test_inception_feature_net_loads_from_a_local_state_dict(tmp_path):
+    from torchvision.models import inception_v3
+
+    reference = inception_v3(weights=None, aux_logits=True, init_weights=False).eval()
+    path = tmp_path / "inception_v3.pt"
+    torch.save(reference.state_dict(), path)
+
+    net = load_frechet_feature_net(str(path))
+    assert isinstance(net, InceptionFeatureNet)
+    assert net.metric_name == "rfid"
+    x = _images(2)
+    feats = net(x)
+    assert feats.shape == (2, 2048)
+    # The weights really came from the file: same pool features as the saved model's own trunk.
+    reference.fc = torch.nn.Identity()
+    with torch.no_grad():
+        expected = reference(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1)
+    torch.testing.assert_close(feats, expected)
+
+    bad = tmp_path / "not_inception.pt"
+    torch.save({"weight": torch.zeros(3)}, bad)
+    with pytest.raises(RuntimeError):
+        load_frechet_feature_net(str(bad))
+
+
+# ---------------------------------------------------------------- retrieval and zero-shot
+
+
+def test_matching_embeddings_give_recall_one():
+    emb = F.normalize(torch.randn(12, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    out = retrieval_recall(emb, emb.clone())
+    assert out == {"i2t_recall_at_1": 1.0, "i2t_recall_at_5": 1.0, "t2i_recall_at_1": 1.0, "t2i_recall_at_5": 1.0}
+
+
+def test_shuffled_captions_give_the_right_lower_recall():
+    # Text i = normalize(e_perm[i] + 0.5 e_i). For an image that is not a fixed point of perm, its own
+    # caption scores 0.5 but one other caption scores 1: it is ranked second. Both directions alike.
+    n = 10
+    perm = torch.tensor([0, 1, 2, 3, 5, 4, 7, 6, 9, 8])  # 4 fixed points
+    e = torch.eye(n)
+    text = F.normalize(e[perm] + 0.5 * e, dim=-1)
+    out = retrieval_recall(e, text, ks=(1, 2, 5))
+    for direction in ("i2t", "t2i"):
+        assert out[f"{direction}_recall_at_1"] == pytest.approx(0.4)
+        assert out[f"{direction}_recall_at_2"] == 1.0
+        assert out[f"{direction}_recall_at_5"] == 1.0
+
+
+def test_recall_counts_ties_against_the_match():
+    collapsed = torch.ones(8, 4) / 2  # every image and caption embeds to the same vector
+    out = retrieval_recall(collapsed, collapsed, ks=(1, 5, 8))
+    assert out["i2t_recall_at_1"] == 0.0 and out["i2t_recall_at_5"] == 0.0
+    assert out["i2t_recall_at_8"] == 1.0  # 7 tied wrong candidates: rank 7 < 8
+
+
+def test_recall_agrees_with_sorting_on_random_embeddings():
+    gen = torch.Generator().manual_seed(5)
+    img, txt = torch.randn(40, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    out = retrieval_recall(img, txt, ks=(1, 5, 10))
+    sim = img @ txt.T
+    for direction, s in (("i2t", sim), ("t2i", sim.T)):
+        rank = (s.argsort(dim=1, descending=True) == torch.arange(40)[:, None]).float().argmax(1)
+        for k in (1, 5, 10):
+            assert out[f"{direction}_recall_at_{k}"] == pytest.approx((rank < k).float().mean().item())
+
+
+def test_zero_shot_accuracy_on_a_constructed_case():
+    classes = torch.eye(4)  # class c's text embedding is e_c
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    # Images 0-5 lie near their own class; images 6 and 7 lie nearer class 0.
+    target = torch.tensor([0, 1, 2, 3, 0, 1, 0, 0])
+    gen = torch.Generator().manual_seed(0)
+    images = F.normalize(classes[target] + 0.1 * torch.rand(8, 4, generator=gen), dim=-1)
+    assert zero_shot_accuracy(images, classes, labels) == pytest.approx(6 / 8)
+
+
+# ---------------------------------------------------------------- codebook usage
+
+
+def test_codebook_usage_and_perplexity():
+    uniform = torch.arange(16).repeat(3).view(3, 2, 2, 4)  # every entry used 3 times
+    assert codebook_usage(uniform, 16) == pytest.approx({"codebook_usage": 1.0, "codebook_perplexity": 16.0})
+    half = torch.arange(8).repeat(4).view(2, 2, 2, 4)  # 8 of 32 entries, equally often
+    assert codebook_usage(half, 32) == pytest.approx({"codebook_usage": 0.25, "codebook_perplexity": 8.0})
+    collapsed = torch.full((2, 4, 4, 4), 7)
+    assert codebook_usage(collapsed, 64) == pytest.approx({"codebook_usage": 1 / 64, "codebook_perplexity": 1.0})
+    with pytest.raises(ValueError):
+        codebook_usage(torch.tensor([64]), 64)
+
+
+# ---------------------------------------------------------------- evaluate_tower
+
+
+class _OracleTower(torch.nn.Module):
+    """A stand-in with the tower API that is perfect by construction: caption token i embeds to
+    image i's embedding, codes decode to the very image they came from."""
+
+    def __init__(self, images, codebook_size=8):
+        super().__init__()
+        self.register_buffer("images", images)
+        self.proj = torch.nn.Linear(images[0].numel(), 16, bias=False)
+        self.config = type("Cfg", (), {"codebook_size": codebook_size})()
+
+    def encode_image(self, x):
+        return F.normalize(self.proj(x.flatten(1)), dim=-1)
+
+    def encode_text(self, tokens):  # tokens[:, 0] is the index of the image the caption describes
+        return self.encode_image(self.images[tokens[:, 0]])
+
+    def encode_codes(self, x):  # code (b, 0, 0, 0) holds the image index; it needs the whole set
+        idx = (x.flatten(1)[:, None] == self.images.flatten(1)[None]).all(-1).float().argmax(1)
+        codes = torch.zeros(x.shape[0], 2, 2, 4, dtype=torch.long)
+        codes[:, 0, 0, 0] = idx
+        return codes
+
+    def decode_codes(self, codes):
+        return self.images[codes[:, 0, 0, 0]]
+
+
+def test_evaluate_tower_on_a_perfect_tower():
+    images = _images(8)
+    tower = _OracleTower(images).train()
+    captions = torch.arange(8)[:, None].repeat(1, 5)
+    # Class c's prompts (2 templates, ensembled) both describe image c, so image c is class c.
+    prompts = torch.arange(8)[:, None, None].repeat(1, 2, 5)
+    labels = torch.arange(8)
+    metrics = evaluate_tower(tower, images, captions, labels, prompts, frechet_net=None, batch_size=3)
+    assert tower.training  # mode restored
+    assert metrics["psnr"] == math.inf
+    assert metrics["ssim"] == pytest.approx(1.0)
+    assert metrics["rfid_fallback_randconv"] == pytest.approx(0.0, abs=1e-6)
+    assert "rfid" not in metrics
+    for key in ("i2t_recall_at_1", "t2i_recall_at_1", "i2t_recall_at_5", "t2i_recall_at_5"):
+        assert metrics[key] == 1.0
+    assert metrics["zero_shot_acc"] == 1.0
+    wrong = evaluate_tower(tower, images, None, labels.roll(1), prompts, batch_size=3)
+    assert wrong["zero_shot_acc"] == 0.0 and "i2t_recall_at_1" not in wrong
+    assert 0 < metrics["codebook_usage"] <= 1 and metrics["codebook_perplexity"] >= 1
