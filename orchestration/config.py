@@ -1,0 +1,401 @@
+"""Typed, validated run configuration.
+
+A run is configured by one YAML preset (``jobs/configs/*.yaml``) plus ``section.key=value`` overrides
+from the command line. Everything is checked here, before any cluster resource is taken: unknown keys,
+wrong types and out-of-range values fail with a :class:`ConfigError` naming the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vilau_model.config import LM_PRESETS, TOWER_PRESETS
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+REDACTED = "**********"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every bad field and value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- model
+
+
+class ModelSection(Section):
+    tower: str = "tiny"
+    lm: str = "tiny"
+    # open_clip tag or local checkpoint to initialise the tower encoders from (the real recipe).
+    tower_pretrained: str | None = None
+    # Local path of a text tokenizer for the tower (SigLIP presets need one; CLIP presets ship theirs).
+    tower_text_tokenizer: str | None = None
+    # A stage-1 export to start stage 2 from; None = the export stage 1 of this run wrote.
+    tower_checkpoint: str | None = None
+    # Local path of a pretrained LLM + tokenizer (LLaMA-2-7B for the paper preset).
+    lm_path: str | None = None
+    codebook_size: PositiveInt | None = None
+    code_depth: PositiveInt | None = None
+
+    @field_validator("tower")
+    @classmethod
+    def _known_tower(cls, value: str) -> str:
+        if value not in TOWER_PRESETS:
+            raise ValueError(f"unknown vision tower preset; known: {sorted(TOWER_PRESETS)}")
+        return value
+
+    @field_validator("lm")
+    @classmethod
+    def _known_lm(cls, value: str) -> str:
+        if value not in LM_PRESETS:
+            raise ValueError(f"unknown LM preset; known: {sorted(LM_PRESETS)}")
+        return value
+
+    def tower_overrides(self) -> dict[str, Any]:
+        overrides: dict[str, Any] = {}
+        if self.codebook_size is not None:
+            overrides["codebook_size"] = self.codebook_size
+        if self.code_depth is not None:
+            overrides["code_depth"] = self.code_depth
+        if self.tower_pretrained is not None:
+            overrides["pretrained"] = self.tower_pretrained
+        return overrides
+
+
+# ---------------------------------------------------------------- data
+
+
+class S3Section(Section):
+    """How to reach s3:// URIs. Credentials default to the standard AWS environment variables."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    anonymous: bool = False
+    max_retries: NonNegativeInt = 5
+
+
+SourceFormat = Literal["coyo_parquet", "coyo_webdataset", "mmc4", "openvid", "sharegpt4v"]
+
+
+class SourceSection(Section):
+    format: SourceFormat
+    # A directory or URI; relative paths are taken under data.root.
+    path: str
+    weight: NonNegativeFloat = 1.0
+
+
+class SyntheticSection(Section):
+    """The generated shards that the embedded default and the tests use."""
+
+    make_if_missing: bool = True
+    samples: PositiveInt = 256
+    eval_samples: PositiveInt = 64
+    seed: int = 0
+    corrupt_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+def _default_sources() -> dict[str, SourceSection]:
+    return {
+        "coyo": SourceSection(format="coyo_parquet", path="coyo/parquet", weight=1.0),
+    }
+
+
+class DataSection(Section):
+    root: str = "data/synthetic"
+    synthetic: SyntheticSection = SyntheticSection()
+    # Stage-1 sources (image-text pairs).
+    tower_sources: dict[str, SourceSection] = Field(default_factory=_default_sources)
+    # Stage-2 sources, mixed by weight.
+    lm_sources: dict[str, SourceSection] = Field(default_factory=dict)
+    shuffle_seed: int = 0
+    decode_batch_size: PositiveInt = 32
+    tokenizer_actors: PositiveInt = 1
+    tokenizer_actor_gpus: NonNegativeFloat = 0.0
+    tokenizer_batch_size: PositiveInt = 16
+    seq_len: PositiveInt = 1024
+    # Where tokenized stage-2 rows are written once and read by later runs; None = tokenize on the fly.
+    cache_dir: str | None = None
+    s3: S3Section = S3Section()
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "DataSection":
+        for field in ("tower_sources", "lm_sources"):
+            sources = getattr(self, field)
+            if sources and sum(s.weight for s in sources.values()) <= 0:
+                raise ValueError(f"{field}: the source weights sum to 0")
+        return self
+
+
+# ---------------------------------------------------------------- training
+
+
+class OptimSection(Section):
+    lr: PositiveFloat = 1e-3
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_fraction: float = Field(default=0.03, ge=0.0, lt=1.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: PositiveFloat = 1.0
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("each beta must be in [0, 1)")
+        return value
+
+
+class StageSection(Section):
+    steps: PositiveInt = 100
+    batch_size_per_worker: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    optim: OptimSection = OptimSection()
+    checkpoint_every: PositiveInt = 50
+    keep_checkpoints: PositiveInt = 2
+    log_every: PositiveInt = 10
+    activation_checkpointing: bool = False
+    # A run of this many non-finite losses in a row stops the job.
+    max_nonfinite_in_a_row: PositiveInt = 5
+
+
+class TowerTrainSection(StageSection):
+    w_contra: NonNegativeFloat = 1.0
+    w_recon: NonNegativeFloat = 1.0
+    contrastive: Literal["sigmoid", "softmax"] = "sigmoid"
+    pixel_loss: Literal["mse", "l1"] = "mse"
+    perceptual_weight: NonNegativeFloat = 0.0
+    perceptual_weights_path: str | None = None
+    gan_weight: NonNegativeFloat = 0.0
+    gan_start_step: NonNegativeInt = 0
+    commitment_weight: NonNegativeFloat = 0.25
+    eval_every: PositiveInt = 50
+    frechet_weights_path: str | None = None
+
+
+class LMTrainSection(StageSection):
+    caption_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
+    generate_samples: NonNegativeInt = 2
+
+
+# ---------------------------------------------------------------- cluster, tracking, tune
+
+
+class FaultInjectionSection(Section):
+    """Kill one worker at a step, once per run, to exercise restarts (tests only)."""
+
+    stage: Literal["tower", "lm"] | None = None
+    fail_at_step: PositiveInt | None = None
+    rank: NonNegativeInt = 0
+
+
+class ClusterSection(Section):
+    # None starts a local Ray instance; "auto" or ray://... joins an existing cluster.
+    address: str | None = None
+    # Logical CPUs for a local instance; Data and Train deadlock on few cores without oversubscription.
+    local_num_cpus: PositiveInt = 8
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    storage_path: str = "outputs/ray"
+    max_failures: NonNegativeInt = 0
+    fault_injection: FaultInjectionSection = FaultInjectionSection()
+
+
+class TrackingSection(Section):
+    enabled: bool = True
+    # None = SQLite under output_dir; a server URI (http://...) for clusters.
+    uri: str | None = None
+    experiment: str = "vilau"
+
+
+class SearchRange(Section):
+    low: NonNegativeFloat
+    high: NonNegativeFloat
+    log: bool = False
+    # For grid search: explicit values; None = low and high.
+    values: list[NonNegativeFloat] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SearchRange":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class TuneSection(Section):
+    w_contra: SearchRange = SearchRange(low=0.5, high=2.0, values=[0.5, 2.0])
+    w_recon: SearchRange = SearchRange(low=0.5, high=2.0, values=[0.5, 2.0])
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: PositiveInt = 4
+    max_concurrent_trials: PositiveInt = 2
+    # Objective: zero_shot_accuracy + psnr_weight * psnr / 100 (higher is better); see orchestration/tune.py.
+    psnr_weight: NonNegativeFloat = 1.0
+    grace_period: PositiveInt = 1
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+    workers_per_trial: PositiveInt = 1
+
+
+class Config(Section):
+    run_name: str = "tiny"
+    output_dir: str = "outputs"
+    seed: int = 0
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    tower_train: TowerTrainSection = TowerTrainSection()
+    lm_train: LMTrainSection = LMTrainSection()
+    cluster: ClusterSection = ClusterSection()
+    tracking: TrackingSection = TrackingSection()
+    tune: TuneSection = TuneSection()
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_name(cls, value: str) -> str:
+        if not value or "/" in value or value.strip() != value:
+            raise ValueError("must be a non-empty name without '/' or surrounding spaces")
+        return value
+
+    def resolve_path(self, path: str) -> str:
+        """A data path under data.root unless it is absolute or a URI."""
+        if "://" in path or os.path.isabs(path):
+            return path
+        root = self.data.root
+        return f"{root.rstrip('/')}/{path}" if "://" in root else str(Path(root) / path)
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        return f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"
+
+
+# ---------------------------------------------------------------- loading, overrides, dumping
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<config>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown key (got {item['input']!r})")
+        else:
+            lines.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted key in a copy of ``raw``. A section the file leaves out starts from its
+    defaults, so ``tune.w_recon.low=0.1`` keeps the default ``high``."""
+    result = copy.deepcopy(raw)
+    defaults = Config().model_dump(mode="python")
+    for text in overrides:
+        parts, value = parse_override(text)
+        node, default_node = result, defaults
+        for part in parts[:-1]:
+            default_child = default_node.get(part) if isinstance(default_node, dict) else None
+            if part not in node:
+                node[part] = copy.deepcopy(default_child) if isinstance(default_child, dict) else {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node, default_node = node[part], default_child
+        node[parts[-1]] = value
+    return result
+
+
+def build_config(raw: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
+    merged = apply_overrides(raw or {}, list(overrides))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML preset (default: the tiny preset), apply overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").is_file():
+        path = CONFIG_DIR / f"{path}.yaml"  # a preset name such as "tiny"
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return build_config(raw, overrides)
+
+
+def config_to_dict(config: Config, redact: bool = True) -> dict[str, Any]:
+    data = config.model_dump(mode="python")
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [clean(v) for v in node]
+        if isinstance(node, SecretStr):
+            return REDACTED if redact else node.get_secret_value()
+        return node
+
+    return clean(data)
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML with every secret redacted (safe for MLflow and logs)."""
+    return yaml.safe_dump(config_to_dict(config, redact=True), sort_keys=False)
+
+
+def flatten_config(config: Config) -> dict[str, str]:
+    """Dotted keys -> strings, secrets redacted: the form MLflow params take."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = str(node)
+
+    walk("", config_to_dict(config, redact=True))
+    return flat

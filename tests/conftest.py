@@ -1,0 +1,129 @@
+"""Shared test harness: real components, made once per session.
+
+- one local Ray instance (logical CPUs oversubscribed: Data and Train deadlock on 2 cores otherwise);
+- a real S3-protocol server (moto) on 127.0.0.1 with a bucket;
+- an MLflow SQLite tracking URI in a temp dir;
+- the synthetic shards, clean and with corrupt records, made once.
+
+Ray, S3 and the shards are only started for tests that ask for them, so model tests stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from orchestration.config import load_config
+from orchestration.data.synthetic import make_synthetic_dataset
+from orchestration.storage import S3Settings, upload_dir
+
+RAY_LOGICAL_CPUS = 8
+S3_BUCKET = "vilau-test"
+# moto accepts any credentials; these only have to be present and are fake on purpose.
+S3_TEST_KEY = "testing-key-id"
+S3_TEST_SECRET = "testing-secret-value"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_LOGICAL_CPUS, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server on loopback; yields the resolved connection settings."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    settings = S3Settings(
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region="us-east-1",
+        access_key_id=S3_TEST_KEY,
+        secret_access_key=S3_TEST_SECRET,
+        max_retries=2,
+    )
+    client = boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        aws_access_key_id=S3_TEST_KEY,
+        aws_secret_access_key=S3_TEST_SECRET,
+    )
+    client.create_bucket(Bucket=S3_BUCKET)
+    yield settings
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_overrides(s3_server) -> list[str]:
+    """Config overrides that point a run at the test S3 server."""
+    return [
+        f"data.s3.endpoint_url={s3_server.endpoint_url}",
+        f"data.s3.access_key_id={s3_server.access_key_id}",
+        f"data.s3.secret_access_key={s3_server.secret_access_key}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """Clean shards in every format: (directory, manifest)."""
+    out = tmp_path_factory.mktemp("synthetic")
+    manifest = make_synthetic_dataset(out, samples=64, seed=0, eval_samples=64)
+    return str(out), manifest
+
+
+@pytest.fixture(scope="session")
+def corrupt_data(tmp_path_factory):
+    """Shards with 20% bad records of every kind: (directory, manifest)."""
+    out = tmp_path_factory.mktemp("synthetic_corrupt")
+    manifest = make_synthetic_dataset(out, samples=64, seed=1, corrupt_fraction=0.2, eval_samples=16)
+    return str(out), manifest
+
+
+@pytest.fixture(scope="session")
+def s3_synthetic_data(s3_server, synthetic_data):
+    """The clean shards uploaded to the S3 server: (s3 URI, manifest)."""
+    local_dir, manifest = synthetic_data
+    uri = f"s3://{S3_BUCKET}/synthetic"
+    upload_dir(local_dir, uri, s3_server)
+    return uri, manifest
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture()
+def tiny_config(tmp_path, synthetic_data):
+    """The tiny preset pointed at the session's shards, with outputs in a temp dir."""
+
+    def make(*overrides: str):
+        base = [
+            f"data.root={synthetic_data[0]}",
+            f"output_dir={tmp_path / 'outputs'}",
+            f"cluster.storage_path={tmp_path / 'outputs' / 'ray'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+        return load_config(None, base + list(overrides))
+
+    return make
+

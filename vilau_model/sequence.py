@@ -1,0 +1,376 @@
+"""Multimodal sequence layout, loss masks and packing: the contract between the data plane and the LM.
+
+Samples in (one dataclass per kind, visual content already turned into tower codes):
+
+    CaptionSample       [image, text]      image understanding; only the text (+ EOS) is supervised
+    GenerationSample    [text, image]      text-to-image; only the image block (markers included) + EOS
+    VideoSample         [text, video]      text-to-video; only the video block (markers included) + EOS
+    InterleavedSample   MMC4 document      images before the sentence they match, at most 6; only text
+    ConversationSample  ShareGPT4V chat    LLaVA `<image>` placeholder; only the assistant turns (+ EOS)
+
+Codes are integer arrays [H, W, D] for an image and [T, H, W, D] for a video (T = 8 frames).
+
+A visual block is `<im_start>` (or `<vi_start>`), one position per grid cell in row-major order (a
+video's frames one after another), then `<im_end>` (`<vi_end>`). Every sequence starts with BOS.
+
+`SequenceBuilder.build(sample) -> BuiltSequence | None` lays one sample out. Over-long samples are cut
+only in text, never inside a visual block: the builder keeps the longest prefix that fits, where a text
+piece may be cut and a visual block is kept whole or not at all; a sample with no supervised token
+left is dropped (None) and counted in `builder.stats`.
+
+THE PACKED-ROW FORMAT (what the data plane stores, e.g. as parquet / Ray Data columns, and what
+`UnifiedLM.forward` consumes after stacking rows into a batch). Every column has a fixed shape, L is
+the row length (e.g. 8192), D the code depth:
+
+    input_ids     int32[L]     token ids; at visual positions the placeholder id (`SpecialIds.visual`),
+                               at padding the pad id
+    labels        int32[L]     = input_ids where the position is supervised, -100 elsewhere. Labels are
+                               aligned with input_ids (not shifted): position t is predicted from t-1.
+                               Whether a supervised position counts in the text or the image loss is
+                               decided by is_visual.
+    codes         int16[L, D]  the D residual codes of the visual position, zeros elsewhere
+    is_visual     bool[L]      position carries visual codes (its input is the projected code embedding)
+    position_ids  int32[L]     0, 1, 2, ... restarting at every sample (padding counts as one more run)
+    segment_ids   int32[L]     1, 2, ... one per sample in the row, 0 for padding; attention is confined
+                               to equal segment ids (block-diagonal causal mask)
+
+Packing places several built sequences into one row (`pack_sequences`, or `StreamingPacker` for a
+stream); `pad_to_row` puts one sequence alone in a row (the unpacked layout). Both give this format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from vilau_model.tokenizer import SpecialIds
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"  # LLaVA / ShareGPT4V convention in conversation text
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# name -> (numpy dtype, shape with "L" = row length and "D" = code depth)
+ROW_SCHEMA: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
+    "input_ids": (np.dtype(np.int32), ("L",)),
+    "labels": (np.dtype(np.int32), ("L",)),
+    "codes": (np.dtype(np.int16), ("L", "D")),
+    "is_visual": (np.dtype(np.bool_), ("L",)),
+    "position_ids": (np.dtype(np.int32), ("L",)),
+    "segment_ids": (np.dtype(np.int32), ("L",)),
+}
+ROW_COLUMNS: tuple[str, ...] = tuple(ROW_SCHEMA)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samples
+
+
+@dataclass
+class CaptionSample:
+    """[image, text]: the model reads the image and learns to write the caption."""
+
+    codes: np.ndarray  # [H, W, D]
+    text: str
+
+
+@dataclass
+class GenerationSample:
+    """[text, image]: the model reads the prompt and learns to generate the image."""
+
+    text: str
+    codes: np.ndarray  # [H, W, D]
+
+
+@dataclass
+class VideoSample:
+    """[text, video]: the model reads the prompt and learns to generate the frames (one block)."""
+
+    text: str
+    codes: np.ndarray  # [T, H, W, D]
+
+
+@dataclass
+class InterleavedSample:
+    """An MMC4 document: sentences and images, each image matched to one sentence.
+
+    Each image goes right before the sentence it matches (MMC4's `matched_text_index`); images beyond
+    the first `max_images_per_doc` (in document order) are left out.
+    """
+
+    sentences: list[str]
+    images: list[np.ndarray] = field(default_factory=list)  # each [H, W, D]
+    image_sentence: list[int] = field(default_factory=list)  # sentence index of each image
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant" (ShareGPT's "human" / "gpt" accepted)
+    text: str
+
+
+@dataclass
+class ConversationSample:
+    """A ShareGPT4V / LLaVA conversation; `<image>` in a user turn marks where the image goes."""
+
+    turns: list[Turn]
+    codes: np.ndarray | None = None  # [H, W, D]
+
+    @classmethod
+    def from_sharegpt(cls, conversations: Sequence[dict], codes: np.ndarray | None = None) -> ConversationSample:
+        """From ShareGPT records: [{"from": "human"|"gpt", "value": str}, ...]."""
+        return cls([Turn(c["from"], c["value"]) for c in conversations], codes)
+
+
+Sample = CaptionSample | GenerationSample | VideoSample | InterleavedSample | ConversationSample
+
+_USER_ROLES = ("user", "human")
+_ASSISTANT_ROLES = ("assistant", "gpt")
+
+
+@dataclass
+class BuiltSequence:
+    """One laid-out sample, N tokens: the row columns without position/segment ids."""
+
+    input_ids: np.ndarray  # int32[N]
+    labels: np.ndarray  # int32[N], -100 = not supervised
+    codes: np.ndarray  # int16[N, D]
+    is_visual: np.ndarray  # bool[N]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building one sample
+
+
+@dataclass
+class _Text:
+    ids: list[int]
+    supervised: bool
+
+
+@dataclass
+class _Visual:
+    codes: np.ndarray  # [N, D]
+    start: int
+    end: int
+    supervised: bool
+
+    def __len__(self) -> int:
+        return len(self.codes) + 2
+
+
+class SequenceBuilder:
+    """Lays out samples as token ids, codes and labels (see the module docstring for the rules).
+
+    caption_dropout: probability that the prompt of a generation / video sample is emptied, so the
+        model also learns the unconditional distribution used by classifier-free guidance.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        code_depth: int,
+        max_len: int = 8192,
+        frames_per_video: int = 8,
+        max_images_per_doc: int = 6,
+        caption_dropout: float = 0.0,
+        system_prompt: str = VICUNA_SYSTEM,
+        seed: int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.ids = SpecialIds.from_tokenizer(tokenizer)
+        self.code_depth = code_depth
+        self.max_len = max_len
+        self.frames_per_video = frames_per_video
+        self.max_images_per_doc = max_images_per_doc
+        self.caption_dropout = caption_dropout
+        self.system_prompt = system_prompt
+        self.rng = np.random.default_rng(seed)
+        self.stats = {"built": 0, "truncated": 0, "dropped_too_long": 0, "images_left_out": 0, "captions_dropped": 0}
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    def build(self, sample: Sample) -> BuiltSequence | None:
+        if isinstance(sample, CaptionSample):
+            pieces = self._caption(sample)
+        elif isinstance(sample, GenerationSample):
+            pieces = self._generation(sample.text, sample.codes, video=False)
+        elif isinstance(sample, VideoSample):
+            pieces = self._generation(sample.text, sample.codes, video=True)
+        elif isinstance(sample, InterleavedSample):
+            pieces = self._interleaved(sample)
+        elif isinstance(sample, ConversationSample):
+            pieces = self._conversation(sample)
+        else:
+            raise TypeError(f"unknown sample type {type(sample).__name__}")
+        return self._assemble(pieces)
+
+    def build_many(self, samples: Iterable[Sample]) -> Iterator[BuiltSequence]:
+        for sample in samples:
+            seq = self.build(sample)
+            if seq is not None:
+                yield seq
+
+    def generation_prompt(self, text: str) -> list[int]:
+        """BOS + prompt ids: the conditional prompt for image/video generation (the start marker is added
+        by the generator). The unconditional prompt is `[bos]`."""
+        return [self.ids.bos] + self._tok(text)
+
+    def understanding_prompt(self, codes: np.ndarray, text: str = "") -> BuiltSequence:
+        """[BOS, image block, text]: a prompt for captioning / answering about an image (no EOS)."""
+        pieces = [_Text([self.ids.bos], False), self._image_block(codes, False)]
+        if text:
+            pieces.append(_Text(self._tok(text), False))
+        return _concat(pieces, self.code_depth)
+
+    # -- layouts ----------------------------------------------------------------------------------------
+
+    def _caption(self, s: CaptionSample) -> list:
+        return [
+            _Text([self.ids.bos], False),
+            self._image_block(s.codes, supervised=False),
+            _Text(self._tok(s.text), True),
+            _Text([self.ids.eos], True),
+        ]
+
+    def _generation(self, text: str, codes: np.ndarray, video: bool) -> list:
+        if self.caption_dropout > 0 and self.rng.random() < self.caption_dropout:
+            text = ""
+            self.stats["captions_dropped"] += 1
+        block = self._video_block(codes, True) if video else self._image_block(codes, True)
+        return [_Text([self.ids.bos] + self._tok(text), False), block, _Text([self.ids.eos], True)]
+
+    def _interleaved(self, s: InterleavedSample) -> list:
+        if len(s.images) != len(s.image_sentence):
+            raise ValueError("InterleavedSample needs one sentence index per image")
+        last = max(len(s.sentences) - 1, 0)
+        # Document order: by matched sentence, then by position in the list (stable sort).
+        order = sorted(range(len(s.images)), key=lambda i: min(max(s.image_sentence[i], 0), last))
+        kept = order[: self.max_images_per_doc]
+        self.stats["images_left_out"] += len(order) - len(kept)
+        before: dict[int, list[int]] = {}
+        for i in kept:
+            before.setdefault(min(max(s.image_sentence[i], 0), last), []).append(i)
+
+        pieces: list = [_Text([self.ids.bos], False)]
+        for j, sentence in enumerate(s.sentences):
+            for i in before.get(j, []):
+                pieces.append(self._image_block(s.images[i], supervised=False))
+            # Sentences are joined by a space; the first one starts the document.
+            pieces.append(_Text(self._tok(sentence if j == 0 else " " + sentence), True))
+        if not s.sentences:  # images only: nothing to supervise, dropped by _assemble
+            pieces += [self._image_block(s.images[i], False) for i in before.get(0, [])]
+        pieces.append(_Text([self.ids.eos], True))
+        return pieces
+
+    def _conversation(self, s: ConversationSample) -> list:
+        """Vicuna-v1 template: `SYSTEM USER: q ASSISTANT: a</s>USER: ...`; only ` a</s>` is supervised."""
+        turns = list(s.turns)
+        has_placeholder = any(IMAGE_PLACEHOLDER in t.text for t in turns if t.role in _USER_ROLES)
+        if s.codes is not None and not has_placeholder:
+            # LLaVA convention: an image without a placeholder goes first in the first user turn.
+            first = next(i for i, t in enumerate(turns) if t.role in _USER_ROLES)
+            turns[first] = Turn(turns[first].role, IMAGE_PLACEHOLDER + "\n" + turns[first].text)
+        if s.codes is None and has_placeholder:
+            raise ValueError("conversation has an <image> placeholder but no image codes")
+
+        pieces: list = [_Text([self.ids.bos], False)]
+        prefix = self.system_prompt + " " if self.system_prompt else ""
+        for t in turns:
+            if t.role in _USER_ROLES:
+                parts = t.text.split(IMAGE_PLACEHOLDER)
+                text = prefix + "USER: " + parts[0]
+                for part in parts[1:]:
+                    pieces.append(_Text(self._tok(text), False))
+                    pieces.append(self._image_block(s.codes, supervised=False))
+                    text = part
+                pieces.append(_Text(self._tok(text + " ASSISTANT:"), False))
+                prefix = ""
+            elif t.role in _ASSISTANT_ROLES:
+                pieces.append(_Text(self._tok(" " + t.text), True))
+                pieces.append(_Text([self.ids.eos], True))
+            else:
+                raise ValueError(f"unknown conversation role {t.role!r}")
+        return pieces
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _tok(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def _image_block(self, codes: np.ndarray, supervised: bool) -> _Visual:
+        codes = np.asarray(codes)
+        if codes.ndim != 3 or codes.shape[-1] != self.code_depth:
+            raise ValueError(f"image codes must be [H, W, {self.code_depth}], got {codes.shape}")
+        return _Visual(codes.reshape(-1, self.code_depth), self.ids.im_start, self.ids.im_end, supervised)
+
+    def _video_block(self, codes: np.ndarray, supervised: bool) -> _Visual:
+        codes = np.asarray(codes)
+        if codes.ndim != 4 or codes.shape[-1] != self.code_depth:
+            raise ValueError(f"video codes must be [T, H, W, {self.code_depth}], got {codes.shape}")
+        if self.frames_per_video and codes.shape[0] != self.frames_per_video:
+            raise ValueError(f"videos have {self.frames_per_video} frames, got {codes.shape[0]}")
+        return _Visual(codes.reshape(-1, self.code_depth), self.ids.vi_start, self.ids.vi_end, supervised)
+
+    def _assemble(self, pieces: list) -> BuiltSequence | None:
+        total = sum(len(p.ids) if isinstance(p, _Text) else len(p) for p in pieces)
+        if total > self.max_len:
+            # Keep the longest prefix that fits: text may be cut, a visual block only kept whole.
+            kept, budget = [], self.max_len
+            for p in pieces:
+                n = len(p.ids) if isinstance(p, _Text) else len(p)
+                if n <= budget:
+                    kept.append(p)
+                    budget -= n
+                    continue
+                if isinstance(p, _Text) and budget > 0:
+                    kept.append(_Text(p.ids[:budget], p.supervised))
+                break
+            pieces = kept
+            self.stats["truncated"] += 1
+        seq = _concat(pieces, self.code_depth)
+        if not (seq.labels != IGNORE_INDEX).any():
+            self.stats["dropped_too_long"] += 1
+            return None
+        self.stats["built"] += 1
+        return seq
+
+
+def _concat(pieces: list, code_depth: int) -> BuiltSequence:
+    ids, labels, codes, visual = [], [], [], []
+    for p in pieces:
+        if isinstance(p, _Text):
+            n = len(p.ids)
+            ids.append(np.asarray(p.ids, dtype=np.int32))
+            codes.append(np.zeros((n, code_depth), dtype=np.int16))
+            visual.append(np.zeros(n, dtype=bool))
+            labels.append(ids[-1] if p.supervised else np.full(n, IGNORE_INDEX, dtype=np.int32))
+        else:
+            n = len(p.codes)
+            if p.codes.size and (p.codes.min() < 0 or p.codes.max() > np.iinfo(np.int16).max):
+                raise ValueError("visual codes must lie in [0, 32767] to fit the int16 row column")
+            # The markers are ordinary tokens; the grid cells carry the placeholder id and their codes.
+            block_ids = np.concatenate([[p.start], np.full(n, _placeholder(pieces), dtype=np.int32), [p.end]])
+            ids.append(block_ids.astype(np.int32))
+            codes.append(np.concatenate([np.zeros((1, code_depth)), p.codes, np.zeros((1, code_depth))]).astype(np.int16))
+            visual.append(np.concatenate([[False], np.ones(n, dtype=bool), [False]]))
+            labels.append(ids[-1] if p.supervised else np.full(n + 2, IGNORE_INDEX, dtype=np.int32))
+    if not ids:
+        return BuiltSequence(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, code_depth), np.int16),
+                             np.zeros(0, bool))
+    return BuiltSequence(
+        np.concatenate(ids).astype(np.int32),
+        np.concatenate(labels).astype(np.int32),
+        np.concatenate(codes).astype(np.int16),
+        np.concatenate(visual),
+    )
