@@ -79,8 +79,12 @@ def build_clip(config: VisionTowerConfig) -> nn.Module:
     return model
 
 
-class VisionAdapter(nn.Module):
-    """Split view of an open_clip vision tower: penultimate tokens, and the head on top of them."""
+class VisionAdapter:
+    """Split view of an open_clip vision tower: penultimate tokens, and the head on top of them.
+
+    A plain object, not a module: it only reads the open_clip model's weights, which stay registered
+    (once) under the open_clip model, so state dicts and FSDP see each parameter once.
+    """
 
     grid_size: tuple[int, int]
     width: int
@@ -99,7 +103,6 @@ class OpenClipViTAdapter(VisionAdapter):
     """open_clip.transformer.VisionTransformer (one class token, learnable positional embedding)."""
 
     def __init__(self, visual: VisionTransformer):
-        super().__init__()
         if visual.attn_pool is not None:
             raise NotImplementedError("attentional pooling towers are not supported")
         if not visual.transformer.batch_first:
@@ -150,7 +153,6 @@ class TimmViTAdapter(VisionAdapter):
     """open_clip.timm_model.TimmModel around a timm VisionTransformer (SigLIP: no prefix tokens, MAP head)."""
 
     def __init__(self, visual: TimmModel):
-        super().__init__()
         trunk = visual.trunk
         if not hasattr(trunk, "blocks") or not hasattr(trunk, "patch_embed"):
             raise NotImplementedError(f"timm trunk {type(trunk).__name__} is not a ViT")
