@@ -42,6 +42,9 @@ class VisionTowerConfig:
     decoder_channels: tuple[int, ...] = (64, 32)
     # open_clip tag or local checkpoint path; None = random init
     pretrained: str | None = None
+    # Local HF tokenizer directory for open_clip models whose tokenizer needs the hub (SigLIP).
+    tokenizer_path: str | None = None
+    decoder_res_blocks: int = 1  # residual blocks per decoder stage
 
     @property
     def grid_size(self) -> int:
