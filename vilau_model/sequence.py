@@ -231,7 +231,7 @@ class SequenceBuilder:
         pieces = [_Text([self.ids.bos], False), self._image_block(codes, False)]
         if text:
             pieces.append(_Text(self._tok(text), False))
-        return _concat(pieces, self.code_depth)
+        return _concat(pieces, self.code_depth, self.ids.visual)
 
     # -- layouts ----------------------------------------------------------------------------------------
 
@@ -338,7 +338,7 @@ class SequenceBuilder:
                 break
             pieces = kept
             self.stats["truncated"] += 1
-        seq = _concat(pieces, self.code_depth)
+        seq = _concat(pieces, self.code_depth, self.ids.visual)
         if not (seq.labels != IGNORE_INDEX).any():
             self.stats["dropped_too_long"] += 1
             return None
@@ -346,7 +346,7 @@ class SequenceBuilder:
         return seq
 
 
-def _concat(pieces: list, code_depth: int) -> BuiltSequence:
+def _concat(pieces: list, code_depth: int, placeholder: int) -> BuiltSequence:
     ids, labels, codes, visual = [], [], [], []
     for p in pieces:
         if isinstance(p, _Text):
@@ -360,7 +360,7 @@ def _concat(pieces: list, code_depth: int) -> BuiltSequence:
             if p.codes.size and (p.codes.min() < 0 or p.codes.max() > np.iinfo(np.int16).max):
                 raise ValueError("visual codes must lie in [0, 32767] to fit the int16 row column")
             # The markers are ordinary tokens; the grid cells carry the placeholder id and their codes.
-            block_ids = np.concatenate([[p.start], np.full(n, _placeholder(pieces), dtype=np.int32), [p.end]])
+            block_ids = np.concatenate([[p.start], np.full(n, placeholder, dtype=np.int32), [p.end]])
             ids.append(block_ids.astype(np.int32))
             codes.append(np.concatenate([np.zeros((1, code_depth)), p.codes, np.zeros((1, code_depth))]).astype(np.int16))
             visual.append(np.concatenate([[False], np.ones(n, dtype=bool), [False]]))
@@ -374,3 +374,116 @@ def _concat(pieces: list, code_depth: int) -> BuiltSequence:
         np.concatenate(codes).astype(np.int16),
         np.concatenate(visual),
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing into fixed-length rows
+
+
+def empty_row(seq_len: int, code_depth: int, pad_id: int) -> dict[str, np.ndarray]:
+    """An all-padding row: one padding run with positions 0..L-1 and segment id 0."""
+    return {
+        "input_ids": np.full(seq_len, pad_id, dtype=np.int32),
+        "labels": np.full(seq_len, IGNORE_INDEX, dtype=np.int32),
+        "codes": np.zeros((seq_len, code_depth), dtype=np.int16),
+        "is_visual": np.zeros(seq_len, dtype=bool),
+        "position_ids": np.arange(seq_len, dtype=np.int32),
+        "segment_ids": np.zeros(seq_len, dtype=np.int32),
+    }
+
+
+def fill_row(seqs: Sequence[BuiltSequence], seq_len: int, code_depth: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Place `seqs` one after another in one row (segments 1, 2, ...), padding the rest."""
+    row = empty_row(seq_len, code_depth, pad_id)
+    offset = 0
+    for segment, s in enumerate(seqs, start=1):
+        n = len(s)
+        if offset + n > seq_len:
+            raise ValueError(f"sequences of {offset + n} tokens do not fit a row of {seq_len}")
+        span = slice(offset, offset + n)
+        row["input_ids"][span] = s.input_ids
+        row["labels"][span] = s.labels
+        row["codes"][span] = s.codes
+        row["is_visual"][span] = s.is_visual
+        row["position_ids"][span] = np.arange(n)
+        row["segment_ids"][span] = segment
+        offset += n
+    row["position_ids"][offset:] = np.arange(seq_len - offset)  # padding: one more run, never attended
+    return row
+
+
+def pad_to_row(seq: BuiltSequence, seq_len: int, code_depth: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One sequence alone in a row: the unpacked layout, same format."""
+    return fill_row([seq], seq_len, code_depth, pad_id)
+
+
+class StreamingPacker:
+    """Best-fit packing of a stream of sequences into rows of `seq_len` tokens.
+
+    Keeps up to `max_open_rows` partly filled rows; each new sequence goes to the open row it fills
+    most tightly (or a new row). A row leaves when it is exactly full, or, when too many are open, the
+    fullest one leaves. More open rows = fuller rows, at the cost of holding more sequences in memory.
+    """
+
+    def __init__(self, seq_len: int, code_depth: int, pad_id: int, max_open_rows: int = 64):
+        self.seq_len, self.code_depth, self.pad_id = seq_len, code_depth, pad_id
+        self.max_open_rows = max_open_rows
+        self._open: list[tuple[int, list[BuiltSequence]]] = []  # (used tokens, sequences)
+        self.stats = {"rows": 0, "sequences": 0, "tokens": 0, "pad_tokens": 0}
+
+    def add(self, seq: BuiltSequence) -> list[dict[str, np.ndarray]]:
+        n = len(seq)
+        if n > self.seq_len:
+            raise ValueError(f"a sequence of {n} tokens exceeds the row length {self.seq_len}; build with max_len <= row length")
+        best, best_free = -1, self.seq_len + 1
+        for i, (used, _) in enumerate(self._open):
+            free = self.seq_len - used
+            if n <= free < best_free:
+                best, best_free = i, free
+        if best < 0:
+            self._open.append((0, []))
+            best = len(self._open) - 1
+        used, seqs = self._open[best]
+        seqs.append(seq)
+        self._open[best] = (used + n, seqs)
+        self.stats["sequences"] += 1
+
+        out = []
+        if used + n == self.seq_len:
+            out.append(self._emit(best))
+        while len(self._open) > self.max_open_rows:
+            fullest = max(range(len(self._open)), key=lambda i: self._open[i][0])
+            out.append(self._emit(fullest))
+        return out
+
+    def flush(self) -> list[dict[str, np.ndarray]]:
+        out = []
+        while self._open:
+            out.append(self._emit(0))
+        return out
+
+    def _emit(self, i: int) -> dict[str, np.ndarray]:
+        used, seqs = self._open.pop(i)
+        self.stats["rows"] += 1
+        self.stats["tokens"] += used
+        self.stats["pad_tokens"] += self.seq_len - used
+        return fill_row(seqs, self.seq_len, self.code_depth, self.pad_id)
+
+
+def pack_sequences(
+    seqs: Iterable[BuiltSequence], seq_len: int, code_depth: int, pad_id: int, max_open_rows: int = 64
+) -> list[dict[str, np.ndarray]]:
+    packer = StreamingPacker(seq_len, code_depth, pad_id, max_open_rows)
+    rows = []
+    for s in seqs:
+        rows += packer.add(s)
+    return rows + packer.flush()
+
+
+def collate_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack rows into a torch batch for `UnifiedLM.forward` (integer columns widened to int64)."""
+    batch = {}
+    for name in ROW_COLUMNS:
+        array = np.stack([r[name] for r in rows])
+        batch[name] = torch.from_numpy(array if name == "is_visual" else array.astype(np.int64))
+    return batch

@@ -1,0 +1,228 @@
+"""The unified multimodal LLM of VILA-U: a transformers causal LM that reads and writes visual codes.
+
+    text position:    input = token embedding;              next text token <- lm_head(h_t)
+    visual position:  input = projector(sum_d e(code_d));   next position's D codes <- depth transformer(h_t)
+
+e(.) are the frozen vision tower's code vectors (`tower.quantizer.lookup`), so the LLM sees the same
+feature the tower's decoder turns into pixels. The projector is the LLaVA "mlp2x_gelu". The hidden state
+at position t predicts position t+1: a text token through the LM head, or the D residual codes of a
+visual position through the depth transformer. Loss = CE_text + CE_image (1:1), each a mean over the
+supervised targets of the whole batch (image: over all positions x depths), so that a packed batch and
+the same samples unpacked give the same loss.
+
+Batches are packed rows (the format documented in `vilau_model.sequence`), attention confined to each
+sample by a block-diagonal causal mask built from `segment_ids`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from vilau_model.config import LMConfig
+from vilau_model.depth_transformer import DepthTransformer
+from vilau_model.sequence import IGNORE_INDEX
+from vilau_model.tokenizer import SpecialIds
+
+
+def build_llm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
+    """The causal LM with `vocab_size` rows (markers included).
+
+    With `config.pretrained_path` the weights come from a local directory (LLaMA-2-7B in the paper) and
+    the embeddings are resized for the markers (new rows start at the mean of the old ones); otherwise a
+    random-init LLaMA of the preset's shapes (this also works under `torch.device("meta")`).
+    """
+    if config.pretrained_path:
+        llm = AutoModelForCausalLM.from_pretrained(
+            config.pretrained_path, local_files_only=True, attn_implementation=config.attn_implementation
+        )
+        if llm.get_input_embeddings().weight.shape[0] != vocab_size:
+            llm.resize_token_embeddings(vocab_size, mean_resizing=True)
+        return llm
+    llama = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        attn_implementation=config.attn_implementation,
+    )
+    return LlamaForCausalLM(llama)
+
+
+def segment_attention_mask(segment_ids: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Block-diagonal causal mask [B, 1, L, L]: query i may see key j iff j <= i and same segment.
+
+    Boolean (True = attend) by default, as SDPA takes it; with `additive_dtype`, the additive form
+    (0 = attend, dtype min = blocked) for eager attention. Padding (segment 0) attends within itself, so
+    no row is fully masked (no NaN) and no sample ever sees it.
+    """
+    L = segment_ids.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if additive_dtype is None:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=additive_dtype, device=segment_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(additive_dtype).min)
+
+
+class UnifiedLM(nn.Module):
+    """LLM + projector + depth transformer over a frozen vision tower.
+
+    tower: the stage-1 `UnifiedVisionTower` (frozen here; its codebook embeds the codes, its decoder
+        renders generated codes). It is a submodule so that `.to(device)` and checkpoints carry it.
+    special: token ids (see `SpecialIds.from_tokenizer`); by default LLaMA-2's with the markers appended
+        after `config.vocab_size`.
+    """
+
+    def __init__(self, config: LMConfig, tower: nn.Module, special: SpecialIds | None = None):
+        super().__init__()
+        self.config = config
+        self.special = special or SpecialIds.llama(config.vocab_size)
+        self.tower = tower
+        self.tower.requires_grad_(False)
+        self.tower.eval()
+        tcfg = tower.config
+        self.code_depth = tcfg.code_depth
+        self.codebook_size = tcfg.codebook_size
+        self.grid_size = tcfg.grid_size
+
+        self.llm = build_llm(config, self.special.vocab_size)
+        hidden = self.llm.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(tcfg.width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.depth = DepthTransformer(
+            llm_hidden_size=hidden,
+            code_width=tcfg.width,
+            code_depth=tcfg.code_depth,
+            codebook_size=tcfg.codebook_size,
+            hidden_size=config.depth_hidden_size,
+            layers=config.depth_layers,
+            heads=config.depth_heads,
+        )
+
+    def train(self, mode: bool = True) -> UnifiedLM:
+        super().train(mode)
+        self.tower.eval()  # frozen in stage 2: never in training mode (no EMA updates, no dropout)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- embeddings -------------------------------------------------------------------------------------
+
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """The tower's per-depth code vectors: LongTensor[..., D] -> [..., D, width] (no gradient)."""
+        with torch.no_grad():
+            return self.tower.quantizer.lookup(codes.long())
+
+    def visual_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        """LLM input embedding of visual positions: projector(sum of the D code vectors). [..., D] -> [..., hidden]."""
+        summed = self.code_vectors(codes).sum(dim=-2)
+        return self.projector(summed.to(self.projector[0].weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, codes: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(input_ids.long())
+        if is_visual.any():
+            embeds = embeds.clone()
+            embeds[is_visual] = self.visual_embeddings(codes[is_visual]).to(embeds.dtype)
+        return embeds
+
+    def attention_mask(self, segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        impl = self.llm.config._attn_implementation
+        if impl and impl.startswith("flash_attention"):
+            # Flash attention takes no dense mask: transformers reads sample boundaries from the
+            # restarting position_ids and runs the varlen kernel (cu_seqlens) on the packed row.
+            return None
+        if impl == "eager":
+            return segment_attention_mask(segment_ids, dtype)
+        return segment_attention_mask(segment_ids)
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        codes: torch.Tensor,
+        is_visual: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Loss on a batch of packed rows [B, L] (columns as in `vilau_model.sequence.ROW_SCHEMA`).
+
+        Returns loss = loss_text + loss_image, both parts, and for exact cross-worker averaging the sums
+        and counts: sum_text / num_text (next-token targets), sum_image / num_image (visual positions; the
+        image mean divides by num_image * D).
+        """
+        B, L = input_ids.shape
+        if segment_ids is None:  # one sample per row, no padding
+            segment_ids = torch.ones(B, L, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        is_visual = is_visual.bool()
+        labels = labels.long()
+
+        embeds = self.embed(input_ids, codes, is_visual)
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=self.attention_mask(segment_ids, embeds.dtype),
+            position_ids=position_ids.long(),
+            use_cache=False,
+        ).last_hidden_state
+
+        # h_t predicts position t+1; never across a sample boundary.
+        h = hidden[:, :-1]
+        target = labels[:, 1:]
+        valid = (target != IGNORE_INDEX) & (segment_ids[:, 1:] == segment_ids[:, :-1])
+        text_sel = valid & ~is_visual[:, 1:]
+        image_sel = valid & is_visual[:, 1:]
+
+        text_logits = self.llm.get_output_embeddings()(h[text_sel]).float()
+        sum_text = F.cross_entropy(text_logits, target[text_sel], reduction="sum")
+
+        target_codes = codes[:, 1:][image_sel].long()  # [N, D]
+        vectors = self.code_vectors(target_codes)  # [N, D, width]
+        depth_logits = self.depth(h[image_sel], vectors[:, :-1]).float()  # [N, D, K]
+        sum_image = F.cross_entropy(depth_logits.reshape(-1, self.codebook_size), target_codes.reshape(-1), reduction="sum")
+
+        num_text = text_sel.sum()
+        num_image = image_sel.sum()
+        loss_text = sum_text / num_text.clamp(min=1)
+        loss_image = sum_image / (num_image * self.code_depth).clamp(min=1)
+        return {
+            "loss": loss_text + loss_image,
+            "loss_text": loss_text,
+            "loss_image": loss_image,
+            "sum_text": sum_text,
+            "sum_image": sum_image,
+            "num_text": num_text,
+            "num_image": num_image,
+        }
+
+    # -- generation (vilau_model.generation) -----------------------------------------------------------
+
+    def generate_text(self, *args, **kwargs):
+        from vilau_model.generation import generate_text
+
+        return generate_text(self, *args, **kwargs)
+
+    def generate_images(self, *args, **kwargs):
+        from vilau_model.generation import generate_images
+
+        return generate_images(self, *args, **kwargs)
+
+    def generate_video(self, *args, **kwargs):
+        from vilau_model.generation import generate_video
+
+        return generate_video(self, *args, **kwargs)
