@@ -230,6 +230,8 @@ class TrackingSection(Section):
     # None = SQLite under output_dir; a server URI (http://...) for clusters.
     uri: str | None = None
     experiment: str = "vilau"
+    # Set by the Tune sweep: each trial's run is nested under the sweep's parent run.
+    parent_run_id: str | None = None
 
 
 class SearchRange(Section):
@@ -254,11 +256,15 @@ class TuneSection(Section):
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: PositiveInt = 4
     max_concurrent_trials: PositiveInt = 2
-    # Objective: zero_shot_accuracy + psnr_weight * psnr / 100 (higher is better); see orchestration/tune.py.
+    # Objective (higher is better): zero_shot_accuracy + psnr_weight * min(psnr, 50) / 50;
+    # see orchestration/tune.py.
     psnr_weight: NonNegativeFloat = 1.0
+    # ASHA: a trial runs at least grace_period evaluations; each rung keeps 1/reduction_factor.
     grace_period: PositiveInt = 1
     reduction_factor: float = Field(default=2.0, gt=1.0)
     workers_per_trial: PositiveInt = 1
+    # The sweep's name (its folder under cluster.storage_path); None = "<run_name>-sweep".
+    name: str | None = None
 
 
 class Config(Section):
