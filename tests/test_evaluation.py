@@ -205,6 +205,12 @@ def test_codebook_usage_and_perplexity():
     assert codebook_usage(collapsed, 64) == pytest.approx({"codebook_usage": 1 / 64, "codebook_perplexity": 1.0})
     with pytest.raises(ValueError):
         codebook_usage(torch.tensor([64]), 64)
+    # One codebook per depth: depth 0 uses entries {0, 1}, depth 1 only entry 2 -> averaged.
+    per_depth = torch.tensor([[0, 2], [1, 2], [0, 2], [1, 2]])
+    assert codebook_usage(per_depth, 4, shared=False) == pytest.approx(
+        {"codebook_usage": (2 / 4 + 1 / 4) / 2, "codebook_perplexity": (2.0 + 1.0) / 2}
+    )
+    assert codebook_usage(per_depth, 4) == pytest.approx({"codebook_usage": 3 / 4, "codebook_perplexity": 2**1.5})
 
 
 # ---------------------------------------------------------------- evaluate_tower

@@ -289,23 +289,33 @@ def zero_shot_accuracy(
 # --------------------------------------------------------------------------------------------
 
 
-def codebook_usage(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
-    """Share of codebook entries used at least once, and the perplexity exp(H) of the code
-    histogram (codebook_size when all entries are used equally, 1 when one entry takes all).
-    All residual depths count together: the codebook is shared across depths."""
-    flat = codes.detach().flatten().to("cpu", torch.long)
-    if flat.numel() == 0:
-        raise ValueError("no codes given")
-    if int(flat.min()) < 0 or int(flat.max()) >= codebook_size:
-        raise ValueError(f"codes outside [0, {codebook_size})")
+def _usage_of(flat: torch.Tensor, codebook_size: int) -> tuple[float, float]:
     counts = torch.bincount(flat, minlength=codebook_size).double()
     probs = counts / counts.sum()
     nz = probs[probs > 0]
     entropy = -(nz * nz.log()).sum()
-    return {
-        "codebook_usage": float((counts > 0).double().mean()),
-        "codebook_perplexity": float(entropy.exp()),
-    }
+    return float((counts > 0).double().mean()), float(entropy.exp())
+
+
+def codebook_usage(codes: torch.Tensor, codebook_size: int, shared: bool = True) -> dict[str, float]:
+    """Share of codebook entries used at least once, and the perplexity exp(H) of the code
+    histogram (codebook_size when all entries are used equally, 1 when one entry takes all).
+
+    codes: [..., D]. With a shared codebook (VILA-U's) all residual depths count together; with one
+    codebook per depth (`shared=False`) each depth is measured alone and the results averaged.
+    """
+    codes = codes.detach().to("cpu", torch.long)
+    if codes.numel() == 0:
+        raise ValueError("no codes given")
+    if int(codes.min()) < 0 or int(codes.max()) >= codebook_size:
+        raise ValueError(f"codes outside [0, {codebook_size})")
+    if shared:
+        usage, perplexity = _usage_of(codes.flatten(), codebook_size)
+    else:
+        per_depth = [_usage_of(codes[..., d].flatten(), codebook_size) for d in range(codes.shape[-1])]
+        usage = sum(u for u, _ in per_depth) / len(per_depth)
+        perplexity = sum(p for _, p in per_depth) / len(per_depth)
+    return {"codebook_usage": usage, "codebook_perplexity": perplexity}
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +381,8 @@ def evaluate_tower(
             "ssim": float(torch.cat(ssims).mean()),
             frechet_net.metric_name: frechet_distance(torch.cat(feats_real), torch.cat(feats_recon)),
         }
-        metrics.update(codebook_usage(torch.cat(all_codes), tower.config.codebook_size))
+        shared = getattr(tower.config, "shared_codebook", True)
+        metrics.update(codebook_usage(torch.cat(all_codes), tower.config.codebook_size, shared))
         image_emb = torch.cat(image_embs)
 
         if captions_tokens is not None:
