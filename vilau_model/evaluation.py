@@ -38,8 +38,10 @@ __all__ = [
     "frechet_distance",
     "load_frechet_feature_net",
     "psnr",
+    "psnr_per_image",
     "retrieval_recall",
     "ssim",
+    "ssim_per_image",
     "zero_shot_accuracy",
 ]
 
