@@ -128,7 +128,8 @@ class UnifiedLM(nn.Module):
 
     def visual_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         """LLM input embedding of visual positions: projector(sum of the D code vectors). [..., D] -> [..., hidden]."""
-        summed = self.code_vectors(codes).sum(dim=-2)
+        with torch.no_grad():
+            summed = self.tower.code_embeddings(codes.long())
         return self.projector(summed.to(self.projector[0].weight.dtype))
 
     def embed(self, input_ids: torch.Tensor, codes: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
@@ -147,6 +148,28 @@ class UnifiedLM(nn.Module):
         if impl == "eager":
             return segment_attention_mask(segment_ids, dtype)
         return segment_attention_mask(segment_ids)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        codes: torch.Tensor,
+        is_visual: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last LLM hidden states [B, L, hidden] of packed rows, attention confined to each segment."""
+        B, L = input_ids.shape
+        if segment_ids is None:
+            segment_ids = torch.ones(B, L, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        embeds = self.embed(input_ids, codes, is_visual.bool())
+        return self.llm.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=self.attention_mask(segment_ids, embeds.dtype),
+            position_ids=position_ids.long(),
+            use_cache=False,
+        ).last_hidden_state
 
     # -- training ---------------------------------------------------------------------------------------
 
@@ -168,18 +191,9 @@ class UnifiedLM(nn.Module):
         B, L = input_ids.shape
         if segment_ids is None:  # one sample per row, no padding
             segment_ids = torch.ones(B, L, dtype=torch.long, device=input_ids.device)
-        if position_ids is None:
-            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
         is_visual = is_visual.bool()
         labels = labels.long()
-
-        embeds = self.embed(input_ids, codes, is_visual)
-        hidden = self.llm.get_decoder()(
-            inputs_embeds=embeds,
-            attention_mask=self.attention_mask(segment_ids, embeds.dtype),
-            position_ids=position_ids.long(),
-            use_cache=False,
-        ).last_hidden_state
+        hidden = self.hidden_states(input_ids, codes, is_visual, position_ids, segment_ids)
 
         # h_t predicts position t+1; never across a sample boundary.
         h = hidden[:, :-1]
