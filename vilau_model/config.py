@@ -65,6 +65,11 @@ class LMConfig:
     num_kv_heads: int = 4
     vocab_size: int = 512  # text vocabulary before the visual markers are added
     max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5  # LLaMA-2's
+    rope_theta: float = 10000.0
+    # transformers attention backend: "sdpa" (CPU and GPU), "eager", or "flash_attention_2" (GPU, varlen
+    # over packed rows read from the restarting position_ids)
+    attn_implementation: str = "sdpa"
     depth_layers: int = 2
     depth_heads: int = 4
     depth_hidden_size: int = 64
