@@ -1,0 +1,285 @@
+"""Ray Tune sweep of the vision tower's loss weights (w_contra, w_recon).
+
+Each trial is a full stage-1 Ray Train run. With Train V2, Tune runs a *driver function* per trial that
+builds and fits the TorchTrainer; a Train callback forwards every report (with its tower evaluation)
+to Tune, where ASHA compares trials on one objective and stops the weak ones early.
+
+Objective (higher is better), computed from the evaluation a report carries::
+
+    objective = zero_shot_accuracy + psnr_weight * min(psnr, 50) / 50
+
+Zero-shot accuracy (0..1) measures the contrastive side, PSNR the reconstruction side; PSNR is capped
+at 50 dB (visually lossless) so a perfect reconstruction cannot swamp the sum.
+
+MLflow: one parent run per sweep; each trial's stage-1 run is its child (tracking.parent_run_id), with
+its weights and metrics; the parent gets the best weights and a plot of weights vs objective. The sweep
+resumes after an interruption (Tuner.restore), and so does each trial's Train run (same run name).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from orchestration.config import Config, build_config, config_to_dict, config_to_yaml
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVE = "objective"
+PSNR_CAP_DB = 50.0
+
+
+def objective(metrics: dict[str, Any], psnr_weight: float) -> float | None:
+    """The sweep objective from one report's metrics; None when the report carries no evaluation."""
+    accuracy, psnr = metrics.get("eval/zero_shot_accuracy"), metrics.get("eval/psnr")
+    if accuracy is None or psnr is None:
+        return None
+    return float(accuracy) + psnr_weight * min(float(psnr), PSNR_CAP_DB) / PSNR_CAP_DB
+
+
+def sweep_name(config: Config) -> str:
+    return config.tune.name or f"{config.run_name}-sweep"
+
+
+def _search(config: Config):
+    """(param_space, search_alg, num_samples) for the configured search method."""
+    from ray import tune
+
+    ranges = {"w_contra": config.tune.w_contra, "w_recon": config.tune.w_recon}
+    if config.tune.search == "grid":
+        space = {name: tune.grid_search(r.values or [r.low, r.high]) for name, r in ranges.items()}
+        return space, None, 1  # every grid point once
+    sample = {name: (tune.loguniform if r.log else tune.uniform)(r.low, r.high) for name, r in ranges.items()}
+    if config.tune.search == "random":
+        return sample, None, config.tune.num_samples
+    from ray.tune.search.optuna import OptunaSearch
+
+    return sample, OptunaSearch(seed=config.seed), config.tune.num_samples
+
+
+def _trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str, parent_run_id: str | None) -> Config:
+    overrides = [
+        f"tower_train.w_contra={params['w_contra']}",
+        f"tower_train.w_recon={params['w_recon']}",
+        f"run_name={base['run_name']}-{trial_id}",
+        f"cluster.num_workers={base['tune']['workers_per_trial']}",
+    ]
+    if parent_run_id:
+        overrides.append(f"tracking.parent_run_id={parent_run_id}")
+    return build_config(base, overrides)
+
+
+def _make_report_callback(psnr_weight: float):
+    """A Train callback that forwards each report to Tune with the objective added."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ObjectiveReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = dict(metrics[0])
+            value = objective(first, psnr_weight)
+            if value is None:
+                return  # reports without an evaluation carry nothing ASHA can compare
+            first[OBJECTIVE] = value
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return ObjectiveReportCallback()
+
+
+def _run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str | None) -> None:
+    """The Tune driver function: one stage-1 Train run with this trial's weights."""
+    from ray import tune
+
+    from orchestration.train.tower import fit_tower
+
+    trial_id = tune.get_context().get_trial_id()
+    config = _trial_config(base, params, trial_id, parent_run_id)
+    fit_tower(config, callbacks=[_make_report_callback(config.tune.psnr_weight)])
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    w_contra: float
+    w_recon: float
+    objective: float | None
+    zero_shot_accuracy: float | None
+    psnr: float | None
+    evaluations: int
+    stopped_early: bool
+    status: str
+
+
+@dataclass
+class SweepSummary:
+    name: str
+    path: str
+    parent_run_id: str | None
+    best: TrialSummary | None
+    trials: list[TrialSummary]
+
+    def table(self) -> str:
+        header = f"{'trial':<14}{'w_contra':>9}{'w_recon':>9}{'objective':>11}{'zero-shot':>11}{'psnr':>8}{'evals':>7}  status"
+        lines = [header, "-" * len(header)]
+        for t in sorted(self.trials, key=lambda t: -(t.objective or -math.inf)):
+            fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+            status = t.status + (" (stopped early)" if t.stopped_early else "")
+            lines.append(
+                f"{t.trial_id:<14}{t.w_contra:>9.3g}{t.w_recon:>9.3g}{fmt(t.objective, '>11.4f')}"
+                f"{fmt(t.zero_shot_accuracy, '>11.3f')}{fmt(t.psnr, '>8.2f')}{t.evaluations:>7}  {status}"
+            )
+        if self.best:
+            lines.append(f"best: w_contra={self.best.w_contra:.4g} w_recon={self.best.w_recon:.4g} objective={self.best.objective:.4f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "mlflow_parent_run_id": self.parent_run_id,
+            "best": vars(self.best) if self.best else None,
+            "trials": [vars(t) for t in self.trials],
+        }
+
+
+def _summarise(result_grid, max_evaluations: int) -> list[TrialSummary]:
+    trials = []
+    for result in result_grid:
+        history = result.metrics_dataframe
+        evaluations = 0 if history is None or OBJECTIVE not in history else int(history[OBJECTIVE].notna().sum())
+        best_row = None
+        if evaluations:
+            best_row = history.loc[history[OBJECTIVE].idxmax()]
+        params = result.config or {}
+        trials.append(
+            TrialSummary(
+                trial_id=os.path.basename(result.path).split("_")[1] if result.path else "?",
+                w_contra=float(params.get("w_contra", float("nan"))),
+                w_recon=float(params.get("w_recon", float("nan"))),
+                objective=float(best_row[OBJECTIVE]) if best_row is not None else None,
+                zero_shot_accuracy=float(best_row["eval/zero_shot_accuracy"]) if best_row is not None else None,
+                psnr=float(best_row["eval/psnr"]) if best_row is not None else None,
+                evaluations=evaluations,
+                stopped_early=result.error is None and evaluations < max_evaluations,
+                status="error" if result.error else "done",
+            )
+        )
+    return trials
+
+
+def _parent_run(config: Config) -> str | None:
+    """The sweep's MLflow parent run, created once and reused when the sweep resumes."""
+    if not config.tracking.enabled:
+        return None
+    import mlflow
+
+    state_dir = os.path.join(config.output_dir, "sweeps", sweep_name(config))
+    id_file = os.path.join(state_dir, "mlflow_parent_run_id")
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    if os.path.isfile(id_file):
+        return open(id_file).read().strip()
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+    run = client.create_run(experiment_id, run_name=sweep_name(config), tags={"stage": "tune", "sweep": sweep_name(config)})
+    client.log_text(run.info.run_id, config_to_yaml(config), "config.yaml")
+    for key, value in {
+        "search": config.tune.search,
+        "num_samples": config.tune.num_samples,
+        "psnr_weight": config.tune.psnr_weight,
+        "tower_steps": config.tower_train.steps,
+        "eval_every": config.tower_train.eval_every,
+    }.items():
+        client.log_param(run.info.run_id, key, value)
+    os.makedirs(state_dir, exist_ok=True)
+    with open(id_file, "w") as f:
+        f.write(run.info.run_id)
+    return run.info.run_id
+
+
+def _log_sweep_result(config: Config, parent_run_id: str, summary: SweepSummary) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    scored = [t for t in summary.trials if t.objective is not None]
+    if summary.best:
+        client.log_param(parent_run_id, "best_w_contra", summary.best.w_contra)
+        client.log_param(parent_run_id, "best_w_recon", summary.best.w_recon)
+        client.log_metric(parent_run_id, "best_objective", summary.best.objective)
+    client.log_text(parent_run_id, summary.table(), "summary.txt")
+    client.log_dict(parent_run_id, summary.to_dict(), "summary.json")
+    figure, axis = plt.subplots(figsize=(5, 4))
+    points = axis.scatter([t.w_contra for t in scored], [t.w_recon for t in scored], c=[t.objective for t in scored], cmap="viridis", s=80)
+    figure.colorbar(points, label="objective")
+    axis.set_xlabel("w_contra")
+    axis.set_ylabel("w_recon")
+    axis.set_title("loss weights vs objective")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "weights_vs_objective.png")
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        client.log_artifact(parent_run_id, path)
+    plt.close(figure)
+    client.set_terminated(parent_run_id)
+
+
+def run_sweep(config: Config) -> SweepSummary:
+    """Run (or resume) the sweep and return its summary."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestration.launch import ensure_ray
+
+    ensure_ray(config)
+    name = sweep_name(config)
+    storage = os.path.abspath(config.cluster.storage_path) if "://" not in config.cluster.storage_path else config.cluster.storage_path
+    sweep_dir = os.path.join(storage, name)
+    parent_run_id = _parent_run(config)
+    base = config_to_dict(config, redact=False)
+    trainable = tune.with_parameters(_run_trial, base=base, parent_run_id=parent_run_id)
+    # The driver only waits on its TorchTrainer; the Train workers ask for their own resources.
+    trainable = tune.with_resources(trainable, {"CPU": 0.1})
+
+    evaluations = max(1, config.tower_train.steps // config.tower_train.eval_every)
+    if tune.Tuner.can_restore(sweep_dir):
+        logger.info("resuming sweep %s from %s", name, sweep_dir)
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        space, search_alg, num_samples = _search(config)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE,
+                mode="max",
+                search_alg=search_alg,
+                scheduler=ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=evaluations,
+                    grace_period=min(config.tune.grace_period, evaluations),
+                    reduction_factor=config.tune.reduction_factor,
+                ),
+                num_samples=num_samples,
+                max_concurrent_trials=config.tune.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage),
+        )
+    result_grid = tuner.fit()
+    trials = _summarise(result_grid, evaluations)
+    scored = [t for t in trials if t.objective is not None]
+    best = max(scored, key=lambda t: t.objective) if scored else None
+    summary = SweepSummary(name=name, path=sweep_dir, parent_run_id=parent_run_id, best=best, trials=trials)
+    if parent_run_id:
+        _log_sweep_result(config, parent_run_id, summary)
+    return summary
+
+
+def write_summary_json(summary: SweepSummary, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(summary.to_dict(), f, indent=1)
