@@ -425,7 +425,7 @@ class StreamingPacker:
     fullest one leaves. More open rows = fuller rows, at the cost of holding more sequences in memory.
     """
 
-    def __init__(self, seq_len: int, code_depth: int, pad_id: int, max_open_rows: int = 64):
+    def __init__(self, seq_len: int, code_depth: int, pad_id: int, max_open_rows: int = 16):
         self.seq_len, self.code_depth, self.pad_id = seq_len, code_depth, pad_id
         self.max_open_rows = max_open_rows
         self._open: list[tuple[int, list[BuiltSequence]]] = []  # (used tokens, sequences)
@@ -471,7 +471,7 @@ class StreamingPacker:
 
 
 def pack_sequences(
-    seqs: Iterable[BuiltSequence], seq_len: int, code_depth: int, pad_id: int, max_open_rows: int = 64
+    seqs: Iterable[BuiltSequence], seq_len: int, code_depth: int, pad_id: int, max_open_rows: int = 16
 ) -> list[dict[str, np.ndarray]]:
     packer = StreamingPacker(seq_len, code_depth, pad_id, max_open_rows)
     rows = []
