@@ -28,6 +28,22 @@ from vilau_model.quantizer import ResidualQuantizer  # noqa: E402
 _LAZY_TOWER = {"UnifiedVisionTower": "vilau_model.vision_tower", "TowerLossConfig": "vilau_model.losses"}
 __all__ += ["ResidualQuantizer", *_LAZY_TOWER]
 
+# The unified LM, sequence layout / packing and tokenizers (import transformers): also on first use.
+_LAZY_LM = {
+    **dict.fromkeys(["UnifiedLM", "build_llm"], "vilau_model.unified_lm"),
+    "DepthTransformer": "vilau_model.depth_transformer",
+    **dict.fromkeys(["generate_images", "generate_video", "generate_text", "ImageGeneration"], "vilau_model.generation"),
+    **dict.fromkeys(["SpecialIds", "MARKERS", "train_bpe_tokenizer", "load_tokenizer", "add_markers"], "vilau_model.tokenizer"),
+    **dict.fromkeys(
+        ["SequenceBuilder", "BuiltSequence", "CaptionSample", "GenerationSample", "VideoSample", "InterleavedSample",
+         "ConversationSample", "Turn", "ROW_SCHEMA", "IGNORE_INDEX", "StreamingPacker", "pack_sequences", "fill_row",
+         "pad_to_row", "collate_rows"],
+        "vilau_model.sequence",
+    ),
+}
+_LAZY_TOWER.update(_LAZY_LM)
+__all__ += [*_LAZY_LM]
+
 
 def __getattr__(name: str):
     if name in _LAZY_TOWER:
