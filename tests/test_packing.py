@@ -227,3 +227,23 @@ def test_no_attention_crosses_samples(parts):
                                       alone["position_ids"], alone["segment_ids"])[0, : len(c)]
     head = model.llm.get_output_embeddings()
     torch.testing.assert_close(head(h1[in_c]), head(h_alone), rtol=1e-5, atol=1e-5)
+
+
+def test_boundaries_from_position_ids_match_the_segment_mask(parts):
+    """The path used with flash attention (rows laid end to end, sample boundaries read from the
+    restarting position_ids, no dense mask) gives the same hidden states as the block-diagonal mask.
+    Flash attention needs a GPU; on CPU, transformers' SDPA takes the same position-id boundaries."""
+    tower, tok = parts
+    torch.manual_seed(0)
+    b = SequenceBuilder(tok, code_depth=4)
+    model = UnifiedLM(get_lm_config("tiny"), tower, b.ids).eval()
+    seqs = mixed_sequences(b, np.random.default_rng(4))
+    batch = collate_rows(pack_sequences(seqs, seq_len=1024, code_depth=4, pad_id=b.ids.pad))
+    assert batch["input_ids"].shape[0] >= 2
+    args = (batch["input_ids"], batch["codes"], batch["is_visual"], batch["position_ids"], batch["segment_ids"])
+    with torch.no_grad():
+        with_mask = model.hidden_states(*args)
+        model.boundaries_from_positions = lambda: True
+        from_positions = model.hidden_states(*args)
+    real = batch["segment_ids"] > 0
+    torch.testing.assert_close(from_positions[real], with_mask[real], rtol=1e-5, atol=1e-5)

@@ -139,13 +139,15 @@ class UnifiedLM(nn.Module):
             embeds[is_visual] = self.visual_embeddings(codes[is_visual]).to(embeds.dtype)
         return embeds
 
-    def attention_mask(self, segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        impl = self.llm.config._attn_implementation
-        if impl and impl.startswith("flash_attention"):
-            # Flash attention takes no dense mask: transformers reads sample boundaries from the
-            # restarting position_ids and runs the varlen kernel (cu_seqlens) on the packed row.
-            return None
-        if impl == "eager":
+    def boundaries_from_positions(self) -> bool:
+        """True when the attention backend takes sample boundaries from the restarting position_ids
+        instead of a dense mask: flash attention's varlen kernel (cu_seqlens), no L x L mask in memory."""
+        impl = self.llm.config._attn_implementation or ""
+        return impl.startswith("flash_attention")
+
+    def attention_mask(self, segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The block-diagonal causal mask for the backend: boolean for SDPA, additive for eager."""
+        if self.llm.config._attn_implementation == "eager":
             return segment_attention_mask(segment_ids, dtype)
         return segment_attention_mask(segment_ids)
 
@@ -164,7 +166,17 @@ class UnifiedLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
         embeds = self.embed(input_ids, codes, is_visual.bool())
-        return self.llm.get_decoder()(
+        decoder = self.llm.get_decoder()
+        if self.boundaries_from_positions():
+            # transformers only runs the varlen path for a batch of one: lay the rows end to end. Every
+            # row starts a sample (or padding) at position 0, so no sample spans two rows.
+            return decoder(
+                inputs_embeds=embeds.reshape(1, B * L, -1),
+                attention_mask=None,
+                position_ids=position_ids.long().reshape(1, B * L),
+                use_cache=False,
+            ).last_hidden_state.reshape(B, L, -1)
+        return decoder(
             inputs_embeds=embeds,
             attention_mask=self.attention_mask(segment_ids, embeds.dtype),
             position_ids=position_ids.long(),
