@@ -106,6 +106,11 @@ class SourceSection(Section):
     # A directory or URI; relative paths are taken under data.root.
     path: str
     weight: NonNegativeFloat = 1.0
+    # Where referenced images/videos live (MMC4, OpenVid, ShareGPT4V); None = the dataset's own layout
+    # beside the index files (<path>/images, <path>/videos, <path>). Relative paths are under data.root.
+    media_root: str | None = None
+    # Image-text pairs in stage 2: [image, text] (understanding), [text, image] (generation), or both.
+    image_text_task: Literal["understanding", "generation", "both"] = "both"
 
 
 class SyntheticSection(Section):
@@ -135,8 +140,14 @@ class DataSection(Section):
     decode_batch_size: PositiveInt = 32
     tokenizer_actors: PositiveInt = 1
     tokenizer_actor_gpus: NonNegativeFloat = 0.0
+    # Images per forward pass of the frozen tower in the tokenization pool.
     tokenizer_batch_size: PositiveInt = 16
+    # Samples per call of the tokenization pool; sequences are packed within one call, so a bigger
+    # window fills rows better (and holds more samples in an actor's memory).
+    pack_window: PositiveInt = 64
     seq_len: PositiveInt = 1024
+    # The labelled eval split (eval.parquet + classes.json); relative paths are under data.root.
+    eval_path: str = "eval"
     # Where tokenized stage-2 rows are written once and read by later runs; None = tokenize on the fly.
     cache_dir: str | None = None
     s3: S3Section = S3Section()
@@ -210,6 +221,9 @@ class FaultInjectionSection(Section):
     stage: Literal["tower", "lm"] | None = None
     fail_at_step: PositiveInt | None = None
     rank: NonNegativeInt = 0
+    # "step": exit after the backward pass of that step; "save": exit half-way through that step's
+    # checkpoint save (shards written, save not finished or reported).
+    phase: Literal["step", "save"] = "step"
 
 
 class ClusterSection(Section):

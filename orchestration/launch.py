@@ -1,0 +1,254 @@
+"""Driver side of training: Ray, the TorchTrainer of each stage, and the whole pretraining pipeline.
+
+    init_ray(config)                      start a local instance, or join a cluster / `ray job submit`
+    fit_tower(config) -> StageResult      stage 1 on Ray Train (also what the Tune sweep runs per trial)
+    fit_lm(config, tower) -> StageResult  stage 2 on Ray Train, tower frozen
+    pretrain(config) -> dict              synthetic data if missing, stage 1, tokenization, stage 2
+
+Each stage is one Ray Train run named ``<run_name>-<stage>`` under ``cluster.storage_path``; running
+it again with the same name resumes from its latest checkpoint (a finished run just re-exports).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from orchestration.config import Config, StageSection
+from orchestration.storage import is_s3, join, pyarrow_filesystem
+from orchestration.train.tracking import close_run, open_run
+from orchestration.train.trainer import RunInfo
+
+log = logging.getLogger(__name__)
+
+TOWER, LM = "tower", "lm"
+
+
+@dataclass
+class StageResult:
+    """What a finished stage leaves behind (all paths are local paths or s3:// URIs)."""
+
+    run_name: str
+    stage: str
+    steps_done: int
+    metrics: dict[str, float]  # the last logged metrics (loss terms, throughput, eval, rows skipped)
+    checkpoint_path: str | None  # the latest sharded checkpoint (resume point)
+    export_path: str  # consolidated weights, loadable without Ray
+    mlflow_run_id: str | None
+    rows_skipped: dict[str, int] = field(default_factory=dict)
+    history: list[list[int]] = field(default_factory=list)  # [[first_step, last_step]] per (re)start
+    reports: list[dict[str, Any]] = field(default_factory=list)  # rank 0's reports since the last (re)start
+
+    @property
+    def loss_terms(self) -> dict[str, float]:
+        return {k: v for k, v in self.metrics.items() if k == "loss" or k.startswith("loss_")}
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("reports")
+        out["final_loss_terms"] = self.loss_terms
+        return out
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def init_ray(config: Config) -> None:
+    """Join the configured cluster, the cluster a `ray job submit` runs in, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {"RAY_DEDUP_LOGS": os.environ.get("RAY_DEDUP_LOGS", "1")}}
+    if config.cluster.address:
+        ray.init(address=config.cluster.address, runtime_env=runtime_env)
+    elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or a user-exported cluster address
+        ray.init(runtime_env=runtime_env)
+    else:
+        # More logical CPUs than cores: Ray Data and Ray Train deadlock on a 2-core machine otherwise.
+        ray.init(num_cpus=config.cluster.local_num_cpus, include_dashboard=False, runtime_env=runtime_env)
+
+
+def stage_run_name(config: Config, stage: str) -> str:
+    return f"{config.run_name}-{stage}"
+
+
+def _storage(config: Config) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for RunConfig; S3 honours data.s3 (endpoint, keys)."""
+    path = config.cluster.storage_path
+    if is_s3(path):
+        fs, inner = pyarrow_filesystem(path, config.data.s3)
+        return inner, fs
+    return os.path.abspath(path), None
+
+
+def _uri(config: Config, fs_path: str) -> str:
+    """A path on the storage filesystem as the user writes it (s3://... or a local path)."""
+    return f"s3://{fs_path}" if is_s3(config.cluster.storage_path) else fs_path
+
+
+def build_trainer(
+    config: Config,
+    section: StageSection,
+    train_fn: Callable[[dict], Any],
+    datasets: dict,
+    run: RunInfo,
+    callbacks: list | None = None,
+):
+    """The TorchTrainer of one stage, from the cluster section of the config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cluster = config.cluster
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = 1
+    storage_path, storage_fs = _storage(config)
+    return TorchTrainer(
+        train_fn,
+        train_loop_config={"config": config, "run": run},
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+    )
+
+
+def run_stage(
+    config: Config,
+    stage: str,
+    section: StageSection,
+    train_fn: Callable[[dict], Any],
+    datasets: dict,
+    *,
+    run_name: str | None = None,
+    callbacks: list | None = None,
+    stats_group: str | None = None,
+) -> StageResult:
+    """Open (or reopen) the MLflow run, fit the TorchTrainer, close the run, collect the result."""
+    init_ray(config)
+    run_name = run_name or stage_run_name(config, stage)
+    mlflow_run_id = open_run(config, stage, run_name)
+    trainer = build_trainer(
+        config, section, train_fn, datasets, RunInfo(run_name, config.tracking_uri, mlflow_run_id), callbacks
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        close_run(config, mlflow_run_id, failed=True)
+        raise
+    close_run(config, mlflow_run_id)
+    summary = result.return_value or {}
+    return StageResult(
+        run_name=run_name,
+        stage=stage,
+        steps_done=summary.get("steps_done", 0),
+        metrics=summary.get("final_metrics", dict(result.metrics or {})),
+        checkpoint_path=_uri(config, result.checkpoint.path) if result.checkpoint else None,
+        export_path=_uri(config, summary.get("export_fs_path", "")),
+        mlflow_run_id=mlflow_run_id,
+        rows_skipped=_rows_skipped(stats_group),
+        history=summary.get("history", []),
+        reports=summary.get("reports", []),
+    )
+
+
+def _rows_skipped(group: str | None) -> dict[str, int]:
+    if group is None:
+        return {}
+    from orchestration.data.stats import skip_counts
+
+    return skip_counts(group)
+
+
+# ---------------------------------------------------------------- the stages
+
+
+def fit_tower(
+    config: Config,
+    *,
+    datasets: dict | None = None,
+    run_name: str | None = None,
+    callbacks: list | None = None,
+) -> StageResult:
+    """Stage 1: train the vision tower on ``data.tower_sources`` (or the given ``{"train": Dataset}``).
+
+    ``result.reports`` holds every report of rank 0 (loss terms at each log step, ``eval/*`` metrics at
+    each eval step); ``callbacks`` are Ray Train callbacks (e.g. Tune's TuneReportCallback).
+    """
+    from orchestration.train.tower import tower_worker
+
+    init_ray(config)
+    if datasets is None:
+        from orchestration.data.tower_data import build_tower_dataset
+
+        datasets = {"train": build_tower_dataset(config)}
+    return run_stage(
+        config, TOWER, config.tower_train, tower_worker, datasets,
+        run_name=run_name, callbacks=callbacks, stats_group="tower",
+    )
+
+
+def fit_lm(
+    config: Config,
+    tower_path: str | None = None,
+    *,
+    datasets: dict | None = None,
+    run_name: str | None = None,
+    callbacks: list | None = None,
+) -> StageResult:
+    """Stage 2: train the LLM + projector + depth transformer over the frozen tower exported at
+    ``tower_path`` (default: ``model.tower_checkpoint``)."""
+    from orchestration.train.lm import lm_worker
+
+    init_ray(config)
+    tower_path = tower_path or config.model.tower_checkpoint
+    if not tower_path:
+        raise ValueError("stage 2 needs a stage-1 tower export: pass tower_path or set model.tower_checkpoint")
+    config = config.model_copy(update={"model": config.model.model_copy(update={"tower_checkpoint": tower_path})})
+    if datasets is None:
+        from orchestration.data import build_lm_dataset
+
+        datasets = {"train": build_lm_dataset(config, tower_path)}
+    return run_stage(
+        config, LM, config.lm_train, lm_worker, datasets, run_name=run_name, callbacks=callbacks, stats_group="lm",
+    )
+
+
+def pretrain(config: Config) -> dict[str, Any]:
+    """The whole pipeline: shards if missing, stage 1, tokenization through the actor pool, stage 2."""
+    from orchestration.data.synthetic import ensure_synthetic_dataset
+
+    if config.data.synthetic.make_if_missing and "://" not in config.data.root:
+        s = config.data.synthetic
+        ensure_synthetic_dataset(config.data.root, samples=s.samples, seed=s.seed,
+                                 corrupt_fraction=s.corrupt_fraction, eval_samples=s.eval_samples)
+    tower = fit_tower(config)
+    lm = fit_lm(config, tower.export_path)
+    return {
+        "tower": tower.summary(),
+        "lm": lm.summary(),
+        "tracking_uri": config.tracking_uri,
+        "mlflow_ui": mlflow_ui_command(config),
+    }
+
+
+def mlflow_ui_command(config: Config) -> str:
+    uri = config.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def tower_export_file(export_path: str) -> str:
+    from orchestration.train.tower import TOWER_FILE
+
+    return join(export_path, TOWER_FILE)

@@ -1,0 +1,92 @@
+"""FSDP2 wrapping: one ``fully_shard`` per block, then the root, on a 1-d data-parallel mesh.
+
+Ray Train's ``prepare_model(parallel_strategy="fsdp")`` is FSDP1 and GPU-only, so we shard ourselves.
+Ray Train has already created the process group (gloo on CPU, nccl on GPU); the mesh reuses it.
+
+Buffers are not sharded by FSDP2: they stay whole on every rank and no collective touches them. The
+quantizer's EMA codebook is such a buffer; it stays identical across ranks because the quantizer
+all-reduces its own statistics and restart choices (and every rank starts from the same seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def training_device(use_gpu: bool) -> torch.device:
+    if use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()  # cuda:<local rank>, already set as current by Ray Train
+    return torch.device("cpu")
+
+
+def data_parallel_mesh(device: torch.device) -> DeviceMesh:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+
+
+def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU (gloo, no bf16 speedup)."""
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def checkpoint_blocks(container: nn.ModuleList) -> nn.ModuleList:
+    """Activation checkpointing: recompute each block's activations in backward (memory for compute).
+
+    Only plain blocks are wrapped: a module with side effects in forward (the quantizer's EMA update)
+    must never be recomputed. State-dict keys gain a wrapper prefix that torch.distributed.checkpoint's
+    state-dict helpers strip again, so checkpoints do not depend on this setting.
+    """
+    for i, block in enumerate(container):
+        container[i] = checkpoint_wrapper(block)
+    return container
+
+
+def promote_scalar_parameters(model: nn.Module) -> list[str]:
+    """FSDP2 cannot shard 0-d parameters (CLIP's logit scale and bias): make them 1-element vectors.
+    They broadcast the same way in the loss; exports reshape them back (see `match_shapes`)."""
+    names = []
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() == 0:
+                setattr(module, name, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+                names.append(f"{module_name}.{name}" if module_name else name)
+    return names
+
+
+def match_shapes(state: dict[str, torch.Tensor], reference: nn.Module) -> dict[str, torch.Tensor]:
+    """Reshape entries of a (full) state dict to the shapes of a freshly built model (undoes
+    `promote_scalar_parameters`)."""
+    shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    return {k: v.reshape(shapes[k]) if k in shapes and v.shape != shapes[k] and v.numel() == shapes[k].numel() else v
+            for k, v in state.items()}
+
+
+def shard_model(
+    model: nn.Module,
+    blocks: Iterable[nn.Module],
+    mesh: DeviceMesh,
+    mp_policy: MixedPrecisionPolicy,
+    ignored_params: set[nn.Parameter] | None = None,
+) -> nn.Module:
+    """fully_shard each block (its own all-gather / reduce-scatter group), then the root for the rest.
+
+    The last block is not resharded after forward: backward needs it first, so keeping it saves one
+    all-gather per step (torchtitan does the same).
+    """
+    promote_scalar_parameters(model)
+    blocks = list(blocks)
+    for i, block in enumerate(blocks):
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored_params or None)
+    return model

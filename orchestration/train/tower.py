@@ -1,0 +1,209 @@
+"""Stage 1: the unified vision tower (encoder -> residual quantizer -> decoder), contrastive +
+reconstruction loss, on FSDP2 workers.
+
+FSDP units: each vision block, each (frozen) text block, the pixel decoder, and the root (patch
+embedding, heads, logit scale). The quantizer's codebook is a buffer, never sharded, kept identical on
+every rank by the quantizer itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from orchestration.config import Config
+from orchestration.train.artifacts import codebook_usage_figure, image_grid
+from orchestration.train.fsdp import match_shapes
+from orchestration.train.trainer import RunInfo, Task, Trainer
+from vilau_model.config import VisionTowerConfig, get_tower_config
+from vilau_model.losses import TowerLossConfig
+from vilau_model.vision_tower import UnifiedVisionTower
+
+log = logging.getLogger(__name__)
+
+TOWER_FILE = "tower.safetensors"
+TOWER_META = "tower.json"
+GRID_IMAGES = 8
+
+
+def tower_config(config: Config) -> VisionTowerConfig:
+    overrides = config.model.tower_overrides()
+    if config.model.tower_text_tokenizer:
+        overrides["tokenizer_path"] = config.model.tower_text_tokenizer
+    return get_tower_config(config.model.tower, **overrides)
+
+
+def tower_loss_config(config: Config) -> TowerLossConfig:
+    t = config.tower_train
+    return TowerLossConfig(
+        w_contra=t.w_contra, w_recon=t.w_recon, contrastive=t.contrastive, pixel_loss=t.pixel_loss,
+        perceptual_weight=t.perceptual_weight, perceptual_weights_path=t.perceptual_weights_path,
+        gan_weight=t.gan_weight, gan_start_step=t.gan_start_step, commitment_weight=t.commitment_weight,
+    )
+
+
+def save_tower_export(tower: UnifiedVisionTower, directory: str) -> str:
+    """The consolidated tower: safetensors weights + the config needed to rebuild it (no Ray needed)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, TOWER_FILE)
+    tower.save(path)
+    meta = {"tower_config": dataclasses.asdict(tower.config), "loss_config": dataclasses.asdict(tower.loss_config)}
+    with open(os.path.join(directory, TOWER_META), "w") as f:
+        json.dump(meta, f, indent=1)
+    return path
+
+
+def load_tower_export(path: str) -> UnifiedVisionTower:
+    """Load a tower exported by stage 1: the export directory or its tower.safetensors."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    with open(os.path.join(directory, TOWER_META)) as f:
+        meta = json.load(f)
+    cfg = meta["tower_config"]
+    cfg["decoder_channels"] = tuple(cfg["decoder_channels"])
+    return UnifiedVisionTower.load(
+        os.path.join(directory, TOWER_FILE), VisionTowerConfig(**cfg), TowerLossConfig(**meta["loss_config"])
+    )
+
+
+class EvalSplit:
+    """The held-out images, captions and class prompts, on every rank (same data everywhere)."""
+
+    def __init__(self, config: Config, device: torch.device):
+        from orchestration.data.tower_data import build_eval_split
+
+        split = build_eval_split(config)
+        self.images = torch.from_numpy(split["pixels"]).float().div_(255.0).to(device)
+        self.caption_tokens = torch.from_numpy(split["text_tokens"]).to(device)
+        self.labels = torch.from_numpy(split["labels"])
+        self.class_prompt_tokens = torch.from_numpy(split["class_prompt_tokens"]).to(device)
+
+
+class TowerTask(Task):
+    stage = "tower"
+    columns = {"pixels": torch.uint8, "text_tokens": torch.int64}
+
+    def __init__(self, config: Config):
+        super().__init__(config, config.tower_train)
+        if config.tower_train.gan_weight > 0:
+            raise NotImplementedError(
+                "tower_train.gan_weight > 0: the PatchGAN discriminator step is not wired into the FSDP "
+                "trainer yet; set tower_train.gan_weight=0"
+            )
+        self.tower_cfg = tower_config(config)
+        self._eval: EvalSplit | None = None
+        self._exported: UnifiedVisionTower | None = None
+
+    def build_model(self) -> nn.Module:
+        return UnifiedVisionTower(self.tower_cfg, tower_loss_config(self.config))
+
+    def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:
+        visual, lists = model.clip.visual, []
+        if hasattr(visual, "transformer"):  # open_clip ViT
+            lists.append(visual.transformer.resblocks)
+        else:  # timm trunk (SigLIP)
+            lists.append(visual.trunk.blocks)
+        text = getattr(model.clip, "transformer", None) or getattr(getattr(model.clip, "text", None), "transformer", None)
+        if text is not None and hasattr(text, "resblocks"):
+            lists.append(text.resblocks)
+        return lists
+
+    def extra_units(self, model: nn.Module) -> list[nn.Module]:
+        return [model.decoder]
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return model.trainable_parameters()
+
+    def forward(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        images = batch["pixels"].float().div_(255.0)
+        return model(images, batch["text_tokens"], step=step)
+
+    def count(self, batch: dict) -> tuple[int, int]:
+        n = batch["pixels"].shape[0]
+        return n, n * self.tower_cfg.grid_size**2
+
+    def flops_per_token(self, model: nn.Module) -> float:
+        # ~6 FLOPs per parameter per token (forward + backward) over the parts every image token crosses.
+        params = sum(p.numel() for p in model.clip.visual.parameters()) + sum(p.numel() for p in model.decoder.parameters())
+        return 6.0 * params
+
+    def rows_skipped(self) -> dict[str, int]:
+        from orchestration.data.stats import skip_counts
+
+        return skip_counts("tower")
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def wants_eval(self, step: int, total: int) -> bool:
+        return step % self.config.tower_train.eval_every == 0 or step == total
+
+    @contextmanager
+    def _unsharded(self, trainer: Trainer):
+        """Outside forward, FSDP2 leaves the root's parameters sharded: gather them for eval calls
+        (the blocks gather themselves in their own forward). Collective: every rank enters."""
+        model = trainer.model
+        model.unshard()
+        try:
+            if trainer.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    yield model
+            else:
+                yield model
+        finally:
+            model.reshard()
+
+    @torch.no_grad()
+    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+        from vilau_model.evaluation import evaluate_tower, load_frechet_feature_net
+
+        with self._unsharded(trainer) as model:
+            if self._eval is None:
+                self._eval = EvalSplit(self.config, trainer.device)
+            ev = self._eval
+            metrics = evaluate_tower(
+                model, ev.images, captions_tokens=ev.caption_tokens, labels=ev.labels,
+                class_prompt_tokens=ev.class_prompt_tokens,
+                frechet_net=load_frechet_feature_net(self.config.tower_train.frechet_weights_path),
+            )
+            model.eval()
+            originals = ev.images[:GRID_IMAGES]
+            reconstructions = model.decode_codes(model.encode_codes(originals))
+            model.train()
+        if trainer.rank == 0:
+            grid = image_grid([originals, reconstructions])
+            trainer.logger.log_image(grid, f"reconstructions/step_{step:07d}.png")
+        return {f"eval/{k}": float(v) for k, v in metrics.items()}
+
+    # -- export -----------------------------------------------------------------------------------
+
+    def export(self, trainer: Trainer, directory: str) -> None:
+        full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if trainer.rank == 0:
+            tower = self.build_model()
+            missing, unexpected = tower.load_state_dict(match_shapes(full, tower), strict=False)
+            missing = [k for k in missing if not k.startswith("perceptual.")]
+            if missing or unexpected:
+                raise RuntimeError(f"export: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            save_tower_export(tower, directory)
+            self._exported = tower
+
+    def final_artifacts(self, trainer: Trainer, export_dir: str) -> dict[str, float]:
+        tower = self._exported
+        fig = codebook_usage_figure(tower.quantizer.ema_count, f"{self.tower_cfg.name} tower")
+        trainer.logger.log_figure(fig, "codebook_usage.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return {"codebook_dead_codes": float((tower.quantizer.ema_count < 1.0).sum())}
+
+
+def tower_worker(loop_config: dict) -> dict:
+    """Ray Train entry point of stage 1 (every worker runs it)."""
+    config: Config = loop_config["config"]
+    return Trainer(TowerTask(config), config, loop_config["run"]).fit()

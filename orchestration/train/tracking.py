@@ -1,0 +1,181 @@
+"""MLflow tracking: the driver opens one run per stage, rank 0 of the workers logs into it.
+
+The driver creates (or, for a rerun of the same run name, reopens) the MLflow run and logs the
+resolved config as params (secrets redacted) and tags; the run id travels to the workers so that a
+restarted worker group keeps logging into the same run. Only rank 0 logs metrics and artifacts.
+
+The default store is SQLite under ``output_dir`` with artifacts in ``output_dir/mlartifacts``; on a
+cluster, point ``tracking.uri`` at an MLflow server (every node must reach it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from orchestration.config import REDACTED, Config, config_to_yaml, flatten_config
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "vilau.run_name"
+STAGE_TAG = "vilau.stage"
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def secret_values(config: Config) -> set[str]:
+    """Every credential this process knows about (config secrets and AWS environment variables)."""
+    found = {os.environ[k] for k in _SECRET_ENV if os.environ.get(k)}
+    s3 = config.data.s3
+    for secret in (s3.access_key_id, s3.secret_access_key):
+        if secret is not None and secret.get_secret_value():
+            found.add(secret.get_secret_value())
+    return {v for v in found if len(v) >= 4}
+
+
+def scrub(text: str, secrets: set[str]) -> str:
+    """Redact any known credential that slipped into a string (belt and braces: params are already
+    redacted by the config dumper)."""
+    for value in secrets:
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def git_commit() -> str:
+    if os.environ.get("VILAU_GIT_COMMIT"):
+        return os.environ["VILAU_GIT_COMMIT"]
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"  # e.g. a `ray job submit` working dir has no .git
+
+
+def ray_job_tags() -> dict[str, str]:
+    tags = {}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
+    except Exception:  # tags are best effort; never fail a run over them
+        pass
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        submission = json.loads(job_config).get("metadata", {}).get("job_submission_id")
+        if submission:
+            tags["ray.job_submission_id"] = submission
+    return tags
+
+
+def _experiment_id(client, config: Config) -> str:
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if config.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in config.tracking_uri:
+        # Absolute, so the driver and the Ray workers (other working directories) agree on it.
+        location = (Path(config.output_dir).resolve() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(config.tracking.experiment, artifact_location=location)
+    except Exception:  # created concurrently by another stage or trial
+        return client.get_experiment_by_name(config.tracking.experiment).experiment_id
+
+
+def open_run(config: Config, stage: str, run_name: str) -> str | None:
+    """Create or reopen the MLflow run of ``run_name``; returns its id (None if tracking is off)."""
+    if not config.tracking.enabled:
+        return None
+    from mlflow.entities import Param, RunTag
+
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    client = _client(config.tracking_uri)
+    experiment_id = _experiment_id(client, config)
+    secrets = secret_values(config)
+    params = {k: scrub(v, secrets)[:6000] for k, v in flatten_config(config).items()}
+    tags = {
+        STAGE_TAG: stage,
+        RUN_NAME_TAG: run_name,
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.runName": run_name,
+        **ray_job_tags(),
+    }
+    existing = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        old = existing[0].data.params
+        changed = sorted(k for k, v in params.items() if k in old and old[k] != v)
+        params = {k: v for k, v in params.items() if k not in old}
+        tags["vilau.resumed"] = "true"
+        if changed:  # MLflow params are immutable: keep the first values, record what changed
+            tags["vilau.params_changed_on_resume"] = ",".join(changed)[:5000]
+        config_name = f"config_resumed_{len(client.list_artifacts(run_id))}.yaml"
+    else:
+        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        config_name = "config.yaml"
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+    client.log_batch(run_id, tags=[RunTag(k, scrub(str(v), secrets)) for k, v in tags.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, config_name)
+        Path(path).write_text(scrub(config_to_yaml(config), secrets))
+        client.log_artifact(run_id, path)
+    return run_id
+
+
+def close_run(config: Config, run_id: str | None, failed: bool = False) -> None:
+    if run_id is None:
+        return
+    _client(config.tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+class RunLogger:
+    """Rank 0's handle on the run: metrics, images, files. A no-op everywhere else."""
+
+    def __init__(self, tracking_uri: str, run_id: str | None, active: bool):
+        self.run_id = run_id
+        self.active = active and run_id is not None
+        self._client = _client(tracking_uri) if self.active else None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(batch), 1000):
+            self._client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def log_image(self, image, artifact_file: str) -> None:
+        if self.active:
+            self._client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        if self.active:
+            self._client.log_figure(self.run_id, figure, artifact_file=artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.active:
+            self._client.log_text(self.run_id, text, artifact_file=artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        if self.active:
+            self._client.log_dict(self.run_id, data, artifact_file=artifact_file)
