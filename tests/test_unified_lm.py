@@ -167,9 +167,9 @@ def test_tiny_lm_learns_text_and_images_on_synthetic_data(tower, synthetic):
     rng = np.random.default_rng(0)
     history, start = [], time.perf_counter()
     for step in range(200):
-        batch = [seqs[i] for i in rng.choice(len(seqs), size=8, replace=False)]
-        if step % 4 == 0:
-            batch.append(videos[step // 4 % len(videos)])
+        batch = [seqs[i] for i in rng.choice(len(seqs), size=6, replace=False)]
+        if step % 5 == 0:
+            batch.append(videos[step // 5 % len(videos)])
         rows = pack_sequences(batch, seq_len=1024, code_depth=4, pad_id=builder.ids.pad)
         out = model(**collate_rows(rows))
         optim.zero_grad()

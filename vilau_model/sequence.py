@@ -34,13 +34,16 @@ the row length (e.g. 8192), D the code depth:
     segment_ids   int32[L]     1, 2, ... one per sample in the row, 0 for padding; attention is confined
                                to equal segment ids (block-diagonal causal mask)
 
+In Arrow / parquet the [L] columns travel as fixed-size lists and `codes` as a fixed-shape tensor
+(Arrow's tensor type rejects bool, so `is_visual` is a fixed-size list of bool); tests/test_packing.py
+round-trips rows that way.
+
 Packing places several built sequences into one row (`pack_sequences`, or `StreamingPacker` for a
 stream); `pad_to_row` puts one sequence alone in a row (the unpacked layout). Both give this format.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
