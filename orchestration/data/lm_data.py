@@ -1,0 +1,374 @@
+"""Stage-2 input: the tokenization actor pool turns decoded samples into packed rows.
+
+    read (one task per shard) -> fetch + decode (CPU map_batches)
+      -> TokenizePool (actors holding the frozen tower + the LLM tokenizer; GPUs on a cluster):
+         pixels -> tower codes (int16), text -> ids, SequenceBuilder layout + loss masks, packing
+      -> rows in vilau_model.sequence's packed-row format (ROW_SCHEMA)
+
+Packing happens within one call of the pool (data.pack_window samples). The dataset preserves order,
+so which samples share a call, and so the rows, do not depend on how many actors there are or which
+one is faster: 1 actor and 2 actors give the same rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from orchestration.config import Config
+from orchestration.data.decode import DECODE_ERROR, TOO_LONG, SkipRecord, decode_record
+from orchestration.data.records import (
+    KIND_CONVERSATION,
+    KIND_IMAGE_TEXT,
+    KIND_INTERLEAVED,
+    KIND_VIDEO,
+    ReadUnit,
+    fs_and_path,
+    iter_texts,
+    list_shards,
+    media_root_for,
+    read_bytes,
+)
+from orchestration.data.sources import ensure_data, plan_sources, read_dataset, resolve_sources, s3_settings
+from orchestration.data.stats import Tally, stats_actor
+from orchestration.data.tower_data import tower_config
+from orchestration.storage import S3Settings, is_s3
+from vilau_model.config import LMConfig, VisionTowerConfig, get_lm_config
+
+log = logging.getLogger(__name__)
+
+LM_GROUP = "lm"
+MAX_TOKENIZER_TEXTS = 200_000  # texts a fallback BPE is trained on
+
+DECODED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("text", pa.string()),
+        ("media_slots", pa.list_(pa.int32())),
+        ("num_images", pa.int32()),
+        # uint8 [num_images, 3, S, S] as raw bytes: one column type for 0, 1, 6 or 8 images
+        ("pixels", pa.binary()),
+    ]
+)
+
+
+def lm_config(config: Config) -> LMConfig:
+    return get_lm_config(config.model.lm, **({"pretrained_path": config.model.lm_path} if config.model.lm_path else {}))
+
+
+# ---------------------------------------------------------------- the LLM tokenizer
+
+
+def ensure_lm_tokenizer(config: Config) -> str:
+    """Path of the LLM's text tokenizer (markers added on load by vilau_model.tokenizer.load_tokenizer).
+
+    model.lm_path's tokenizer when set; otherwise a small byte-level BPE trained on the lm sources'
+    texts, saved under <output_dir>/lm_tokenizer and reused when present.
+    """
+    if config.model.lm_path:
+        return config.model.lm_path
+    out = Path(config.output_dir) / "lm_tokenizer"
+    if (out / "tokenizer.json").is_file():
+        return str(out)
+    from vilau_model.sequence import VICUNA_SYSTEM
+    from vilau_model.tokenizer import train_bpe_tokenizer
+
+    ensure_data(config)
+    field = "lm_sources" if config.data.lm_sources else "tower_sources"
+    s3 = s3_settings(config)
+    # The chat template's fixed words, so that they become tokens rather than being spelled out.
+    texts = [VICUNA_SYSTEM, "USER: ASSISTANT:"] * 8
+    for name, source in sorted(resolve_sources(config, getattr(config.data, field), field).items()):
+        for uri in list_shards(source["format"], source["path"], s3):
+            unit = ReadUnit(name, source["format"], uri, media_root_for(source["format"], source["path"], source["media_root"]))
+            texts.extend(itertools.islice(iter_texts(unit, s3), MAX_TOKENIZER_TEXTS - len(texts)))
+    # Train beside the target and rename, so a concurrent reader never sees half a tokenizer.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".lm_tokenizer-", dir=out.parent))
+    train_bpe_tokenizer(texts, staging, vocab_size=lm_config(config).vocab_size)
+    try:
+        staging.rename(out)
+    except OSError:  # someone else finished first: use theirs
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("trained a %d-text BPE tokenizer at %s", len(texts), out)
+    return str(out)
+
+
+def directory_files(path: str) -> dict[str, bytes]:
+    """A small directory's files (a tokenizer) as bytes, to ship to actors on other machines."""
+    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}
+
+
+def files_sha256(files: dict[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the frozen tower
+
+
+@dataclass(frozen=True)
+class TowerSource:
+    """Which frozen tower the pool uses: a stage-1 export (safetensors file or a directory holding
+    one, local or s3://) or, without one, the preset initialised from a seed (tests, the tiny default)."""
+
+    config: VisionTowerConfig
+    path: str | None
+    seed: int
+
+    def identity(self, s3: S3Settings | None) -> dict:
+        if self.path is None:
+            return {"preset": self.config.name, "init": f"seed-{self.seed}", "pretrained": self.config.pretrained}
+        return {"preset": self.config.name, "checkpoint_sha256": file_sha256(self.safetensors_uri(s3), s3)}
+
+    def safetensors_uri(self, s3: S3Settings | None) -> str:
+        fs, path = fs_and_path(self.path, s3)
+        if fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if p.endswith(".safetensors"))
+            if not found:
+                raise FileNotFoundError(f"{self.path}: no .safetensors tower export inside")
+            return ("s3://" + found[0]) if is_s3(self.path) else found[0]
+        return self.path
+
+    def load(self, s3: S3Settings | None):
+        import torch
+
+        from vilau_model.vision_tower import UnifiedVisionTower
+
+        if self.path is None:
+            torch.manual_seed(self.seed)
+            return UnifiedVisionTower(self.config)
+        uri = self.safetensors_uri(s3)
+        if not is_s3(uri):
+            return UnifiedVisionTower.load(uri, self.config)
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
+            tmp.write(read_bytes(uri, s3))
+            tmp.flush()
+            return UnifiedVisionTower.load(tmp.name, self.config)
+
+
+def file_sha256(uri: str, s3: S3Settings | None) -> str:
+    fs, path = fs_and_path(uri, s3)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tower_source(config: Config, tower_path: str | None) -> TowerSource:
+    """The given export, else model.tower_checkpoint, else the seeded preset."""
+    return TowerSource(tower_config(config), tower_path or config.model.tower_checkpoint, config.seed)
+
+
+# ---------------------------------------------------------------- decode stage
+
+
+def decode_lm_batch(batch: pa.Table, *, size: int, frames: int, s3: S3Settings | None, group: str):
+    """Normalized records -> DECODED_SCHEMA (media fetched and decoded); bad records dropped and counted."""
+    tally = Tally(group)
+    out = []
+    for record in batch.to_pylist():
+        try:
+            pixels = decode_record(record, size, lambda uri: read_bytes(uri, s3), frames)
+        except SkipRecord as skip:
+            tally.skip(skip.reason, record["key"])
+            continue
+        except Exception:  # one bad record must not stop the epoch
+            log.exception("record %s of source %s failed to decode", record["key"], record["source"])
+            tally.skip(DECODE_ERROR, record["key"])
+            continue
+        tally.samples[record["source"]] += 1
+        out.append(
+            {
+                "key": record["key"],
+                "source": record["source"],
+                "kind": record["kind"],
+                "text": record["text"],
+                "media_slots": record["media_slots"],
+                "num_images": len(pixels),
+                "pixels": pixels.tobytes(),
+            }
+        )
+    tally.flush()
+    if out:
+        yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+
+
+# ---------------------------------------------------------------- the tokenization pool
+
+
+def _sample_seed(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest(), "big")
+
+
+class TokenizePool:
+    """The callable class the actor pool runs: frozen tower + LLM tokenizer + sequence builder + packer."""
+
+    def __init__(
+        self,
+        tower: TowerSource,
+        tokenizer_files: dict[str, bytes],
+        s3: S3Settings | None,
+        seq_len: int,
+        encode_batch_size: int,
+        image_text_tasks: dict[str, str],
+        frames_per_video: int,
+        max_images_per_doc: int,
+        caption_dropout: float,
+        seed: int,
+        group: str,
+        use_gpu: bool,
+    ):
+        import torch
+
+        from vilau_model.sequence import SequenceBuilder
+        from vilau_model.tokenizer import load_tokenizer
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.tower = tower.load(s3).eval().requires_grad_(False).to(self.device)
+        self.size = tower.config.image_size
+        self.depth = tower.config.code_depth
+        tokenizer_dir = tempfile.mkdtemp(prefix="lm_tokenizer-")
+        for name, data in tokenizer_files.items():
+            Path(tokenizer_dir, name).write_bytes(data)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.builder = SequenceBuilder(
+            self.tokenizer,
+            code_depth=self.depth,
+            max_len=seq_len,
+            frames_per_video=frames_per_video,
+            max_images_per_doc=max_images_per_doc,
+            caption_dropout=caption_dropout,
+        )
+        self.seq_len, self.encode_batch_size = seq_len, encode_batch_size
+        self.image_text_tasks, self.seed, self.group = image_text_tasks, seed, group
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, 3, S, S] -> int16 codes [N, H, W, D], in batches of encode_batch_size."""
+        import torch
+
+        codes = []
+        for start in range(0, len(pixels), self.encode_batch_size):
+            x = torch.from_numpy(pixels[start : start + self.encode_batch_size]).to(self.device).float().div_(255)
+            codes.append(self.tower.encode_codes(x).to(torch.int16).cpu().numpy())
+        return np.concatenate(codes) if codes else np.zeros((0,), np.int16)
+
+    def samples(self, record: dict, codes: np.ndarray) -> list:
+        from vilau_model.sequence import (
+            CaptionSample,
+            ConversationSample,
+            GenerationSample,
+            InterleavedSample,
+            VideoSample,
+        )
+
+        kind, text = record["kind"], record["text"]
+        if kind == KIND_IMAGE_TEXT:
+            task = self.image_text_tasks.get(record["source"], "both")
+            out = []
+            if task in ("understanding", "both"):
+                out.append(CaptionSample(codes=codes[0], text=text))
+            if task in ("generation", "both"):
+                out.append(GenerationSample(text=text, codes=codes[0]))
+            return out
+        if kind == KIND_VIDEO:
+            return [VideoSample(text=text, codes=codes)]
+        if kind == KIND_INTERLEAVED:
+            return [InterleavedSample(sentences=json.loads(text), images=list(codes), image_sentence=list(record["media_slots"]))]
+        if kind == KIND_CONVERSATION:
+            return [ConversationSample.from_sharegpt(json.loads(text), codes[0] if len(codes) else None)]
+        raise ValueError(f"unknown record kind {kind!r}")
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        from vilau_model.sequence import ROW_COLUMNS, pack_sequences
+
+        records = batch.to_pylist()
+        size = self.size
+        pixels = [np.frombuffer(r["pixels"], dtype=np.uint8).reshape(r["num_images"], 3, size, size) for r in records]
+        all_codes = self.encode(np.concatenate(pixels)) if any(len(p) for p in pixels) else None
+        tally = Tally(self.group)
+        sequences, offset = [], 0
+        for record, images in zip(records, pixels):
+            codes = all_codes[offset : offset + len(images)] if len(images) else np.zeros((0,), np.int16)
+            offset += len(images)
+            try:
+                samples = self.samples(record, codes)
+            except Exception:
+                log.exception("record %s of source %s: cannot make a sample", record["key"], record["source"])
+                tally.skip(DECODE_ERROR, record["key"])
+                continue
+            for sample in samples:
+                # Seeded per record, so caption dropout does not depend on which actor builds it.
+                self.builder.rng = np.random.default_rng(_sample_seed(self.seed, record["key"]))
+                built = self.builder.build(sample)
+                if built is None:
+                    tally.skip(TOO_LONG, record["key"])
+                    continue
+                sequences.append(built)
+                tally.tokens[record["source"]] += len(built)
+        tally.flush()
+        rows = pack_sequences(sequences, self.seq_len, self.depth, self.builder.ids.pad)
+        if not rows:  # all dropped: an empty batch, shaped
+            from vilau_model.sequence import empty_row
+
+            template = empty_row(self.seq_len, self.depth, self.builder.ids.pad)
+            return {name: np.zeros((0,) + template[name].shape, template[name].dtype) for name in ROW_COLUMNS}
+        return {name: np.stack([row[name] for row in rows]) for name in ROW_COLUMNS}
+
+
+def tokenize_dataset(config: Config, tower: TowerSource, tokenizer_path: str, stats_group: str = LM_GROUP) -> ray.data.Dataset:
+    """Packed rows made on the fly from data.lm_sources (mixed by weight) through the actor pool."""
+    ensure_data(config)
+    stats_actor()  # created by the driver, so it outlives the tasks and actors that count into it
+    s3 = s3_settings(config)
+    lm = lm_config(config)
+    units, _ = plan_sources(config, config.data.lm_sources, "lm_sources")
+    ds = read_dataset(units, s3).map_batches(
+        decode_lm_batch,
+        fn_kwargs={"size": tower.config.image_size, "frames": lm.frames_per_video, "s3": s3, "group": stats_group},
+        batch_size=config.data.decode_batch_size,
+        batch_format="pyarrow",
+    )
+    gpus = config.data.tokenizer_actor_gpus
+    ds = ds.map_batches(
+        TokenizePool,
+        fn_constructor_kwargs={
+            "tower": tower,
+            "tokenizer_files": directory_files(tokenizer_path),
+            "s3": s3,
+            "seq_len": config.data.seq_len,
+            "encode_batch_size": config.data.tokenizer_batch_size,
+            "image_text_tasks": {n: s.image_text_task for n, s in config.data.lm_sources.items()},
+            "frames_per_video": lm.frames_per_video,
+            "max_images_per_doc": lm.max_images_per_doc,
+            "caption_dropout": config.lm_train.caption_dropout,
+            "seed": config.data.shuffle_seed,
+            "group": stats_group,
+            "use_gpu": gpus > 0,
+        },
+        batch_size=config.data.pack_window,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=config.data.tokenizer_actors),
+        num_gpus=gpus if gpus > 0 else None,
+        # Spread the actors over nodes. Giving them remote args that differ from the decode tasks' also
+        # keeps Ray Data from fusing decoding into the actors: decoding stays on the CPU task pool.
+        scheduling_strategy="SPREAD",
+    )
+    # Order preserved: the pool's calls (and so the packed rows) are the same whatever the pool size.
+    ds.context.execution_options.preserve_order = True
+    return ds

@@ -1,0 +1,392 @@
+"""Readers for each dataset's public on-disk format, all yielding one normalized record schema.
+
+A source is a directory (local or ``s3://``) of index shards in one format:
+
+    coyo_parquet     *.parquet   img2dataset parquet: image bytes (jpg/png/webp column), key, caption
+    coyo_webdataset  *.tar       img2dataset webdataset: KEY.jpg (or .png/.webp), KEY.txt, KEY.json
+    mmc4             *.jsonl[.zip]  MMC4 documents; images by image_name under <path>/images
+    openvid          *.csv       OpenVid-1M CSV (video, caption, ...); clips under <path>/videos
+    sharegpt4v       *.json      LLaVA-style list (id, image, conversations); image paths relative to <path>
+
+Every reader yields records of NORMALIZED_SCHEMA. COYO carries its image bytes inline (``media``);
+the other formats reference files (``media_uris``) that the decode stage fetches, so the read stage
+stays light and fetching runs in parallel. Readers stream: a shard is read through the filesystem
+(pyarrow / fsspec file objects), never copied to local disk first.
+
+A shard that cannot be opened, is not in the format, or lacks a required field raises `ShardError`
+naming the file. Single bad *records* are not the reader's business: they are dropped and counted
+by the decode stage (see decode.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import posixpath
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestration.data.synthetic import mmc4_document_key
+from orchestration.storage import S3Settings, filesystem, is_s3, join, list_files
+
+log = logging.getLogger(__name__)
+
+KIND_IMAGE_TEXT = "image_text"  # one image and its caption (COYO)
+KIND_INTERLEAVED = "interleaved"  # sentences and images matched to sentences (MMC4)
+KIND_VIDEO = "video"  # one clip and its caption (OpenVid-1M)
+KIND_CONVERSATION = "conversation"  # a chat about (at most) one image (ShareGPT4V)
+
+FORMAT_KIND = {
+    "coyo_parquet": KIND_IMAGE_TEXT,
+    "coyo_webdataset": KIND_IMAGE_TEXT,
+    "mmc4": KIND_INTERLEAVED,
+    "openvid": KIND_VIDEO,
+    "sharegpt4v": KIND_CONVERSATION,
+}
+INDEX_SUFFIXES = {
+    "coyo_parquet": (".parquet",),
+    "coyo_webdataset": (".tar",),
+    "mmc4": (".jsonl", ".jsonl.zip"),
+    "openvid": (".csv",),
+    "sharegpt4v": (".json",),
+}
+# Where referenced media live when the source does not say (the layouts the datasets ship in).
+DEFAULT_MEDIA_DIR = {"mmc4": "images", "openvid": "videos", "sharegpt4v": ""}
+
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices
+IMAGE_EXTENSIONS = IMAGE_COLUMNS
+
+NORMALIZED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # the record key the dataset itself uses (see synthetic.py)
+        ("source", pa.string()),  # the source's name in the config
+        ("kind", pa.string()),  # one of the KIND_* values
+        # caption; MMC4: JSON list of sentences; ShareGPT4V: JSON list of {"from", "value"} turns
+        ("text", pa.string()),
+        ("media", pa.list_(pa.binary())),  # inline media bytes (COYO); [] when referenced
+        ("media_uris", pa.list_(pa.string())),  # referenced media files, local paths or s3:// URIs
+        ("media_slots", pa.list_(pa.int32())),  # MMC4: the sentence each image belongs before
+    ]
+)
+CHUNK_ROWS = 64  # records per yielded table: keeps a read task's memory bounded on big shards
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be opened or read, or is not in its format. The message names the file."""
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """One shard of one source, with how often each of its records is taken (see mixture.py)."""
+
+    source: str
+    format: str
+    uri: str
+    media_root: str
+    repeat: float = 1.0
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ReadUnit":
+        return cls(**json.loads(text))
+
+
+# ---------------------------------------------------------------- filesystems and retries
+
+
+@functools.lru_cache(maxsize=8)
+def _fs_for(scheme: str, settings: S3Settings | None):
+    """One fsspec filesystem per process and endpoint (s3fs clients are costly to make)."""
+    fs, _ = filesystem("s3://bucket" if scheme == "s3" else ".", settings)
+    return fs
+
+
+def fs_and_path(uri: str, s3: S3Settings | None):
+    fs = _fs_for("s3" if is_s3(uri) else "file", s3 if is_s3(uri) else None)
+    return fs, (uri[len("s3://") :] if is_s3(uri) else os.path.abspath(uri))
+
+
+_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def with_retries(fn: Callable, what: str, attempts: int = 4, base_delay: float = 0.2):
+    """Call ``fn``; retry transient I/O errors (connection drops, throttling, 5xx) with backoff.
+
+    s3fs and pyarrow retry inside a request already; this also covers a stream that breaks half-way.
+    Missing files and permission errors are not transient and are raised at once.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except _PERMANENT:
+            raise
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            if attempt == attempts - 1:
+                raise
+            delay = base_delay * 2**attempt
+            log.warning("%s: transient error %r, retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+
+
+def read_bytes(uri: str, s3: S3Settings | None) -> bytes:
+    """A whole (media) file. FileNotFoundError when it is not there."""
+    fs, path = fs_and_path(uri, s3)
+    return with_retries(lambda: fs.cat_file(path), uri)
+
+
+def list_shards(fmt: str, path: str, s3: S3Settings | None) -> list[str]:
+    """The index shards of a source, sorted. A missing directory or no shard at all is an error."""
+    try:
+        if not is_s3(path) and os.path.isfile(path):
+            files = [path]
+        else:
+            files = list_files(path, s3, INDEX_SUFFIXES[fmt])
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no such directory for a {fmt} source") from None
+    if not files:
+        raise ShardError(f"{path}: no {fmt} shards ({'/'.join(INDEX_SUFFIXES[fmt])} files) found")
+    return files
+
+
+def media_root_for(fmt: str, source_path: str, media_root: str | None) -> str:
+    if media_root is not None:
+        return media_root
+    base = source_path if not (not is_s3(source_path) and os.path.isfile(source_path)) else os.path.dirname(source_path)
+    sub = DEFAULT_MEDIA_DIR.get(fmt, "")
+    return join(base, sub) if sub else base
+
+
+# ---------------------------------------------------------------- per-format record iterators
+
+
+def _record(key, source, kind, text, media=(), uris=(), slots=()) -> dict:
+    return {
+        "key": str(key),
+        "source": source,
+        "kind": kind,
+        "text": "" if text is None else str(text),
+        "media": list(media),
+        "media_uris": list(uris),
+        "media_slots": [int(s) for s in slots],
+    }
+
+
+def _coyo_parquet(f, unit: ReadUnit) -> Iterator[dict]:
+    try:
+        parquet = pq.ParquetFile(f)
+    except Exception as exc:
+        raise ShardError(f"{unit.uri}: cannot open as parquet: {exc}") from exc
+    names = parquet.schema_arrow.names
+    image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
+    caption_col = "caption" if "caption" in names else ("text" if "text" in names else None)
+    missing = [n for n, c in (("key", "key" if "key" in names else None), ("image (jpg/png/webp)", image_col), ("caption", caption_col)) if c is None]
+    if missing:
+        raise ShardError(f"{unit.uri}: not an img2dataset parquet shard: missing {', '.join(missing)} (columns: {names})")
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=["key", image_col, caption_col]):
+        for key, image, caption in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            yield _record(key, unit.source, KIND_IMAGE_TEXT, caption, [image] if image else [])
+
+
+def _webdataset_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for consecutive members sharing a key, webdataset's grouping rule."""
+    key, parts = None, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        directory, name = posixpath.split(member.name)
+        if "." not in name:
+            continue
+        stem, ext = name.split(".", 1)
+        sample_key = posixpath.join(directory, stem) if directory else stem
+        if sample_key != key:
+            if key is not None:
+                yield key, parts
+            key, parts = sample_key, {}
+        parts[ext.lower()] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, parts
+
+
+def _coyo_webdataset(f, unit: ReadUnit) -> Iterator[dict]:
+    try:
+        tar = tarfile.open(fileobj=f, mode="r|*")  # a stream: members are read in order, no seeking
+    except tarfile.TarError as exc:
+        raise ShardError(f"{unit.uri}: cannot open as a tar shard: {exc}") from exc
+    try:
+        for key, parts in _webdataset_samples(tar):
+            image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+            if "txt" in parts:
+                caption = parts["txt"].decode("utf-8", errors="replace")
+            elif "json" in parts:
+                caption = json.loads(parts["json"]).get("caption", "")
+            else:
+                raise ShardError(f"{unit.uri}: sample {key} has no .txt or .json caption (members: {sorted(parts)})")
+            yield _record(posixpath.basename(key), unit.source, KIND_IMAGE_TEXT, caption, [image] if image else [])
+    except tarfile.TarError as exc:
+        raise ShardError(f"{unit.uri}: broken tar shard: {exc}") from exc
+
+
+def _json_lines(f, uri: str) -> Iterator[tuple[int, dict]]:
+    if uri.endswith(".zip"):  # MMC4 ships docs_shard_*_v2.jsonl.zip
+        with zipfile.ZipFile(f) as archive:
+            inner = [n for n in archive.namelist() if n.endswith(".jsonl")]
+            if not inner:
+                raise ShardError(f"{uri}: zip holds no .jsonl file")
+            yield from _json_lines(archive.open(inner[0]), inner[0])
+        return
+    for number, line in enumerate(io.TextIOWrapper(f, encoding="utf-8"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ShardError(f"{uri}: line {number} is not JSON: {exc}") from exc
+
+
+def _mmc4(f, unit: ReadUnit) -> Iterator[dict]:
+    for number, doc in _json_lines(f, unit.uri):
+        missing = [k for k in ("url", "text_list", "image_info") if k not in doc]
+        if missing:
+            raise ShardError(f"{unit.uri}: line {number} is not an MMC4 document: missing {missing}")
+        infos = doc["image_info"]
+        yield _record(
+            mmc4_document_key(doc["url"]),
+            unit.source,
+            KIND_INTERLEAVED,
+            json.dumps(doc["text_list"]),
+            uris=[join(unit.media_root, info["image_name"]) for info in infos],
+            slots=[info.get("matched_text_index", 0) for info in infos],
+        )
+
+
+def _openvid(f, unit: ReadUnit) -> Iterator[dict]:
+    reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
+    header = reader.fieldnames or []
+    missing = [k for k in ("video", "caption") if k not in header]
+    if missing:
+        raise ShardError(f"{unit.uri}: not an OpenVid-1M CSV: missing column(s) {missing} (header: {header})")
+    for row in reader:
+        yield _record(row["video"], unit.source, KIND_VIDEO, row["caption"], uris=[join(unit.media_root, row["video"])])
+
+
+def _sharegpt4v(f, unit: ReadUnit) -> Iterator[dict]:
+    try:
+        entries = json.load(io.TextIOWrapper(f, encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{unit.uri}: not valid JSON: {exc}") from exc
+    if not isinstance(entries, list):
+        raise ShardError(f"{unit.uri}: expected a JSON list of conversations, got {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "id" not in entry or "conversations" not in entry:
+            raise ShardError(f"{unit.uri}: entry {i} is not a ShareGPT4V record (needs id and conversations)")
+        image = entry.get("image")
+        yield _record(
+            entry["id"],
+            unit.source,
+            KIND_CONVERSATION,
+            json.dumps(entry["conversations"]),
+            uris=[join(unit.media_root, image)] if image else [],
+        )
+
+
+_READERS = {
+    "coyo_parquet": _coyo_parquet,
+    "coyo_webdataset": _coyo_webdataset,
+    "mmc4": _mmc4,
+    "openvid": _openvid,
+    "sharegpt4v": _sharegpt4v,
+}
+
+
+def iter_records(unit: ReadUnit, s3: S3Settings | None) -> Iterator[dict]:
+    """The records of one shard, in file order (without the unit's repeat factor applied)."""
+    fs, path = fs_and_path(unit.uri, s3)
+    try:
+        f = with_retries(lambda: fs.open(path, "rb"), unit.uri)
+    except FileNotFoundError:
+        raise ShardError(f"{unit.uri}: shard not found") from None
+    except OSError as exc:
+        raise ShardError(f"{unit.uri}: cannot open shard: {exc}") from exc
+    with f:
+        try:
+            yield from _READERS[unit.format](f, unit)
+        except ShardError:
+            raise
+        except (OSError, UnicodeDecodeError, KeyError, ValueError) as exc:
+            raise ShardError(f"{unit.uri}: cannot read {unit.format} shard: {exc!r}") from exc
+
+
+def copies(unit: ReadUnit, key: str) -> int:
+    """How many times a record is taken: floor(repeat), plus one more for a seeded share of records.
+
+    The extra copy is decided by a hash of (seed, source, key), so it does not depend on which worker
+    reads the shard or in what order.
+    """
+    whole = math.floor(unit.repeat)
+    fraction = unit.repeat - whole
+    if fraction <= 0:
+        return whole
+    digest = hashlib.blake2b(f"{unit.seed}|{unit.source}|{key}".encode(), digest_size=8).digest()
+    return whole + (int.from_bytes(digest, "big") / 2**64 < fraction)
+
+
+def read_unit_tables(unit: ReadUnit, s3: S3Settings | None, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """The unit's records (repeat factor applied) as NORMALIZED_SCHEMA tables of up to chunk_rows rows."""
+    chunk: list[dict] = []
+    for record in iter_records(unit, s3):
+        chunk.extend([record] * copies(unit, record["key"]))
+        if len(chunk) >= chunk_rows:
+            yield pa.Table.from_pylist(chunk, schema=NORMALIZED_SCHEMA)
+            chunk = []
+    if chunk:
+        yield pa.Table.from_pylist(chunk, schema=NORMALIZED_SCHEMA)
+
+
+# ---------------------------------------------------------------- counting (for mixtures) and texts
+
+
+def count_records(fmt: str, uri: str, s3: S3Settings | None) -> int:
+    """Records in one shard, reading as little as the format allows (parquet: the footer only)."""
+    if fmt == "coyo_parquet":
+        fs, path = fs_and_path(uri, s3)
+        with with_retries(lambda: fs.open(path, "rb"), uri) as f:
+            try:
+                return pq.ParquetFile(f).metadata.num_rows
+            except Exception as exc:
+                raise ShardError(f"{uri}: cannot open as parquet: {exc}") from exc
+    unit = ReadUnit(source="count", format=fmt, uri=uri, media_root="")
+    return sum(1 for _ in iter_records(unit, s3))
+
+
+def iter_texts(unit: ReadUnit, s3: S3Settings | None) -> Iterator[str]:
+    """The plain texts of a shard (captions, sentences, conversation turns), e.g. to train a BPE on."""
+    if unit.format == "coyo_parquet":  # read only the caption column, not the images
+        fs, path = fs_and_path(unit.uri, s3)
+        with with_retries(lambda: fs.open(path, "rb"), unit.uri) as f:
+            parquet = pq.ParquetFile(f)
+            column = "caption" if "caption" in parquet.schema_arrow.names else "text"
+            for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
+                yield from (t for t in batch.column(0).to_pylist() if t)
+        return
+    for record in iter_records(unit, s3):
+        if record["kind"] == KIND_INTERLEAVED:
+            yield from json.loads(record["text"])
+        elif record["kind"] == KIND_CONVERSATION:
+            yield from (turn.get("value", "") for turn in json.loads(record["text"]))
+        elif record["text"]:
+            yield record["text"]
