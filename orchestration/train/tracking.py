@@ -110,6 +110,8 @@ def open_run(config: Config, stage: str, run_name: str) -> str | None:
         "mlflow.runName": run_name,
         **ray_job_tags(),
     }
+    if config.tracking.parent_run_id:  # a Tune trial: nest under the sweep's parent run
+        tags["mlflow.parentRunId"] = config.tracking.parent_run_id
     existing = client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
         order_by=["attributes.start_time DESC"], max_results=1,
