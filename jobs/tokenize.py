@@ -10,19 +10,28 @@ then reads these rows instead of re-encoding every image; a cache made with othe
 import os
 import sys
 
-# This file shares its name with the standard library's `tokenize` (which linecache and inspect
-# import): take jobs/ off the import path so that `import tokenize` finds the real module.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+# This file shares its name with the standard library's `tokenize`, which linecache and inspect
+# import, and jobs/ is first on sys.path for every job script. Take jobs/ off the path; and when this
+# file is being imported *as* the standard module, hand the importer the real one instead.
+_JOBS_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _JOBS_DIR]
+if __name__ == "tokenize":
+    del sys.modules["tokenize"]
+    import tokenize as _stdlib_tokenize  # noqa: E402  (now the standard library's)
+
+    sys.modules["tokenize"] = _stdlib_tokenize
+    globals().update(_stdlib_tokenize.__dict__)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-from orchestration.config import load_config  # noqa: E402
-from orchestration.data.pipeline import run_tokenize_job  # noqa: E402
-
 
 def main() -> None:
+    # Imported here, not above: when this file stands in for the standard `tokenize` during an
+    # interpreter-wide import, it must not pull in the project (that import cycle fails).
+    from orchestration.config import load_config
+    from orchestration.data.pipeline import run_tokenize_job
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML preset (default: the tiny preset)")
     parser.add_argument("--tower", default=None, help="stage-1 tower export to encode images with")
