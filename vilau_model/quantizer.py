@@ -85,7 +85,7 @@ class ResidualQuantizer(nn.Module):
         # dead on the first training step and is restarted from real data: a data-driven init.
         self.register_buffer("embed", torch.randn(num_books, codebook_size, dim) * dim**-0.5)
         self.register_buffer("ema_count", torch.zeros(num_books, codebook_size))
-        self.register_buffer("ema_sum", self.embed.clone())
+        self.register_buffer("ema_sum", torch.zeros(num_books, codebook_size, dim))
 
     @property
     def num_codebooks(self) -> int:
