@@ -96,6 +96,7 @@ def build_trainer(
     datasets: dict,
     run: RunInfo,
     callbacks: list | None = None,
+    loop_config: dict | None = None,
 ):
     """The TorchTrainer of one stage, from the cluster section of the config."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -108,7 +109,7 @@ def build_trainer(
     storage_path, storage_fs = _storage(config)
     return TorchTrainer(
         train_fn,
-        train_loop_config={"config": config, "run": run},
+        train_loop_config={"config": config, "run": run, **(loop_config or {})},
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run.run_name,
@@ -132,13 +133,15 @@ def run_stage(
     run_name: str | None = None,
     callbacks: list | None = None,
     stats_group: str | None = None,
+    loop_config: dict | None = None,
 ) -> StageResult:
     """Open (or reopen) the MLflow run, fit the TorchTrainer, close the run, collect the result."""
     init_ray(config)
     run_name = run_name or stage_run_name(config, stage)
     mlflow_run_id = open_run(config, stage, run_name)
     trainer = build_trainer(
-        config, section, train_fn, datasets, RunInfo(run_name, config.tracking_uri, mlflow_run_id), callbacks
+        config, section, train_fn, datasets, RunInfo(run_name, config.tracking_uri, mlflow_run_id), callbacks,
+        loop_config,
     )
     try:
         result = trainer.fit()
@@ -214,12 +217,17 @@ def fit_lm(
     if not tower_path:
         raise ValueError("stage 2 needs a stage-1 tower export: pass tower_path or set model.tower_checkpoint")
     config = config.model_copy(update={"model": config.model.model_copy(update={"tower_checkpoint": tower_path})})
+    from orchestration.data.lm_data import directory_files, ensure_lm_tokenizer
+
+    # The tokenizer travels to the workers as bytes (they may run on machines without output_dir).
+    tokenizer_files = directory_files(ensure_lm_tokenizer(config))
     if datasets is None:
-        from orchestration.data import build_lm_dataset
+        from orchestration.data.cache import build_lm_dataset
 
         datasets = {"train": build_lm_dataset(config, tower_path)}
     return run_stage(
-        config, LM, config.lm_train, lm_worker, datasets, run_name=run_name, callbacks=callbacks, stats_group="lm",
+        config, LM, config.lm_train, lm_worker, datasets, run_name=run_name, callbacks=callbacks,
+        stats_group="lm", loop_config={"tokenizer_files": tokenizer_files},
     )
 
 
