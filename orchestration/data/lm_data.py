@@ -331,19 +331,30 @@ class TokenizePool:
         return {name: np.stack([row[name] for row in rows]) for name in ROW_COLUMNS}
 
 
-def tokenize_dataset(config: Config, tower: TowerSource, tokenizer_path: str, stats_group: str = LM_GROUP) -> ray.data.Dataset:
-    """Packed rows made on the fly from data.lm_sources (mixed by weight) through the actor pool."""
+def decoded_dataset(config: Config, stats_group: str = LM_GROUP) -> ray.data.Dataset:
+    """data.lm_sources read, mixed and decoded (DECODED_SCHEMA rows): the pool's input."""
     ensure_data(config)
     stats_actor()  # created by the driver, so it outlives the tasks and actors that count into it
     s3 = s3_settings(config)
-    lm = lm_config(config)
     units, _ = plan_sources(config, config.data.lm_sources, "lm_sources")
-    ds = read_dataset(units, s3).map_batches(
+    return read_dataset(units, s3).map_batches(
         decode_lm_batch,
-        fn_kwargs={"size": tower.config.image_size, "frames": lm.frames_per_video, "s3": s3, "group": stats_group},
+        fn_kwargs={
+            "size": tower_config(config).image_size,
+            "frames": lm_config(config).frames_per_video,
+            "s3": s3,
+            "group": stats_group,
+        },
         batch_size=config.data.decode_batch_size,
         batch_format="pyarrow",
     )
+
+
+def tokenize_dataset(config: Config, tower: TowerSource, tokenizer_path: str, stats_group: str = LM_GROUP) -> ray.data.Dataset:
+    """Packed rows made on the fly from data.lm_sources (mixed by weight) through the actor pool."""
+    s3 = s3_settings(config)
+    lm = lm_config(config)
+    ds = decoded_dataset(config, stats_group)
     gpus = config.data.tokenizer_actor_gpus
     ds = ds.map_batches(
         TokenizePool,

@@ -69,7 +69,8 @@ def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int) -> li
             records = sum(sizes[name])
             if records == 0:
                 raise ValueError(f"source {name!r} ({sources[name]['path']}) has no records")
-            repeat[name] = shares[name] * total / records
+            # Rounded so that equal shares of equal sizes give exactly 1 (no float fuzz in `copies`).
+            repeat[name] = round(shares[name] * total / records, 9)
         log.info("mixture: records %s, repeat factors %s", {n: sum(v) for n, v in sizes.items()}, repeat)
 
     # Interleave: each shard is placed at the middle of the span of its source's share it covers.

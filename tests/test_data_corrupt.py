@@ -1,0 +1,59 @@
+"""Shards with 20% bad records: every bad record skipped and counted by reason exactly as the writer's
+manifest says, every good record delivered (through the real Ray pipelines)."""
+
+from collections import Counter
+
+from orchestration.config import load_config
+from orchestration.data.lm_data import decoded_dataset
+from orchestration.data.pipeline import build_tower_dataset, data_stats, skip_counts
+from orchestration.data.synthetic import FORMATS
+
+PATHS = {
+    "coyo_parquet": "coyo/parquet",
+    "coyo_webdataset": "coyo/webdataset",
+    "mmc4": "mmc4",
+    "openvid": "openvid",
+    "sharegpt4v": "sharegpt4v",
+}
+
+
+def _expected(manifest, formats):
+    counts, keys = Counter(), {}
+    for fmt in formats:
+        for key, reason in manifest["formats"][fmt]["bad"].items():
+            counts[reason] += 1
+            keys.setdefault(reason, []).append(key)
+    return dict(counts), {reason: sorted(k) for reason, k in keys.items()}
+
+
+def test_every_bad_record_counted_every_good_one_delivered(ray_session, corrupt_data, tmp_path):
+    root, manifest = corrupt_data
+    assert manifest["corrupt_fraction"] == 0.2
+    sources = ", ".join(f"{f}: {{format: {f}, path: {p}}}" for f, p in PATHS.items())
+    config = load_config(None, [f"data.root={root}", f"output_dir={tmp_path}", f"data.lm_sources={{{sources}}}"])
+
+    rows = decoded_dataset(config, stats_group="corrupt-lm").take_all()
+
+    counts, keys = _expected(manifest, FORMATS)
+    stats = data_stats("corrupt-lm")
+    assert stats["skipped"] == counts  # exactly the writer's reasons, nothing else
+    assert {r: sorted(k) for r, k in stats["skipped_keys"].items()} == keys
+    for fmt in FORMATS:
+        delivered = [r["key"] for r in rows if r["source"] == fmt]
+        bad = manifest["formats"][fmt]["bad"]
+        assert len(delivered) == len(set(delivered)) == manifest["formats"][fmt]["records"] - len(bad), fmt
+        assert not set(delivered) & set(bad), f"{fmt}: a bad record was delivered"
+        assert stats["samples"][fmt] == len(delivered)
+
+
+def test_tower_pipeline_skips_the_same_records(ray_session, corrupt_data, tmp_path):
+    root, manifest = corrupt_data
+    config = load_config(None, [f"data.root={root}", f"output_dir={tmp_path}"])  # tiny preset: both COYO layouts
+    rows = build_tower_dataset(config, with_keys=True, stats_group="corrupt-tower").take_all()
+
+    counts, _ = _expected(manifest, ("coyo_parquet", "coyo_webdataset"))
+    assert skip_counts("corrupt-tower") == counts
+    bad = manifest["formats"]["coyo_parquet"]["bad"]
+    for fmt in ("coyo_parquet", "coyo_webdataset"):
+        delivered = sorted(r["key"] for r in rows if r["source"] == fmt)
+        assert len(delivered) == manifest["samples"] - len(bad) and not set(delivered) & set(bad)

@@ -1,0 +1,141 @@
+"""Decoding and reading, record by record (no Ray): what the pipelines are built from."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from orchestration.data.decode import SkipRecord, decode_image, decode_video, frame_indices, resize_center_crop
+from orchestration.data.records import ReadUnit, ShardError, copies, iter_records, with_retries
+from orchestration.data.synthetic import (
+    NOT_AN_IMAGE,
+    TRUNCATED_IMAGE,
+    UNDECODABLE_VIDEO,
+    ZERO_FRAMES,
+    jpeg_bytes,
+    write_mp4,
+)
+
+
+def _frames(n: int, size: int = 64) -> np.ndarray:
+    # Frame t is filled with the grey level 20 * (t + 1), so a decoded frame tells which one it is.
+    return np.stack([np.full((size, size, 3), 20 * (t + 1), dtype=np.uint8) for t in range(n)])
+
+
+def test_image_resize_and_centre_crop_keep_the_middle():
+    wide = np.zeros((40, 80, 3), dtype=np.uint8)
+    wide[:, 20:60] = 255  # a white middle square on black sides
+    out = decode_image(jpeg_bytes(wide, quality=95), 20)
+    assert out.shape == (3, 20, 20) and out.dtype == np.uint8
+    assert out.min() > 200  # only the white middle survives the crop
+    tall = resize_center_crop(Image.new("RGB", (30, 90)), 16)
+    assert tall.size == (16, 16)
+
+
+def test_bad_images_are_classified():
+    good = jpeg_bytes(np.full((64, 64, 3), 128, dtype=np.uint8))
+    with pytest.raises(SkipRecord) as err:
+        decode_image(good[: len(good) // 2], 32)
+    assert err.value.reason == TRUNCATED_IMAGE
+    with pytest.raises(SkipRecord) as err:
+        decode_image(b"<html>404</html>", 32)
+    assert err.value.reason == NOT_AN_IMAGE
+
+
+def test_video_takes_evenly_spaced_frames_and_pads_short_clips(tmp_path):
+    assert frame_indices(16, 8) == [0, 2, 4, 6, 8, 10, 12, 15]
+    assert frame_indices(5, 8) == [0, 1, 2, 3, 4]
+
+    write_mp4(tmp_path / "long.mp4", _frames(11))
+    clip = decode_video((tmp_path / "long.mp4").read_bytes(), 32)
+    assert clip.shape == (8, 3, 32, 32)
+    levels = clip.reshape(8, -1).mean(axis=1)
+    expected = [20 * (i + 1) for i in frame_indices(11, 8)]
+    np.testing.assert_allclose(levels, expected, atol=4)  # H.264 is lossy
+
+    write_mp4(tmp_path / "short.mp4", _frames(5))
+    clip = decode_video((tmp_path / "short.mp4").read_bytes(), 32)
+    levels = clip.reshape(8, -1).mean(axis=1)
+    np.testing.assert_allclose(levels[:5], [20, 40, 60, 80, 100], atol=4)
+    assert (clip[5:] == 0).all()  # padded with black frames
+
+
+def test_bad_videos_are_classified(tmp_path):
+    write_mp4(tmp_path / "empty.mp4", np.zeros((0, 64, 64, 3), dtype=np.uint8))
+    with pytest.raises(SkipRecord) as err:
+        decode_video((tmp_path / "empty.mp4").read_bytes(), 32)
+    assert err.value.reason == ZERO_FRAMES
+    with pytest.raises(SkipRecord) as err:
+        decode_video(b"\x00\x00\x00\x18ftypmp42" + bytes(512), 32)
+    assert err.value.reason == UNDECODABLE_VIDEO
+
+
+def test_shards_with_the_wrong_schema_name_the_file(tmp_path):
+    bad_parquet = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table({"url": ["x"], "caption": ["y"]}), bad_parquet)
+    with pytest.raises(ShardError, match="part-00000.parquet.*missing key"):
+        list(iter_records(ReadUnit("s", "coyo_parquet", str(bad_parquet), ""), None))
+
+    not_a_tar = tmp_path / "00000.tar"
+    not_a_tar.write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(ShardError, match="00000.tar"):
+        list(iter_records(ReadUnit("s", "coyo_webdataset", str(not_a_tar), ""), None))
+
+    csv_file = tmp_path / "OpenVid-1M.csv"
+    csv_file.write_text("name,text\na.mp4,hello\n")
+    with pytest.raises(ShardError, match="OpenVid-1M.csv.*missing column"):
+        list(iter_records(ReadUnit("s", "openvid", str(csv_file), ""), None))
+
+    jsonl = tmp_path / "docs_shard_00000_v2.jsonl"
+    jsonl.write_text(json.dumps({"url": "u"}) + "\n")
+    with pytest.raises(ShardError, match="docs_shard_00000_v2.jsonl: line 1"):
+        list(iter_records(ReadUnit("s", "mmc4", str(jsonl), ""), None))
+
+
+def test_webdataset_groups_members_by_key(tmp_path):
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for key, caption in (("000000001", "a red circle"), ("000000002", "")):
+            for ext, data in (("jpg", b"jpegbytes"), ("txt", caption.encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    records = list(iter_records(ReadUnit("coyo", "coyo_webdataset", str(path), ""), None))
+    assert [(r["key"], r["text"], r["media"]) for r in records] == [
+        ("000000001", "a red circle", [b"jpegbytes"]),
+        ("000000002", "", [b"jpegbytes"]),
+    ]
+
+
+def test_repeat_factor_is_deterministic_per_key():
+    unit = ReadUnit("coyo", "coyo_parquet", "x", "", repeat=1.5, seed=3)
+    taken = [copies(unit, f"{i:09d}") for i in range(2000)]
+    assert taken == [copies(unit, f"{i:09d}") for i in range(2000)]
+    assert set(taken) == {1, 2} and abs(np.mean(taken) - 1.5) < 0.05
+    assert copies(ReadUnit("coyo", "coyo_parquet", "x", "", repeat=1.0), "k") == 1
+
+
+def test_transient_errors_are_retried_but_missing_files_are_not():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return b"ok"
+
+    assert with_retries(flaky, "s3://bucket/x", base_delay=0.001) == b"ok" and len(calls) == 3
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("s3://bucket/y")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, "s3://bucket/y", base_delay=0.001)
+    assert len(calls) == 1

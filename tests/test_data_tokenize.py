@@ -1,0 +1,133 @@
+"""The stage-2 tokenization actor pool and the tokenized cache, on a real local Ray instance."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestration.config import load_config
+from orchestration.data.pipeline import (
+    CacheMismatchError,
+    build_lm_dataset,
+    data_stats,
+    ensure_lm_tokenizer,
+    torch_dtypes,
+    write_lm_cache,
+)
+from orchestration.data.synthetic import make_synthetic_dataset
+from vilau_model.config import get_tower_config
+from vilau_model.sequence import IGNORE_INDEX, ROW_SCHEMA
+from vilau_model.vision_tower import UnifiedVisionTower
+
+SEQ_LEN = 1024
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    """A few records per format (the pool encodes every image and frame, so keep it small)."""
+    out = tmp_path_factory.mktemp("tokenize_shards")
+    return str(out), make_synthetic_dataset(out, samples=12, seed=5, eval_samples=4, shard_size=4, video_samples=6)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokenize_outputs")
+
+
+@pytest.fixture(scope="module")
+def make_config(small_shards, outputs):
+    def make(*overrides):
+        return load_config(
+            None,
+            [f"data.root={small_shards[0]}", f"output_dir={outputs}", f"data.seq_len={SEQ_LEN}", "data.pack_window=16", *overrides],
+        )
+
+    return make
+
+
+def _digest(row: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(row):
+        h.update(f"{name}:{row[name].dtype}:{row[name].shape}".encode())
+        h.update(np.ascontiguousarray(row[name]).tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def one_actor_rows(ray_session, make_config):
+    return build_lm_dataset(make_config("data.tokenizer_actors=1"), stats_group="pool-1").take_all()
+
+
+def test_rows_have_the_packed_row_format(one_actor_rows, make_config):
+    tokenizer_dir = ensure_lm_tokenizer(make_config())
+    assert (Path(tokenizer_dir) / "tokenizer.json").is_file()
+    depth = get_tower_config("tiny").code_depth
+    shapes = {"L": SEQ_LEN, "D": depth}
+    assert one_actor_rows
+    for row in one_actor_rows:
+        assert sorted(row) == sorted(ROW_SCHEMA)
+        for name, (dtype, dims) in ROW_SCHEMA.items():
+            assert row[name].dtype == dtype and row[name].shape == tuple(shapes[d] for d in dims), name
+        supervised = row["labels"] != IGNORE_INDEX
+        assert (row["labels"][supervised] == row["input_ids"][supervised]).all()
+        assert (row["segment_ids"][supervised] > 0).all()
+        codes = row["codes"][row["is_visual"]]
+        assert codes.size and codes.min() >= 0 and codes.max() < get_tower_config("tiny").codebook_size
+        assert not row["codes"][~row["is_visual"]].any()
+    # Every sample kind made it into rows: samples per source were counted by the pool.
+    stats = data_stats("pool-1")
+    assert set(stats["tokens"]) == {"coyo", "mmc4", "openvid", "sharegpt4v"}
+    assert stats["skipped"] == {}
+
+
+def test_two_actors_give_the_same_rows_as_one(one_actor_rows, make_config):
+    two = build_lm_dataset(make_config("data.tokenizer_actors=2"), stats_group="pool-2").take_all()
+    assert sorted(map(_digest, two)) == sorted(map(_digest, one_actor_rows))
+    assert data_stats("pool-2")["tokens"] == data_stats("pool-1")["tokens"]
+
+
+def test_cache_round_trip_and_mismatched_manifest(one_actor_rows, make_config, s3_server, s3_overrides, tmp_path):
+    cache_dir = "s3://vilau-test/tokenized"  # the S3 case; a local directory takes the same path
+    config = make_config(f"data.cache_dir={cache_dir}", *s3_overrides)
+    manifest = write_lm_cache(config, force=True)
+    assert manifest["rows"] == len(one_actor_rows) and manifest["files"]
+    assert manifest["fingerprint"]["tower"]["init"] == "seed-0"
+    assert {s: m["target_share"] for s, m in manifest["mixture"].items()} == {"coyo": 0.4, "mmc4": 0.2, "openvid": 0.2, "sharegpt4v": 0.2}
+    assert s3_server.secret_access_key not in json.dumps(manifest)  # the recorded config is redacted
+
+    cached = build_lm_dataset(config, stats_group="from-cache")
+    rows = cached.take_all()
+    assert [_digest(r) for r in rows] == [_digest(r) for r in one_actor_rows]  # identical, in the same order
+    assert data_stats("from-cache")["samples"] == {}  # read from the cache: nothing was decoded or encoded
+
+    # A training loop's view: torch batches with every column typed.
+    batch = next(iter(cached.iter_torch_batches(batch_size=2, dtypes=torch_dtypes("lm"))))
+    assert batch["codes"].shape == (2, SEQ_LEN, 4) and batch["is_visual"].dtype == torch.bool
+
+    with pytest.raises(CacheMismatchError, match=r"rows\.seq_len: cache has 1024, this run has 512"):
+        build_lm_dataset(make_config(f"data.cache_dir={cache_dir}", *s3_overrides, "data.seq_len=512"))
+
+    torch.manual_seed(123)
+    tower_path = tmp_path / "tower.safetensors"
+    UnifiedVisionTower(get_tower_config("tiny")).save(str(tower_path))
+    with pytest.raises(CacheMismatchError) as err:
+        build_lm_dataset(config, str(tower_path))
+    message = str(err.value)
+    assert cache_dir in message and "tower.checkpoint_sha256: cache has (absent)" in message
+    assert "tower.init" in message and "jobs/tokenize.py" in message
+
+    with pytest.raises(CacheMismatchError):  # writing over a mismatched cache needs --force
+        write_lm_cache(config, str(tower_path))
+
+
+def test_tokenize_job_parses_its_arguments():
+    # The job shares its name with the standard library's tokenize module; it must still start.
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "tokenize.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "data.cache_dir" in result.stdout
