@@ -1,0 +1,222 @@
+"""Ingest throughput of the data plane, each workload against its baseline in the same run.
+
+1. Stage 1: samples/s of `build_tower_dataset` (Ray Data: one read task per shard, decode + resize +
+   tokenize as CPU map_batches, iter_torch_batches) vs a torch DataLoader with 2 workers doing the same
+   decode + resize + tokenize (the same functions: decode.decode_image, tower_data.tokenize_captions)
+   on the same parquet shards. Two DataLoader variants: the usual one (per-sample work, default
+   collate) and one whose workers work on whole batches as the Ray UDF does.
+2. Stage 2: tokenization throughput of the actor pool with 1 vs 2 actors (decode, tower encode,
+   sequence building, packing), samples/s and rows/s.
+3. Re-encoding every time (the pool on the fly, as the public VILA-U code re-encodes every step) vs
+   reading the tokenized cache.
+
+Each measurement is run once to warm up (worker processes, imports) and then timed; both numbers are
+printed. Run:  python benchmarks/bench_ingest.py [--samples 4096] [--lm-samples 128] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from orchestration.config import load_config
+from orchestration.data.decode import SkipRecord, decode_image
+from orchestration.data.pipeline import build_lm_dataset, build_tower_dataset, data_stats, torch_dtypes, write_lm_cache
+from orchestration.data.records import list_shards
+from orchestration.data.synthetic import make_synthetic_dataset
+from orchestration.data.tower_data import tokenize_captions, tower_config
+
+BATCH = 32
+
+
+# ---------------------------------------------------------------- the DataLoader baseline
+
+
+class ParquetShards(IterableDataset):
+    """COYO parquet shards split across DataLoader workers; each worker streams its shards."""
+
+    def __init__(self, files: list[str], tower, batched: bool):
+        self.files, self.tower, self.batched = files, tower, batched
+
+    def __iter__(self):
+        info = get_worker_info()
+        files = self.files[info.id :: info.num_workers] if info else self.files
+        size = self.tower.image_size
+        for file in files:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=BATCH, columns=["jpg", "caption"]):
+                images, captions = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+                if self.batched:  # whole batches, as the Ray UDF works
+                    pixels, kept = [], []
+                    for image, caption in zip(images, captions):
+                        try:
+                            pixels.append(decode_image(image, size))
+                            kept.append(caption)
+                        except SkipRecord:
+                            pass
+                    if pixels:
+                        yield {"pixels": torch.from_numpy(np.stack(pixels)), "text_tokens": torch.from_numpy(tokenize_captions(self.tower, kept))}
+                    continue
+                for image, caption in zip(images, captions):  # the usual map-per-sample loader
+                    try:
+                        pixels = decode_image(image, size)
+                    except SkipRecord:
+                        continue
+                    yield {"pixels": torch.from_numpy(pixels), "text_tokens": torch.from_numpy(tokenize_captions(self.tower, [caption])[0])}
+
+
+def run_dataloader(files, tower, batched: bool) -> tuple[int, float]:
+    loader = DataLoader(
+        ParquetShards(files, tower, batched),
+        batch_size=None if batched else BATCH,
+        num_workers=2,
+        persistent_workers=False,
+    )
+    start, samples = time.perf_counter(), 0
+    for batch in loader:
+        samples += len(batch["pixels"])
+    return samples, time.perf_counter() - start
+
+
+def run_ray_tower(config) -> tuple[int, float]:
+    start, samples = time.perf_counter(), 0
+    ds = build_tower_dataset(config, stats_group="bench-tower")
+    for batch in ds.iter_torch_batches(batch_size=BATCH, dtypes=torch_dtypes("tower")):
+        samples += len(batch["pixels"])
+    return samples, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+def run_lm(config, group: str) -> tuple[int, int, float]:
+    """(samples, rows, seconds) for one pass over build_lm_dataset."""
+    start, rows = time.perf_counter(), 0
+    for batch in build_lm_dataset(config, stats_group=group).iter_batches(batch_size=8, batch_format="numpy"):
+        rows += len(batch["input_ids"])
+    seconds = time.perf_counter() - start
+    return sum(data_stats(group)["samples"].values()), rows, seconds
+
+
+def rounds(workloads: dict, n: int) -> dict[str, list]:
+    """Run every workload once to warm up (worker processes, imports), then ``n`` timed rounds with the
+    workloads interleaved (rotated each round), so that load from other processes drifting over the
+    run hits all of them alike. Returns {name: [result of each timed round]}."""
+    names = list(workloads)
+    for name in names:
+        workloads[name]()
+    out = {name: [] for name in names}
+    for r in range(n):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            out[name].append(workloads[name]())
+    return out
+
+
+def median_rate(results: list, count: int = 0, seconds: int = -1) -> float:
+    return float(np.median([r[count] / r[seconds] for r in results]))
+
+
+def paired_ratio(a: list, b: list, count: int = 0, seconds: int = -1) -> float:
+    """Median over rounds of rate(a) / rate(b) measured in the same round."""
+    return float(np.median([(x[count] / x[seconds]) / (y[count] / y[seconds]) for x, y in zip(a, b)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=4096, help="COYO records for stage 1")
+    parser.add_argument("--lm-samples", type=int, default=64, help="records per stage-2 format")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per workload")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--num-cpus", type=int, default=8, help="Ray logical CPUs (oversubscribed on small machines)")
+    args = parser.parse_args()
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_ingest-")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    load_before = os.getloadavg()[0]
+    lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, Ray logical CPUs {args.num_cpus}; "
+             f"median of {args.rounds} interleaved rounds after a warm-up round"]
+
+    # ---- stage 1
+    stage1 = os.path.join(workdir, "stage1")
+    if not os.path.exists(os.path.join(stage1, "manifest.json")):
+        make_synthetic_dataset(stage1, samples=args.samples, seed=0, eval_samples=8, shard_size=256, video_samples=4)
+    config = load_config(None, [f"data.root={stage1}", f"output_dir={workdir}/out", "data.tower_sources={coyo: {format: coyo_parquet, path: coyo/parquet}}"])
+    files = list_shards("coyo_parquet", config.resolve_path("coyo/parquet"), None)
+    tower = tower_config(config)
+    s1 = rounds(
+        {
+            "ray": lambda: run_ray_tower(config),
+            "loader": lambda: run_dataloader(files, tower, batched=False),
+            "loader_batched": lambda: run_dataloader(files, tower, batched=True),
+        },
+        args.rounds,
+    )
+    assert all(r[0] == args.samples for results in s1.values() for r in results), s1
+    lines.append(f"\nstage 1: {args.samples} COYO records (64 px JPEG -> {tower.image_size} px + tower tokenizer, {len(files)} parquet shards), batch {BATCH}")
+    lines.append("| pipeline | samples/s |\n| --- | --- |")
+    lines.append(f"| Ray Data build_tower_dataset + iter_torch_batches | {median_rate(s1['ray']):,.0f} |")
+    lines.append(f"| DataLoader, 2 workers, per sample + default collate | {median_rate(s1['loader']):,.0f} |")
+    lines.append(f"| DataLoader, 2 workers, batched like the Ray UDF | {median_rate(s1['loader_batched']):,.0f} |")
+    lines.append(
+        f"\n**ratio Ray / DataLoader: {paired_ratio(s1['ray'], s1['loader']):.2f}x vs per-sample, "
+        f"{paired_ratio(s1['ray'], s1['loader_batched']):.2f}x vs batched** (goal >= 1.3)"
+    )
+
+    # ---- stage 2: 1 vs 2 actors, and re-encoding vs the cache
+    stage2 = os.path.join(workdir, "stage2")
+    if not os.path.exists(os.path.join(stage2, "manifest.json")):
+        make_synthetic_dataset(stage2, samples=args.lm_samples, seed=1, eval_samples=8, shard_size=16, video_samples=args.lm_samples // 4)
+    base = [f"data.root={stage2}", f"output_dir={workdir}/out", "data.seq_len=1024"]
+    one = load_config(None, base + ["data.tokenizer_actors=1"])
+    two = load_config(None, base + ["data.tokenizer_actors=2"])
+    cache_dir = os.path.join(workdir, "cache")
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cached = load_config(None, base + [f"data.cache_dir={cache_dir}", "data.tokenizer_actors=2"])
+    start = time.perf_counter()
+    manifest = write_lm_cache(cached, force=True)
+    write_s = time.perf_counter() - start
+    unique = lambda: f"bench-{time.monotonic_ns()}"  # noqa: E731  (a fresh stats group per pass)
+    s2 = rounds(
+        {
+            "one": lambda: run_lm(one, unique()),
+            "two": lambda: run_lm(two, unique()),
+            "cache": lambda: run_lm(cached, unique()),
+        },
+        args.rounds,
+    )
+    assert {r[1] for rs in s2.values() for r in rs} == {manifest["rows"]}, (s2, manifest["rows"])
+    samples = s2["one"][0][0]
+    lines.append(
+        f"\nstage 2: {args.lm_samples} records per format (COYO, MMC4, ShareGPT4V; {args.lm_samples // 4} OpenVid clips) "
+        f"-> {samples} samples, {manifest['rows']} packed rows of 1024; tiny tower"
+    )
+    lines.append("| rows from | samples/s | rows/s |\n| --- | --- | --- |")
+    lines.append(f"| tokenization pool, 1 actor | {median_rate(s2['one']):,.1f} | {median_rate(s2['one'], 1):,.2f} |")
+    lines.append(f"| tokenization pool, 2 actors | {median_rate(s2['two']):,.1f} | {median_rate(s2['two'], 1):,.2f} |")
+    lines.append(f"| the tokenized cache | - | {median_rate(s2['cache'], 1):,.2f} |")
+    lines.append(f"| (writing the cache once, 2 actors) | | {write_s:.1f} s |")
+    lines.append(
+        f"\n**2 actors / 1 actor: {paired_ratio(s2['two'], s2['one']):.2f}x samples/s; "
+        f"cache / re-encoding (2 actors): {paired_ratio(s2['cache'], s2['two'], 1):.1f}x rows/s**"
+    )
+    lines.append(f"\nload average (1 min) at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
+
+    print(f"## bench_ingest ({datetime.date.today().isoformat()})\n")
+    print("\n".join(lines))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
