@@ -3,7 +3,7 @@
     init_ray(config)                      start a local instance, or join a cluster / `ray job submit`
     fit_tower(config) -> StageResult      stage 1 on Ray Train (also what the Tune sweep runs per trial)
     fit_lm(config, tower) -> StageResult  stage 2 on Ray Train, tower frozen
-    pretrain(config) -> dict              synthetic data if missing, stage 1, tokenization, stage 2
+    pretrain(config) -> (tower, lm)       synthetic data if missing, stage 1, tokenization, stage 2
 
 Each stage is one Ray Train run named ``<run_name>-<stage>`` under ``cluster.storage_path``; running
 it again with the same name resumes from its latest checkpoint (a finished run just re-exports).
@@ -61,14 +61,13 @@ def init_ray(config: Config) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {"RAY_DEDUP_LOGS": os.environ.get("RAY_DEDUP_LOGS", "1")}}
     if config.cluster.address:
-        ray.init(address=config.cluster.address, runtime_env=runtime_env)
+        ray.init(address=config.cluster.address)
     elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or a user-exported cluster address
-        ray.init(runtime_env=runtime_env)
+        ray.init()
     else:
         # More logical CPUs than cores: Ray Data and Ray Train deadlock on a 2-core machine otherwise.
-        ray.init(num_cpus=config.cluster.local_num_cpus, include_dashboard=False, runtime_env=runtime_env)
+        ray.init(num_cpus=config.cluster.local_num_cpus, include_dashboard=False)
 
 
 def stage_run_name(config: Config, stage: str) -> str:
@@ -231,7 +230,7 @@ def fit_lm(
     )
 
 
-def pretrain(config: Config) -> dict[str, Any]:
+def pretrain(config: Config) -> tuple[StageResult, StageResult]:
     """The whole pipeline: shards if missing, stage 1, tokenization through the actor pool, stage 2."""
     from orchestration.data.synthetic import ensure_synthetic_dataset
 
@@ -241,11 +240,23 @@ def pretrain(config: Config) -> dict[str, Any]:
                                  corrupt_fraction=s.corrupt_fraction, eval_samples=s.eval_samples)
     tower = fit_tower(config)
     lm = fit_lm(config, tower.export_path)
+    return tower, lm
+
+
+def pretrain_summary(config: Config, tower: StageResult, lm: StageResult) -> dict[str, Any]:
     return {
-        "tower": tower.summary(),
-        "lm": lm.summary(),
+        "run_name": config.run_name,
+        "steps_done": {"tower": tower.steps_done, "lm": lm.steps_done},
+        "final_loss_terms": {"tower": tower.loss_terms, "lm": lm.loss_terms},
+        "checkpoint_path": {"tower": tower.checkpoint_path, "lm": lm.checkpoint_path},
+        "export_path": {"tower": tower.export_path, "lm": lm.export_path},
+        "mlflow_run_id": {"tower": tower.mlflow_run_id, "lm": lm.mlflow_run_id},
+        "rows_skipped": {"tower": tower.rows_skipped, "lm": lm.rows_skipped},
+        "data_wait_share": {
+            "tower": tower.metrics.get("data_wait_share_steady"), "lm": lm.metrics.get("data_wait_share_steady"),
+        },
         "tracking_uri": config.tracking_uri,
-        "mlflow_ui": mlflow_ui_command(config),
+        "stages": {"tower": tower.summary(), "lm": lm.summary()},
     }
 
 
@@ -260,3 +271,51 @@ def tower_export_file(export_path: str) -> str:
     from orchestration.train.tower import TOWER_FILE
 
     return join(export_path, TOWER_FILE)
+
+
+# ---------------------------------------------------------------- job entry points
+
+
+def job_parser(description: str):
+    """The arguments every job takes: ``[--config F] [section.key=value ...] [--summary-json PATH]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML preset (default: jobs/configs/tiny.yaml)")
+    parser.add_argument("--summary-json", default=None, metavar="PATH", help="write a JSON summary of the run here")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser
+
+
+def load_job_config(args) -> Config:
+    from orchestration.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return load_config(args.config, args.overrides)  # fails here, before Ray starts, on a bad config
+
+
+def write_summary(path: str | None, summary: dict[str, Any]) -> None:
+    if not path:
+        return
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+
+
+def where_things_are(config: Config, results: list[StageResult]) -> str:
+    """What a user reads at the end of a job: checkpoints, exports, MLflow runs and how to view them."""
+    lines = []
+    for r in results:
+        lines += [
+            f"{r.stage}: {r.steps_done} steps, final " + ", ".join(f"{k}={v:.4f}" for k, v in r.loss_terms.items()),
+            f"  checkpoint  {r.checkpoint_path}",
+            f"  export      {r.export_path}",
+            f"  MLflow run  {r.mlflow_run_id} (experiment {config.tracking.experiment!r})",
+        ]
+        if r.rows_skipped:
+            lines.append(f"  rows skipped {r.rows_skipped}")
+    if config.tracking.enabled:
+        lines += [f"MLflow store: {config.tracking_uri}", f"view the runs: {mlflow_ui_command(config)}"]
+    return "\n".join(lines)

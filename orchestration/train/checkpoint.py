@@ -112,7 +112,7 @@ def save_checkpoint(
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
     if rank == 0:
         meta = asdict(state) | {"world_size": world, "scheduler": scheduler.state_dict()}
-        meta["scheduler"].pop("lr_lambdas", None)  # a lambda is rebuilt from the config, not saved
+        # LambdaLR saves None for a plain function: the schedule itself is rebuilt from the config.
         _write_json(os.path.join(directory, TRAIN_STATE), meta)
     if before_complete is not None:
         before_complete()
@@ -163,6 +163,7 @@ def load_checkpoint(
         options=state_dict_options(ignore_frozen),
     )
     sched = dict(meta.pop("scheduler"))
+    sched.setdefault("lr_lambdas", [None] * len(scheduler.optimizer.param_groups))
     scheduler.load_state_dict(sched)
     # Per-rank state: RNG and data position. On a different world size, start the epoch over.
     own = os.path.join(directory, f"rank_{rank}.pt")

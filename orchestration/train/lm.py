@@ -206,3 +206,11 @@ def generate_to_files(export_dir: str, prompts: list[str], out_dir: str, video: 
     with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
     return paths
+
+
+def resolve_export(path: str) -> str:
+    """A stage-2 export directory from the export itself or the run directory that holds it."""
+    for candidate in (path, os.path.join(path, "export")):
+        if os.path.isfile(os.path.join(candidate, LM_META)):
+            return candidate
+    raise FileNotFoundError(f"{path}: not a stage-2 export (no {LM_META}); pass <storage_path>/<run_name>-lm/export")

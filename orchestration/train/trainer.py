@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -125,6 +127,53 @@ class Task:
         return {}
 
 
+class BatchStream:
+    """Micro-batches forever, epoch after epoch, starting at the saved data position.
+
+    A background thread reads ``depth`` batches ahead, also across epoch boundaries, so the start of
+    the next epoch's pipeline overlaps with training instead of stalling it. The data position in
+    ``state`` advances only when the loop takes a batch, so a checkpoint records what was trained on.
+    Resuming re-reads and drops the batches this rank had consumed in the current epoch (Ray Data has
+    no seek).
+    """
+
+    def __init__(self, shard, state: ckpt.TrainState, rank: int, stage: str, iter_kwargs: dict, depth: int = 4):
+        self.state = state
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(
+            target=self._read, args=(shard, state.epoch, state.batches_in_epoch, rank, stage, iter_kwargs),
+            daemon=True, name=f"{stage}-batches",
+        )
+        self.thread.start()
+
+    def _read(self, shard, epoch: int, skip: int, rank: int, stage: str, iter_kwargs: dict) -> None:
+        try:
+            while True:
+                n = 0
+                for batch in shard.iter_torch_batches(**iter_kwargs):
+                    n += 1
+                    if n > skip:
+                        self.queue.put((epoch, n, batch))
+                if n == 0:
+                    raise RuntimeError(
+                        f"[{stage}] rank {rank}: an epoch gave no full batch of {iter_kwargs['batch_size']}; "
+                        "the dataset has too few rows for this many workers"
+                    )
+                epoch, skip = epoch + 1, 0
+        except BaseException as exc:  # handed to the training loop, which raises it
+            self.queue.put(exc)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self.state.epoch, self.state.batches_in_epoch, batch = item
+        return batch
+
+
 @dataclass
 class RunInfo:
     """What the driver tells the workers about the run."""
@@ -148,6 +197,8 @@ class Trainer:
         self.model: nn.Module | None = None
         self.state = ckpt.TrainState(world_size=self.world)
         self.reports: list[dict[str, float]] = []  # what this segment reported (returned by rank 0)
+        self.step_timings: list[tuple[float, float]] = []  # (data wait, step time) per step
+        self.last_eval: dict[str, float] = {}
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -195,31 +246,12 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------------------
 
-    def batches(self):
-        """Micro-batches forever, epoch after epoch, starting at the saved data position.
-
-        Resuming re-reads and drops the batches this rank had consumed in the current epoch (Ray Data
-        has no seek), so a resumed epoch continues where it stopped.
-        """
-        shard = ray.train.get_dataset_shard("train")
-        while True:
-            skip, n = self.state.batches_in_epoch, 0
-            for batch in shard.iter_torch_batches(
-                batch_size=self.section.batch_size_per_worker, dtypes=self.task.columns,
-                device=self.device, drop_last=True, prefetch_batches=2,
-            ):
-                n += 1
-                if n <= skip:
-                    continue
-                self.state.batches_in_epoch = n
-                yield batch
-            if n == 0:
-                raise RuntimeError(
-                    f"[{self.task.stage}] rank {self.rank}: an epoch gave no full batch of "
-                    f"{self.section.batch_size_per_worker}; the dataset has too few rows for this many workers"
-                )
-            self.state.epoch += 1
-            self.state.batches_in_epoch = 0
+    def batches(self) -> "BatchStream":
+        return BatchStream(
+            ray.train.get_dataset_shard("train"), self.state, self.rank, self.task.stage,
+            dict(batch_size=self.section.batch_size_per_worker, dtypes=self.task.columns, device=self.device,
+                 drop_last=True, prefetch_batches=2),
+        )
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -227,6 +259,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns this rank's scalars."""
         model, accum, step = self.model, self.section.grad_accum, self.state.step
         model.train()
+        step_start, wait_before = time.perf_counter(), window.data_wait
         scalars: dict[str, float] = defaultdict(float)
         samples = tokens = 0
         for i in range(accum):
@@ -255,6 +288,7 @@ class Trainer:
         self.scheduler.step()
         self.state.advance()
         window.add_step(scalars, samples, tokens)
+        self.step_timings.append((window.data_wait - wait_before, time.perf_counter() - step_start))
         return scalars
 
     def fit(self) -> dict:
@@ -271,7 +305,6 @@ class Trainer:
         peak = peak_flops(self.device)
         batches = self.batches()
         window = WindowMetrics()
-        run_wait, run_start = 0.0, time.perf_counter()
         while self.state.step < total:
             self.train_step(batches, window)
             step = self.state.step
@@ -281,7 +314,6 @@ class Trainer:
             if not (do_log or do_eval or do_ckpt):
                 continue
             if do_log:
-                run_wait += window.data_wait
                 metrics = mean_across_ranks(window.means())
                 metrics.update(window.summary(self.world, flops_per_token, peak))
                 metrics.update(global_batch_size=global_batch, nonfinite_skipped=self.guard.skipped, epoch=self.state.epoch)
@@ -295,6 +327,7 @@ class Trainer:
             report = dict(self.state.metrics, step=step)
             if do_eval:
                 evaluation = self.task.evaluate(self, step)
+                self.last_eval = evaluation
                 report.update(evaluation)
                 if self.rank == 0:
                     self.logger.log_metrics(evaluation, step)
@@ -303,8 +336,20 @@ class Trainer:
                 self.save_and_report(report)
             else:
                 ray.train.report(report)
-        self.state.metrics["data_wait_share_run"] = run_wait / max(time.perf_counter() - run_start, 1e-9)
+        self.state.metrics.update(self.data_wait_shares())
         return self.finish()
+
+    def data_wait_shares(self) -> dict[str, float]:
+        """Share of step time spent waiting for data: over all steps of this (re)start, and in steady
+        state (without the first step, which also waits for the Ray Data pipeline to start)."""
+        if not self.step_timings:
+            return {}
+        wait, total = (sum(x) for x in zip(*self.step_timings))
+        out = {"data_wait_share_run": wait / max(total, 1e-9)}
+        if len(self.step_timings) > 1:
+            wait, total = (sum(x) for x in zip(*self.step_timings[1:]))
+            out["data_wait_share_steady"] = wait / max(total, 1e-9)
+        return out
 
     # -- checkpoints, faults, export --------------------------------------------------------------
 
@@ -320,6 +365,9 @@ class Trainer:
             # Every rank uploads its part into the same directory; rank 0's name is used by all.
             name = f"checkpoint_step{step:07d}_{time.strftime('%Y%m%d-%H%M%S')}"
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
+            # report() returns once uploaded; the controller registers the checkpoint a little later. Wait
+            # for that, so a worker lost right after a save still resumes from this checkpoint.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         finally:
             shutil.rmtree(local, ignore_errors=True)
 
@@ -362,7 +410,7 @@ class Trainer:
             "steps_done": self.state.step,
             "history": self.state.history,
             "nonfinite_skipped": self.guard.skipped,
-            "final_metrics": dict(self.state.metrics, **extra),
+            "final_metrics": {**self.state.metrics, **self.last_eval, **extra},
             "export_fs_path": self.export_path,
             "reports": self.reports,
         }

@@ -1,0 +1,147 @@
+"""Stage 1 on a real local Ray instance: 2 CPU workers with FSDP2, a worker killed mid-run, a rerun
+of the finished run over a damaged latest checkpoint, and what the MLflow run holds.
+
+One run is shared by the tests of this module (a Ray Train fit costs tens of seconds here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import S3_TEST_KEY, S3_TEST_SECRET
+from orchestration.config import REDACTED, load_config
+
+STEPS, FAIL_AT = 6, 5
+CREDENTIALS = (S3_TEST_KEY, S3_TEST_SECRET)
+
+
+def _config(synthetic_data, out: Path, s3_overrides: list[str], *extra: str):
+    return load_config(None, [
+        f"data.root={synthetic_data[0]}",
+        f"output_dir={out}",
+        f"cluster.storage_path={out / 'ray'}",
+        f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+        *s3_overrides,  # fake S3 credentials in the config: they must never reach MLflow
+        "run_name=t",
+        "tower_train.batch_size_per_worker=8",
+        "tower_train.log_every=1",
+        "tower_train.checkpoint_every=2",
+        "tower_train.eval_every=3",
+        "cluster.num_workers=2",
+        "cluster.fault_injection.stage=tower",
+        f"cluster.fault_injection.fail_at_step={FAIL_AT}",
+        "cluster.fault_injection.rank=1",
+        *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_session, synthetic_data, s3_overrides, tmp_path_factory):
+    """6 steps, checkpoints at 2, 4, 6; rank 1 exits hard after the backward pass of step 5."""
+    from orchestration.launch import fit_tower
+
+    out = tmp_path_factory.mktemp("tower_run")
+    config = _config(synthetic_data, out, s3_overrides, f"tower_train.steps={STEPS}", "cluster.max_failures=1")
+    return config, fit_tower(config)
+
+
+def _mlflow(config):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=config.tracking_uri)
+
+
+def _optimizer_steps(checkpoint_dir: str, tmp_path: Path) -> set[int]:
+    """Adam's step counters in a sharded checkpoint, read back without Ray or a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint_dir, tmp_path / "full.pt")
+    state = torch.load(tmp_path / "full.pt", weights_only=False)["optim"]["state"]
+    return {int(v["step"]) for v in state.values()}
+
+
+def test_killed_worker_is_restarted_and_the_run_resumes_without_repeating_a_step(killed_run, tmp_path):
+    config, result = killed_run
+    assert result.steps_done == STEPS
+    # Restarted from the step-4 checkpoint: steps 1-4 from the first worker group, 5-6 from the second.
+    assert result.history == [[1, 4], [5, STEPS]]
+    run_dir = Path(config.cluster.storage_path).resolve() / result.run_name
+    assert (run_dir / f"fault_injected_tower_step_step{FAIL_AT}").is_file()
+    final = json.loads((Path(result.checkpoint_path) / "train_state.json").read_text())
+    assert final["step"] == STEPS and final["history"] == [[1, 4], [5, STEPS]]
+    assert _optimizer_steps(result.checkpoint_path, tmp_path) == {STEPS}  # every Adam step applied once
+    steps_logged = [m.step for m in _mlflow(config).get_metric_history(result.mlflow_run_id, "loss")]
+    assert sorted(steps_logged) == list(range(1, STEPS + 1))  # step 5 died before it was logged
+
+
+def test_tower_loss_falls_on_two_fsdp_workers_and_the_export_loads_without_ray(killed_run):
+    config, result = killed_run
+    history = {m.step: m.value for m in _mlflow(config).get_metric_history(result.mlflow_run_id, "loss")}
+    assert history[STEPS] < 0.8 * history[1], history
+    assert result.metrics["global_batch_size"] == 16  # 8 per worker x 2 workers x 1 accumulation
+
+    from orchestration.train.tower import load_tower_export
+
+    tower = load_tower_export(result.export_path).eval()
+    images = torch.rand(2, 3, 32, 32)
+    codes = tower.encode_codes(images)
+    assert codes.shape == (2, 8, 8, 4)
+    assert tower.decode_codes(codes).shape == images.shape
+
+
+def test_mlflow_run_holds_params_metrics_images_and_no_credentials(killed_run, tmp_path):
+    config, result = killed_run
+    client = _mlflow(config)
+    run = client.get_run(result.mlflow_run_id)
+    params, tags = run.data.params, run.data.tags
+    assert params["tower_train.w_contra"] == "1.0" and params["cluster.num_workers"] == "2"
+    assert params["data.s3.secret_access_key"] == REDACTED
+    assert tags["vilau.stage"] == "tower" and tags["vilau.run_name"] == "t-tower"
+    assert len(tags["mlflow.source.git.commit"]) >= 7 and tags["ray.job_id"]
+    expected = {
+        "loss", "loss_contrastive", "loss_recon", "loss_pixel", "loss_commitment", "lr", "grad_norm",
+        "samples_per_s", "tokens_per_s", "data_wait_share", "step_time_s", "global_batch_size",
+        "codebook_usage", "codebook_perplexity", "codebook_restarts", "nonfinite_skipped",
+        "eval/psnr", "eval/ssim", "eval/zero_shot_acc", "eval/i2t_recall_at_1",
+    }
+    assert expected <= set(run.data.metrics), expected - set(run.data.metrics)
+
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path), tracking_uri=config.tracking_uri)
+    files = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+    assert "config.yaml" in files and "codebook_usage.png" in files
+    assert {"reconstructions/step_0000003.png", "reconstructions/step_0000006.png"} <= set(files)
+    assert REDACTED in (Path(local) / "config.yaml").read_text()
+
+    # No credential anywhere: params, tags, metric names, every artifact byte.
+    texts = list(params.items()) + list(tags.items()) + [(k, "") for k in run.data.metrics]
+    blobs = [(Path(local) / f).read_bytes() for f in files]
+    for secret in CREDENTIALS:
+        assert not any(secret in k or secret in v for k, v in texts), secret
+        assert not any(secret.encode() in b for b in blobs), secret
+
+
+def test_rerun_of_finished_run_resumes_past_a_damaged_latest_checkpoint(killed_run, synthetic_data, s3_overrides):
+    """The latest checkpoint loses one rank's part (as if its save was cut off): the rerun refuses it,
+    resumes from the one before, and runs on to the new step count."""
+    from orchestration.launch import fit_tower
+
+    config, first = killed_run
+    latest = Path(first.checkpoint_path)
+    (latest / "COMPLETE.rank1").unlink()
+    shard = latest / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    out = Path(config.output_dir)
+    again = _config(synthetic_data, out, s3_overrides, f"tower_train.steps={STEPS + 2}", "cluster.max_failures=0")
+    result = fit_tower(again)
+    assert result.steps_done == STEPS + 2
+    assert result.history == [[1, 4], [5, STEPS + 2]]  # from the step-4 checkpoint, step 5 not killed again
+    assert result.mlflow_run_id == first.mlflow_run_id  # the same MLflow run continues
+    assert os.path.isfile(os.path.join(result.export_path, "tower.safetensors"))
