@@ -155,6 +155,9 @@ def main() -> None:
     config = load_config(None, [f"data.root={stage1}", f"output_dir={workdir}/out", "data.tower_sources={coyo: {format: coyo_parquet, path: coyo/parquet}}"])
     files = list_shards("coyo_parquet", config.resolve_path("coyo/parquet"), None)
     tower = tower_config(config)
+    # Import and build the tokenizer here, so that forked DataLoader workers inherit it instead of
+    # paying for it every epoch (Ray's task workers are reused and pay once): the baseline at its best.
+    tokenize_captions(tower, ["warm up"])
     s1 = rounds(
         {
             "ray": lambda: run_ray_tower(config),

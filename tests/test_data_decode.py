@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from orchestration.data.decode import SkipRecord, decode_image, decode_video, frame_indices, resize_center_crop
-from orchestration.data.records import ReadUnit, ShardError, copies, iter_records, with_retries
+from orchestration.data.records import ReadUnit, ShardError, copies, iter_records, read_unit_tables, with_retries
 from orchestration.data.synthetic import (
     NOT_AN_IMAGE,
     TRUNCATED_IMAGE,
@@ -139,3 +139,15 @@ def test_transient_errors_are_retried_but_missing_files_are_not():
     with pytest.raises(FileNotFoundError):
         with_retries(missing, "s3://bucket/y", base_delay=0.001)
     assert len(calls) == 1
+
+
+def test_columnar_parquet_reader_matches_the_record_reader(tmp_path):
+    path = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table({"key": ["1", "2", "3", "4"], "jpg": [b"abc", None, b"", b"def"], "caption": ["x", None, "z", "w"]}), path)
+    for repeat in (1.0, 2.5, 0.5):
+        unit = ReadUnit("coyo", "coyo_parquet", str(path), "", repeat=repeat, seed=1)
+        columnar = pa.concat_tables(list(read_unit_tables(unit, None))).to_pylist()
+        by_record = [r for r in iter_records(unit, None) for _ in range(copies(unit, r["key"]))]
+        assert columnar == by_record
+    once = list(iter_records(ReadUnit("coyo", "coyo_parquet", str(path), ""), None))
+    assert [(r["key"], r["text"], r["media"]) for r in once] == [("1", "x", [b"abc"]), ("2", "", []), ("3", "z", []), ("4", "w", [b"def"])]

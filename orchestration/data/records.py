@@ -35,7 +35,9 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from orchestration.data.synthetic import mmc4_document_key
@@ -186,7 +188,8 @@ def _record(key, source, kind, text, media=(), uris=(), slots=()) -> dict:
     }
 
 
-def _coyo_parquet(f, unit: ReadUnit) -> Iterator[dict]:
+def _open_coyo_parquet(f, unit: ReadUnit) -> tuple[pq.ParquetFile, list[str]]:
+    """The parquet file and its [key, image, caption] column names, or ShardError."""
     try:
         parquet = pq.ParquetFile(f)
     except Exception as exc:
@@ -197,9 +200,42 @@ def _coyo_parquet(f, unit: ReadUnit) -> Iterator[dict]:
     missing = [n for n, c in (("key", "key" if "key" in names else None), ("image (jpg/png/webp)", image_col), ("caption", caption_col)) if c is None]
     if missing:
         raise ShardError(f"{unit.uri}: not an img2dataset parquet shard: missing {', '.join(missing)} (columns: {names})")
-    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=["key", image_col, caption_col]):
+    return parquet, ["key", image_col, caption_col]
+
+
+def _coyo_parquet(f, unit: ReadUnit) -> Iterator[dict]:
+    parquet, columns = _open_coyo_parquet(f, unit)
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns):
         for key, image, caption in zip(*(batch.column(i).to_pylist() for i in range(3))):
             yield _record(key, unit.source, KIND_IMAGE_TEXT, caption, [image] if image else [])
+
+
+def _coyo_parquet_tables(f, unit: ReadUnit) -> Iterator[pa.Table]:
+    """The same records as `_coyo_parquet`, built column-wise from Arrow (no Python object per image):
+    COYO is the bulk of stage 1, and this is a third of its read cost."""
+    parquet, columns = _open_coyo_parquet(f, unit)
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns):
+        n = batch.num_rows
+        images = batch.column(1).cast(pa.binary())
+        present = pc.fill_null(pc.greater(pc.binary_length(images), 0), False)
+        offsets = np.concatenate([[0], np.cumsum(present.to_numpy(zero_copy_only=False))]).astype(np.int32)
+        no_lists = np.zeros(n + 1, dtype=np.int32)
+        table = pa.table(
+            {
+                "key": batch.column(0).cast(pa.string()),
+                "source": pa.repeat(pa.scalar(unit.source, pa.string()), n),
+                "kind": pa.repeat(pa.scalar(KIND_IMAGE_TEXT, pa.string()), n),
+                "text": pc.fill_null(batch.column(2).cast(pa.string()), ""),
+                "media": pa.ListArray.from_arrays(pa.array(offsets), images.filter(present)),
+                "media_uris": pa.ListArray.from_arrays(pa.array(no_lists), pa.array([], pa.string())),
+                "media_slots": pa.ListArray.from_arrays(pa.array(no_lists), pa.array([], pa.int32())),
+            },
+            schema=NORMALIZED_SCHEMA,
+        )
+        if unit.repeat != 1.0:
+            keys = table.column("key").to_pylist()
+            table = table.take([i for i, key in enumerate(keys) for _ in range(copies(unit, key))])
+        yield table
 
 
 def _webdataset_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -347,6 +383,20 @@ def copies(unit: ReadUnit, key: str) -> int:
 
 def read_unit_tables(unit: ReadUnit, s3: S3Settings | None, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
     """The unit's records (repeat factor applied) as NORMALIZED_SCHEMA tables of up to chunk_rows rows."""
+    if unit.format == "coyo_parquet":
+        fs, path = fs_and_path(unit.uri, s3)
+        try:
+            f = with_retries(lambda: fs.open(path, "rb"), unit.uri)
+        except OSError as exc:
+            raise ShardError(f"{unit.uri}: cannot open shard: {exc}") from exc
+        with f:
+            try:
+                yield from _coyo_parquet_tables(f, unit)
+            except ShardError:
+                raise
+            except (OSError, pa.ArrowException) as exc:
+                raise ShardError(f"{unit.uri}: cannot read coyo_parquet shard: {exc!r}") from exc
+        return
     chunk: list[dict] = []
     for record in iter_records(unit, s3):
         chunk.extend([record] * copies(unit, record["key"]))
