@@ -106,9 +106,17 @@ def ensure_lm_tokenizer(config: Config) -> str:
     return str(out)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+
 def directory_files(path: str) -> dict[str, bytes]:
-    """A small directory's files (a tokenizer) as bytes, to ship to actors on other machines."""
-    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}
+    """A tokenizer directory's files as bytes, to ship to actors on other machines. Model weights that
+    share the directory (model.lm_path is a whole LLaMA checkpoint) are left out."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(Path(path).iterdir())
+        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith(".")
+    }
 
 
 def files_sha256(files: dict[str, bytes]) -> str:
