@@ -36,7 +36,7 @@ PSNR_CAP_DB = 50.0
 
 def objective(metrics: dict[str, Any], psnr_weight: float) -> float | None:
     """The sweep objective from one report's metrics; None when the report carries no evaluation."""
-    accuracy, psnr = metrics.get("eval/zero_shot_accuracy"), metrics.get("eval/psnr")
+    accuracy, psnr = metrics.get("eval/zero_shot_acc"), metrics.get("eval/psnr")
     if accuracy is None or psnr is None:
         return None
     return float(accuracy) + psnr_weight * min(float(psnr), PSNR_CAP_DB) / PSNR_CAP_DB
@@ -90,15 +90,24 @@ def _make_report_callback(psnr_weight: float):
     return ObjectiveReportCallback()
 
 
+def _fit_tower_task(config: Config, callback) -> None:
+    from orchestration.launch import fit_tower
+
+    fit_tower(config, callbacks=[callback])
+
+
 def _run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str | None) -> None:
     """The Tune driver function: one stage-1 Train run with this trial's weights."""
+    import ray
     from ray import tune
-
-    from orchestration.train.tower import fit_tower
 
     trial_id = tune.get_context().get_trial_id()
     config = _trial_config(base, params, trial_id, parent_run_id)
-    fit_tower(config, callbacks=[_make_report_callback(config.tune.psnr_weight)])
+    callback = _make_report_callback(config.tune.psnr_weight)  # must be made inside the Tune session
+    # The trial runs inside a placement group that captures child tasks; the Train run and its data
+    # pipeline ask for their own resources, so they are started from a task outside that group.
+    fit = ray.remote(_fit_tower_task).options(num_cpus=0, scheduling_strategy="DEFAULT")
+    ray.get(fit.remote(config, callback))
 
 
 @dataclass
@@ -157,11 +166,11 @@ def _summarise(result_grid, max_evaluations: int) -> list[TrialSummary]:
         params = result.config or {}
         trials.append(
             TrialSummary(
-                trial_id=os.path.basename(result.path).split("_")[1] if result.path else "?",
+                trial_id=str((result.metrics or {}).get("trial_id") or os.path.basename(result.path or "?")),
                 w_contra=float(params.get("w_contra", float("nan"))),
                 w_recon=float(params.get("w_recon", float("nan"))),
                 objective=float(best_row[OBJECTIVE]) if best_row is not None else None,
-                zero_shot_accuracy=float(best_row["eval/zero_shot_accuracy"]) if best_row is not None else None,
+                zero_shot_accuracy=float(best_row["eval/zero_shot_acc"]) if best_row is not None else None,
                 psnr=float(best_row["eval/psnr"]) if best_row is not None else None,
                 evaluations=evaluations,
                 stopped_early=result.error is None and evaluations < max_evaluations,
@@ -234,9 +243,14 @@ def run_sweep(config: Config) -> SweepSummary:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from orchestration.launch import ensure_ray
+    from orchestration.launch import init_ray
 
-    ensure_ray(config)
+    init_ray(config)
+    # The data-stats actor is created (and so owned) by this driver: owned by a trial, it would die
+    # with the first trial that ASHA stops while later trials still count into it.
+    from orchestration.data.stats import stats_actor
+
+    stats_actor()
     name = sweep_name(config)
     storage = os.path.abspath(config.cluster.storage_path) if "://" not in config.cluster.storage_path else config.cluster.storage_path
     sweep_dir = os.path.join(storage, name)
