@@ -345,7 +345,7 @@ def decoded_dataset(config: Config, stats_group: str = LM_GROUP) -> ray.data.Dat
     stats_actor()  # created by the driver, so it outlives the tasks and actors that count into it
     s3 = s3_settings(config)
     units, _ = plan_sources(config, config.data.lm_sources, "lm_sources")
-    return read_dataset(units, s3).map_batches(
+    return read_dataset(units, s3, config.data.decode_batch_size).map_batches(
         decode_lm_batch,
         fn_kwargs={
             "size": tower_config(config).image_size,

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
 
-import pyarrow as pa
 import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from orchestration.config import Config, SourceSection
 from orchestration.data.mixture import plan_reads
-from orchestration.data.records import FORMAT_KIND, ReadUnit, read_unit_tables
+from orchestration.data.records import FORMAT_KIND, NORMALIZED_SCHEMA, ReadUnit, read_unit_tables
 from orchestration.data.synthetic import ensure_synthetic_dataset
 from orchestration.storage import S3Settings, is_s3
 
@@ -62,16 +64,45 @@ def resolve_sources(config: Config, sources: dict[str, SourceSection], field: st
     return resolved
 
 
-def _read_units(batch: pa.Table, s3: S3Settings | None):
-    for text in batch.column("unit").to_pylist():
-        yield from read_unit_tables(ReadUnit.from_json(text), s3)
+class ShardDatasource(Datasource):
+    """One Ray Data read task per planned shard, yielding NORMALIZED_SCHEMA tables.
+
+    A real datasource (rather than a map over a list of shards) keeps one task per shard when Ray Data
+    fuses the decode stage into the reads: a map would be bundled up to the decode batch size, putting
+    many shards, one after another, into a single task.
+    """
+
+    def __init__(self, units: list[ReadUnit], s3: S3Settings | None):
+        self.units, self.s3 = units, s3
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_name(self) -> str:
+        return "Shards"
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+        # Always one task per shard: a shard is the unit of reading and of ordering.
+        return [
+            ReadTask(
+                functools.partial(read_unit_tables, unit, self.s3),
+                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[unit.uri]),
+                schema=NORMALIZED_SCHEMA,
+                per_task_row_limit=per_task_row_limit,
+            )
+            for unit in self.units
+        ]
 
 
-def read_dataset(units: list[ReadUnit], s3: S3Settings | None) -> ray.data.Dataset:
-    """Normalized records of the planned shards: one read task per shard, in plan order."""
-    items = [{"unit": unit.to_json()} for unit in units]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(_read_units, fn_kwargs={"s3": s3}, batch_size=1, batch_format="pyarrow")
+def read_dataset(units: list[ReadUnit], s3: S3Settings | None, rows_per_block: int) -> ray.data.Dataset:
+    """Normalized records of the planned shards: one read task per shard, in plan order.
+
+    Blocks are cut to ``rows_per_block`` records (streaming, no shuffle): an index that is one big file
+    (ShareGPT4V's JSON, OpenVid's CSV) would otherwise be a single block, fetched and decoded by a
+    single task.
+    """
+    ds = ray.data.read_datasource(ShardDatasource(units, s3), override_num_blocks=len(units))
+    return ds.repartition(target_num_rows_per_block=rows_per_block)
 
 
 def plan_sources(config: Config, sources: dict[str, SourceSection], field: str, kinds=None) -> tuple[list[ReadUnit], dict[str, float]]:

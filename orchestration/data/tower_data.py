@@ -91,7 +91,7 @@ def build_tower_dataset(config: Config, split: str = "train", *, with_keys: bool
     ensure_data(config)
     stats_actor()  # created by the driver, so it outlives the decode tasks
     units, _ = plan_sources(config, config.data.tower_sources, "tower_sources", kinds=(KIND_IMAGE_TEXT,))
-    return read_dataset(units, s3_settings(config)).map_batches(
+    return read_dataset(units, s3_settings(config), config.data.decode_batch_size).map_batches(
         decode_tower_batch,
         fn_kwargs={"tower": tower_config(config), "s3": s3_settings(config), "group": stats_group, "with_keys": with_keys},
         batch_size=config.data.decode_batch_size,
