@@ -125,12 +125,13 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, weights_path: str):
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
         if not os.path.exists(weights_path):
             raise FileNotFoundError(f"perceptual_weights_path {weights_path!r} does not exist")
         state = _load_state_dict(weights_path)
-        features = vgg16(weights=None).features[: _VGG_SLICE_ENDS[-1]]
+        # VGG16's conv trunk only (torchvision's layout, without the 100M-parameter classifier)
+        features = make_layers(cfgs["D"])[: _VGG_SLICE_ENDS[-1]]
         vgg_state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         missing, _ = features.load_state_dict(vgg_state, strict=False)
         if missing:
