@@ -85,7 +85,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def state_dict_options(ignore_frozen: bool) -> StateDictOptions:
-    return StateDictOptions(ignore_frozen_params=ignore_frozen)
+    # Without the frozen weights in the checkpoint, loading must not insist on them.
+    return StateDictOptions(ignore_frozen_params=ignore_frozen, strict=not ignore_frozen)
 
 
 def save_checkpoint(
