@@ -4,14 +4,18 @@
    tokenize as CPU map_batches, iter_torch_batches) vs a torch DataLoader with 2 workers doing the same
    decode + resize + tokenize (the same functions: decode.decode_image, tower_data.tokenize_captions)
    on the same parquet shards. Two DataLoader variants: the usual one (per-sample work, default
-   collate) and one whose workers work on whole batches as the Ray UDF does.
-2. Stage 2: tokenization throughput of the actor pool with 1 vs 2 actors (decode, tower encode,
-   sequence building, packing), samples/s and rows/s.
-3. Re-encoding every time (the pool on the fly, as the public VILA-U code re-encodes every step) vs
+   collate) and one whose workers work on whole batches as the Ray UDF does. Two shard sets: the
+   synthetic writer's 64 px JPEGs, and 512 px JPEGs (closer to a crawl's images).
+2. Stage 2: the tokenization actor pool with 1 vs 2 actors (decode, tower encode, sequence building,
+   packing): rows/s over the whole pass, and after the first row (without the pool's start-up).
+3. Re-encoding every pass (the pool on the fly, as the public VILA-U code re-encodes every step) vs
    reading the tokenized cache.
 
-Each measurement is run once to warm up (worker processes, imports) and then timed; both numbers are
-printed. Run:  python benchmarks/bench_ingest.py [--samples 4096] [--lm-samples 128] [--workdir DIR]
+Every workload runs once to warm up, then in interleaved rounds (rotated each round), so that load from
+other processes drifting over the run hits all alike; medians are printed, and ratios are medians of
+ratios taken within one round. Run:
+
+    python benchmarks/bench_ingest.py [--samples 4096] [--lm-samples 192] [--rounds 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -25,19 +29,36 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestration.config import load_config
+from orchestration.data import scenes
 from orchestration.data.decode import SkipRecord, decode_image
 from orchestration.data.pipeline import build_lm_dataset, build_tower_dataset, data_stats, torch_dtypes, write_lm_cache
 from orchestration.data.records import list_shards
-from orchestration.data.synthetic import make_synthetic_dataset
+from orchestration.data.synthetic import jpeg_bytes, make_synthetic_dataset
 from orchestration.data.tower_data import tokenize_captions, tower_config
 
 BATCH = 32
+
+
+# ---------------------------------------------------------------- shards
+
+
+def write_large_jpeg_shards(out: str, samples: int, px: int, shard_size: int = 256) -> None:
+    """img2dataset-style parquet (key, jpg, caption) with px x px scenes: bigger JPEGs to decode."""
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for shard, start in enumerate(range(0, samples, shard_size)):
+        rows = []
+        for i in range(start, min(start + shard_size, samples)):
+            pixels, caption, _ = scenes.render_scene(rng, px)
+            rows.append({"key": f"{i:09d}", "jpg": jpeg_bytes(pixels), "caption": caption})
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, f"part-{shard:05d}.parquet"))
 
 
 # ---------------------------------------------------------------- the DataLoader baseline
@@ -76,12 +97,7 @@ class ParquetShards(IterableDataset):
 
 
 def run_dataloader(files, tower, batched: bool) -> tuple[int, float]:
-    loader = DataLoader(
-        ParquetShards(files, tower, batched),
-        batch_size=None if batched else BATCH,
-        num_workers=2,
-        persistent_workers=False,
-    )
+    loader = DataLoader(ParquetShards(files, tower, batched), batch_size=None if batched else BATCH, num_workers=2)
     start, samples = time.perf_counter(), 0
     for batch in loader:
         samples += len(batch["pixels"])
@@ -99,19 +115,22 @@ def run_ray_tower(config) -> tuple[int, float]:
 # ---------------------------------------------------------------- stage 2
 
 
-def run_lm(config, group: str) -> tuple[int, int, float]:
-    """(samples, rows, seconds) for one pass over build_lm_dataset."""
-    start, rows = time.perf_counter(), 0
-    for batch in build_lm_dataset(config, stats_group=group).iter_batches(batch_size=8, batch_format="numpy"):
+def run_lm(config, group: str) -> tuple[int, int, float, int, float]:
+    """One pass over build_lm_dataset: (samples, rows, seconds, rows after the first batch, their seconds)."""
+    start, rows, first = time.perf_counter(), 0, None
+    for batch in build_lm_dataset(config, stats_group=group).iter_batches(batch_size=4, batch_format="numpy"):
+        if first is None:
+            first, first_rows = time.perf_counter(), len(batch["input_ids"])
         rows += len(batch["input_ids"])
-    seconds = time.perf_counter() - start
-    return sum(data_stats(group)["samples"].values()), rows, seconds
+    end = time.perf_counter()
+    return sum(data_stats(group)["samples"].values()), rows, end - start, rows - first_rows, end - first
+
+
+# ---------------------------------------------------------------- measuring
 
 
 def rounds(workloads: dict, n: int) -> dict[str, list]:
-    """Run every workload once to warm up (worker processes, imports), then ``n`` timed rounds with the
-    workloads interleaved (rotated each round), so that load from other processes drifting over the
-    run hits all of them alike. Returns {name: [result of each timed round]}."""
+    """Every workload once to warm up (worker processes, imports), then ``n`` interleaved timed rounds."""
     names = list(workloads)
     for name in names:
         workloads[name]()
@@ -122,37 +141,19 @@ def rounds(workloads: dict, n: int) -> dict[str, list]:
     return out
 
 
-def median_rate(results: list, count: int = 0, seconds: int = -1) -> float:
+def median_rate(results: list, count: int = 0, seconds: int = 1) -> float:
     return float(np.median([r[count] / r[seconds] for r in results]))
 
 
-def paired_ratio(a: list, b: list, count: int = 0, seconds: int = -1) -> float:
+def paired_ratio(a: list, b: list, count: int = 0, seconds: int = 1) -> float:
     """Median over rounds of rate(a) / rate(b) measured in the same round."""
     return float(np.median([(x[count] / x[seconds]) / (y[count] / y[seconds]) for x, y in zip(a, b)]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=4096, help="COYO records for stage 1")
-    parser.add_argument("--lm-samples", type=int, default=64, help="records per stage-2 format")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per workload")
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--num-cpus", type=int, default=8, help="Ray logical CPUs (oversubscribed on small machines)")
-    args = parser.parse_args()
-
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_ingest-")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    load_before = os.getloadavg()[0]
-    lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, Ray logical CPUs {args.num_cpus}; "
-             f"median of {args.rounds} interleaved rounds after a warm-up round"]
-
-    # ---- stage 1
-    stage1 = os.path.join(workdir, "stage1")
-    if not os.path.exists(os.path.join(stage1, "manifest.json")):
-        make_synthetic_dataset(stage1, samples=args.samples, seed=0, eval_samples=8, shard_size=256, video_samples=4)
-    config = load_config(None, [f"data.root={stage1}", f"output_dir={workdir}/out", "data.tower_sources={coyo: {format: coyo_parquet, path: coyo/parquet}}"])
+def stage1(lines: list[str], root: str, workdir: str, label: str, samples: int, n_rounds: int) -> None:
+    config = load_config(
+        None, [f"data.root={root}", f"output_dir={workdir}/out", "data.tower_sources={coyo: {format: coyo_parquet, path: coyo/parquet}}"]
+    )
     files = list_shards("coyo_parquet", config.resolve_path("coyo/parquet"), None)
     tower = tower_config(config)
     # Import and build the tokenizer here, so that forked DataLoader workers inherit it instead of
@@ -164,24 +165,56 @@ def main() -> None:
             "loader": lambda: run_dataloader(files, tower, batched=False),
             "loader_batched": lambda: run_dataloader(files, tower, batched=True),
         },
-        args.rounds,
+        n_rounds,
     )
-    assert all(r[0] == args.samples for results in s1.values() for r in results), s1
-    lines.append(f"\nstage 1: {args.samples} COYO records (64 px JPEG -> {tower.image_size} px + tower tokenizer, {len(files)} parquet shards), batch {BATCH}")
+    assert all(r[0] == samples for results in s1.values() for r in results), s1
+    lines.append(f"\nstage 1, {label}: {samples} records in {len(files)} parquet shards -> {tower.image_size} px + tower tokenizer, batch {BATCH}")
     lines.append("| pipeline | samples/s |\n| --- | --- |")
     lines.append(f"| Ray Data build_tower_dataset + iter_torch_batches | {median_rate(s1['ray']):,.0f} |")
     lines.append(f"| DataLoader, 2 workers, per sample + default collate | {median_rate(s1['loader']):,.0f} |")
     lines.append(f"| DataLoader, 2 workers, batched like the Ray UDF | {median_rate(s1['loader_batched']):,.0f} |")
     lines.append(
-        f"\n**ratio Ray / DataLoader: {paired_ratio(s1['ray'], s1['loader']):.2f}x vs per-sample, "
+        f"\n**Ray / DataLoader: {paired_ratio(s1['ray'], s1['loader']):.2f}x vs per-sample, "
         f"{paired_ratio(s1['ray'], s1['loader_batched']):.2f}x vs batched** (goal >= 1.3)"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=4096, help="COYO records for stage 1")
+    parser.add_argument("--large-px", type=int, default=512, help="side of the large-JPEG stage-1 shards (0: skip)")
+    parser.add_argument("--lm-samples", type=int, default=384, help="records per stage-2 format")
+    parser.add_argument("--pack-window", type=int, default=64, help="samples per pool call (more calls to share)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per workload")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--num-cpus", type=int, default=8, help="Ray logical CPUs (oversubscribed on small machines)")
+    args = parser.parse_args()
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_ingest-")
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    load_before = os.getloadavg()[0]
+    lines = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Ray logical CPUs {args.num_cpus}; "
+        f"median of {args.rounds} interleaved rounds after a warm-up round"
+    ]
+
+    # ---- stage 1
+    small = os.path.join(workdir, "stage1")
+    if not os.path.exists(os.path.join(small, "manifest.json")):
+        make_synthetic_dataset(small, samples=args.samples, seed=0, eval_samples=8, shard_size=256, video_samples=4)
+    stage1(lines, small, workdir, "64 px JPEGs (synthetic writer)", args.samples, args.rounds)
+    if args.large_px:
+        large = os.path.join(workdir, f"stage1_{args.large_px}px")
+        if not os.path.exists(os.path.join(large, "coyo", "parquet")):
+            write_large_jpeg_shards(os.path.join(large, "coyo", "parquet"), args.samples, args.large_px)
+        stage1(lines, large, workdir, f"{args.large_px} px JPEGs", args.samples, args.rounds)
 
     # ---- stage 2: 1 vs 2 actors, and re-encoding vs the cache
     stage2 = os.path.join(workdir, "stage2")
     if not os.path.exists(os.path.join(stage2, "manifest.json")):
-        make_synthetic_dataset(stage2, samples=args.lm_samples, seed=1, eval_samples=8, shard_size=16, video_samples=args.lm_samples // 4)
-    base = [f"data.root={stage2}", f"output_dir={workdir}/out", "data.seq_len=1024"]
+        make_synthetic_dataset(stage2, samples=args.lm_samples, seed=1, eval_samples=8, shard_size=32, video_samples=args.lm_samples // 4)
+    base = [f"data.root={stage2}", f"output_dir={workdir}/out", "data.seq_len=1024", f"data.pack_window={args.pack_window}"]
     one = load_config(None, base + ["data.tokenizer_actors=1"])
     two = load_config(None, base + ["data.tokenizer_actors=2"])
     cache_dir = os.path.join(workdir, "cache")
@@ -192,27 +225,24 @@ def main() -> None:
     write_s = time.perf_counter() - start
     unique = lambda: f"bench-{time.monotonic_ns()}"  # noqa: E731  (a fresh stats group per pass)
     s2 = rounds(
-        {
-            "one": lambda: run_lm(one, unique()),
-            "two": lambda: run_lm(two, unique()),
-            "cache": lambda: run_lm(cached, unique()),
-        },
+        {"one": lambda: run_lm(one, unique()), "two": lambda: run_lm(two, unique()), "cache": lambda: run_lm(cached, unique())},
         args.rounds,
     )
     assert {r[1] for rs in s2.values() for r in rs} == {manifest["rows"]}, (s2, manifest["rows"])
     samples = s2["one"][0][0]
     lines.append(
         f"\nstage 2: {args.lm_samples} records per format (COYO, MMC4, ShareGPT4V; {args.lm_samples // 4} OpenVid clips) "
-        f"-> {samples} samples, {manifest['rows']} packed rows of 1024; tiny tower"
+        f"-> {samples} samples, {manifest['rows']} packed rows of 1024, {args.pack_window} samples per pool call; tiny tower, CPU actors"
     )
-    lines.append("| rows from | samples/s | rows/s |\n| --- | --- | --- |")
-    lines.append(f"| tokenization pool, 1 actor | {median_rate(s2['one']):,.1f} | {median_rate(s2['one'], 1):,.2f} |")
-    lines.append(f"| tokenization pool, 2 actors | {median_rate(s2['two']):,.1f} | {median_rate(s2['two'], 1):,.2f} |")
-    lines.append(f"| the tokenized cache | - | {median_rate(s2['cache'], 1):,.2f} |")
-    lines.append(f"| (writing the cache once, 2 actors) | | {write_s:.1f} s |")
+    lines.append("| rows from | samples/s | rows/s | rows/s after the first row |\n| --- | --- | --- | --- |")
+    for name, label in (("one", "tokenization pool, 1 actor"), ("two", "tokenization pool, 2 actors")):
+        lines.append(f"| {label} | {median_rate(s2[name], 0, 2):,.1f} | {median_rate(s2[name], 1, 2):,.2f} | {median_rate(s2[name], 3, 4):,.2f} |")
+    lines.append(f"| the tokenized cache | - | {median_rate(s2['cache'], 1, 2):,.1f} | {median_rate(s2['cache'], 3, 4):,.1f} |")
+    lines.append(f"| (writing the cache once, 2 actors: {write_s:.1f} s) | | | |")
     lines.append(
-        f"\n**2 actors / 1 actor: {paired_ratio(s2['two'], s2['one']):.2f}x samples/s; "
-        f"cache / re-encoding (2 actors): {paired_ratio(s2['cache'], s2['two'], 1):.1f}x rows/s**"
+        f"\n**2 actors / 1 actor: {paired_ratio(s2['two'], s2['one'], 0, 2):.2f}x samples/s "
+        f"({paired_ratio(s2['two'], s2['one'], 3, 4):.2f}x after the first row); "
+        f"cache / re-encoding (2 actors): {paired_ratio(s2['cache'], s2['two'], 1, 2):.1f}x rows/s**"
     )
     lines.append(f"\nload average (1 min) at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
 

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 LM_GROUP = "lm"
 MAX_TOKENIZER_TEXTS = 200_000  # texts a fallback BPE is trained on
+TOKENIZER_ACTOR_MEMORY = 1 << 30  # bytes reserved per pool actor (torch + tower + tokenizer)
 
 DECODED_SCHEMA = pa.schema(
     [
@@ -384,9 +385,10 @@ def tokenize_dataset(config: Config, tower: TowerSource, tokenizer_path: str, st
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.data.tokenizer_actors),
         num_gpus=gpus if gpus > 0 else None,
-        # Spread the actors over nodes. Giving them remote args that differ from the decode tasks' also
-        # keeps Ray Data from fusing decoding into the actors: decoding stays on the CPU task pool.
-        scheduling_strategy="SPREAD",
+        # Each actor holds the tower and the tokenizer: reserve memory for them. Resource requests that
+        # differ from the decode tasks' also keep Ray Data from fusing decoding into the actors, so
+        # decoding stays on the CPU task pool (on GPU nodes num_gpus alone would do that).
+        memory=TOKENIZER_ACTOR_MEMORY,
     )
     # Order preserved: the pool's calls (and so the packed rows) are the same whatever the pool size.
     ds.context.execution_options.preserve_order = True
