@@ -12,6 +12,7 @@ one is faster: 1 actor and 2 actors give the same rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -40,7 +41,7 @@ from orchestration.data.records import (
     read_bytes,
 )
 from orchestration.data.sources import ensure_data, plan_sources, read_dataset, resolve_sources, s3_settings
-from orchestration.data.stats import Tally, stats_actor
+from orchestration.data.stats import Tally, in_chunks, stats_actor
 from orchestration.data.tower_data import tower_config
 from orchestration.storage import S3Settings, is_s3
 from vilau_model.config import LMConfig, VisionTowerConfig, get_lm_config
@@ -187,11 +188,10 @@ def tower_source(config: Config, tower_path: str | None) -> TowerSource:
 # ---------------------------------------------------------------- decode stage
 
 
-def decode_lm_batch(batch: pa.Table, *, size: int, frames: int, s3: S3Settings | None, group: str):
+def decode_lm_chunk(table: pa.Table, tally: Tally, *, size: int, frames: int, s3: S3Settings | None) -> pa.Table | None:
     """Normalized records -> DECODED_SCHEMA (media fetched and decoded); bad records dropped and counted."""
-    tally = Tally(group)
     out = []
-    for record in batch.to_pylist():
+    for record in table.to_pylist():
         try:
             pixels = decode_record(record, size, lambda uri: read_bytes(uri, s3), frames)
         except SkipRecord as skip:
@@ -213,9 +213,11 @@ def decode_lm_batch(batch: pa.Table, *, size: int, frames: int, s3: S3Settings |
                 "pixels": pixels.tobytes(),
             }
         )
-    tally.flush()
-    if out:
-        yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+    return pa.Table.from_pylist(out, schema=DECODED_SCHEMA) if out else None
+
+
+def decode_lm_block(block: pa.Table, *, rows: int, group: str, **kwargs):
+    yield from in_chunks(block, rows, functools.partial(decode_lm_chunk, **kwargs), group)
 
 
 # ---------------------------------------------------------------- the tokenization pool
@@ -347,14 +349,15 @@ def decoded_dataset(config: Config, stats_group: str = LM_GROUP) -> ray.data.Dat
     s3 = s3_settings(config)
     units, _ = plan_sources(config, config.data.lm_sources, "lm_sources")
     return read_dataset(units, s3, config.data.decode_batch_size).map_batches(
-        decode_lm_batch,
+        decode_lm_block,
         fn_kwargs={
+            "rows": config.data.decode_batch_size,
+            "group": stats_group,
             "size": tower_config(config).image_size,
             "frames": lm_config(config).frames_per_video,
             "s3": s3,
-            "group": stats_group,
         },
-        batch_size=config.data.decode_batch_size,
+        batch_size=None,  # whole blocks (cut to decode_batch_size rows by the read stage)
         batch_format="pyarrow",
     )
 

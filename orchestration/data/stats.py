@@ -112,3 +112,21 @@ class Tally:
         # Waited on, so that counts are in when the consumer has seen the batch's rows.
         ray.get(stats_actor().add.remote(self.group, dict(self.skipped), dict(self.samples), dict(self.tokens)))
         self.skipped, self.samples, self.tokens = defaultdict(list), Counter(), Counter()
+
+
+def in_chunks(table, rows: int, decode_chunk, group: str):
+    """Run ``decode_chunk(table_slice, tally)`` over a block in slices of ``rows`` records and yield
+    its non-empty outputs. Counts are sent once per block, before the block's last output, so that
+    when a consumer has seen every row, every count is in."""
+    tally = Tally(group)
+    pending = None
+    for start in range(0, table.num_rows, rows):
+        out = decode_chunk(table.slice(start, rows), tally)
+        if out is None:
+            continue
+        if pending is not None:
+            yield pending
+        pending = out
+    tally.flush()
+    if pending is not None:
+        yield pending

@@ -21,7 +21,7 @@ from orchestration.config import Config
 from orchestration.data.decode import DECODE_ERROR, SkipRecord, decode_image, decode_record
 from orchestration.data.records import KIND_IMAGE_TEXT, fs_and_path, read_bytes
 from orchestration.data.sources import ensure_data, plan_sources, read_dataset, s3_settings
-from orchestration.data.stats import Tally, stats_actor
+from orchestration.data.stats import Tally, in_chunks, stats_actor
 from orchestration.storage import S3Settings, join
 from vilau_model.config import VisionTowerConfig, get_tower_config
 
@@ -47,11 +47,10 @@ def tokenize_captions(tower: VisionTowerConfig, captions: list[str]) -> np.ndarr
     return np.asarray(tower_text_tokenizer(tower)(captions), dtype=np.int64).reshape(len(captions), -1)
 
 
-def decode_tower_batch(batch: pa.Table, *, tower: VisionTowerConfig, s3: S3Settings | None, group: str, with_keys: bool):
+def decode_tower_chunk(table: pa.Table, tally: Tally, *, tower: VisionTowerConfig, s3: S3Settings | None, with_keys: bool) -> dict | None:
     """Normalized image-text records -> pixels + text_tokens; bad records dropped and counted."""
-    tally = Tally(group)
     pixels, captions, keys, sources = [], [], [], []
-    for record in batch.to_pylist():
+    for record in table.to_pylist():
         try:
             pixels.append(decode_record(record, tower.image_size, lambda uri: read_bytes(uri, s3))[0])
         except SkipRecord as skip:
@@ -65,14 +64,17 @@ def decode_tower_batch(batch: pa.Table, *, tower: VisionTowerConfig, s3: S3Setti
         keys.append(record["key"])
         sources.append(record["source"])
         tally.samples[record["source"]] += 1
-    tally.flush()
     if not pixels:
-        return  # yield nothing: an empty batch has no shapes for the tensor columns
+        return None  # nothing to emit: an empty batch has no shapes for the tensor columns
     out = {"pixels": np.stack(pixels), "text_tokens": tokenize_captions(tower, captions)}
     if with_keys:
         out["key"] = np.asarray(keys, dtype=object)
         out["source"] = np.asarray(sources, dtype=object)
-    yield out
+    return out
+
+
+def decode_tower_block(block: pa.Table, *, rows: int, group: str, **kwargs):
+    yield from in_chunks(block, rows, functools.partial(decode_tower_chunk, **kwargs), group)
 
 
 def build_tower_dataset(config: Config, split: str = "train", *, with_keys: bool = False, stats_group: str = TOWER_GROUP) -> ray.data.Dataset:
@@ -91,10 +93,18 @@ def build_tower_dataset(config: Config, split: str = "train", *, with_keys: bool
     ensure_data(config)
     stats_actor()  # created by the driver, so it outlives the decode tasks
     units, _ = plan_sources(config, config.data.tower_sources, "tower_sources", kinds=(KIND_IMAGE_TEXT,))
+    # Whole blocks per call (worked through in decode_batch_size slices): a map with no batch size is
+    # fused into the read tasks, saving a trip through the object store per shard.
     return read_dataset(units, s3_settings(config), config.data.decode_batch_size).map_batches(
-        decode_tower_batch,
-        fn_kwargs={"tower": tower_config(config), "s3": s3_settings(config), "group": stats_group, "with_keys": with_keys},
-        batch_size=config.data.decode_batch_size,
+        decode_tower_block,
+        fn_kwargs={
+            "rows": config.data.decode_batch_size,
+            "group": stats_group,
+            "tower": tower_config(config),
+            "s3": s3_settings(config),
+            "with_keys": with_keys,
+        },
+        batch_size=None,
         batch_format="pyarrow",
     )
 
