@@ -18,8 +18,7 @@ from typing import Any, Callable
 
 from orchestration.config import Config, StageSection
 from orchestration.storage import is_s3, join, pyarrow_filesystem
-from orchestration.train.tracking import close_run, open_run
-from orchestration.train.trainer import RunInfo
+from orchestration.train.tracking import RunInfo, close_run, open_run
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from orchestration.config import REDACTED, Config, config_to_yaml, flatten_config
@@ -24,6 +25,15 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "vilau.run_name"
 STAGE_TAG = "vilau.stage"
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+
+
+@dataclass
+class RunInfo:
+    """What the driver tells the workers about the run: its name and where to log."""
+
+    run_name: str
+    tracking_uri: str
+    mlflow_run_id: str | None
 
 
 def _client(uri: str):

@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 import ray.train
@@ -37,7 +36,7 @@ from orchestration.train import checkpoint as ckpt
 from orchestration.train.fsdp import checkpoint_blocks, data_parallel_mesh, mixed_precision, shard_model, training_device
 from orchestration.train.metrics import WindowMetrics, mean_across_ranks, peak_flops, progress_line
 from orchestration.train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from orchestration.train.tracking import RunLogger
+from orchestration.train.tracking import RunInfo, RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +173,6 @@ class BatchStream:
         return batch
 
 
-@dataclass
-class RunInfo:
-    """What the driver tells the workers about the run."""
-
-    run_name: str
-    tracking_uri: str
-    mlflow_run_id: str | None
-
-
 class Trainer:
     def __init__(self, task: Task, config: Config, run: RunInfo):
         self.task, self.config, self.run = task, config, run
@@ -197,7 +187,7 @@ class Trainer:
         self.model: nn.Module | None = None
         self.state = ckpt.TrainState(world_size=self.world)
         self.reports: list[dict[str, float]] = []  # what this segment reported (returned by rank 0)
-        self.step_timings: list[tuple[float, float]] = []  # (data wait, step time) per step
+        self.step_timings: list[tuple[float, float, float]] = []  # (data wait, step time, start) per step
         self.last_eval: dict[str, float] = {}
 
     # -- setup ------------------------------------------------------------------------------------
@@ -269,9 +259,11 @@ class Trainer:
             model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
             out = self.task.forward(model, batch, step)
             (out["loss"] / accum).backward()
-            for k, v in out.items():
-                if isinstance(v, torch.Tensor) and v.numel() == 1:
-                    scalars[k] += float(v.detach()) / accum
+            names = [k for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
+            # One device-to-host copy for all scalars (one sync on GPU, not one per loss term).
+            values = torch.stack([out[k].detach().float().reshape(()) for k in names]).tolist()
+            for k, v in zip(names, values):
+                scalars[k] += v / accum
             n_samples, n_tokens = self.task.count(batch)
             samples, tokens = samples + n_samples, tokens + n_tokens
         self.maybe_fail("step", step + 1)
@@ -288,7 +280,7 @@ class Trainer:
         self.scheduler.step()
         self.state.advance()
         window.add_step(scalars, samples, tokens)
-        self.step_timings.append((window.data_wait - wait_before, time.perf_counter() - step_start))
+        self.step_timings.append((window.data_wait - wait_before, time.perf_counter() - step_start, step_start))
         return scalars
 
     def fit(self) -> dict:
@@ -341,14 +333,17 @@ class Trainer:
 
     def data_wait_shares(self) -> dict[str, float]:
         """Share of step time spent waiting for data: over all steps of this (re)start, and in steady
-        state (without the first step, which also waits for the Ray Data pipeline to start)."""
+        state (without the first step, which also waits for the Ray Data pipeline to start). Also the
+        median interval between step starts after 5 warm-up steps (logging and reports included)."""
         if not self.step_timings:
             return {}
-        wait, total = (sum(x) for x in zip(*self.step_timings))
-        out = {"data_wait_share_run": wait / max(total, 1e-9)}
-        if len(self.step_timings) > 1:
-            wait, total = (sum(x) for x in zip(*self.step_timings[1:]))
-            out["data_wait_share_steady"] = wait / max(total, 1e-9)
+        waits, times, starts = zip(*self.step_timings)
+        out = {"data_wait_share_run": sum(waits) / max(sum(times), 1e-9)}
+        if len(times) > 1:
+            out["data_wait_share_steady"] = sum(waits[1:]) / max(sum(times[1:]), 1e-9)
+        intervals = sorted(b - a for a, b in zip(starts[5:], starts[6:]))
+        if intervals:
+            out["step_interval_median_s"] = intervals[len(intervals) // 2]
         return out
 
     # -- checkpoints, faults, export --------------------------------------------------------------

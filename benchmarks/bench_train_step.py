@@ -1,0 +1,182 @@
+"""Overhead of the training orchestration, measured against bare PyTorch in the same process run.
+
+1. Steady-state step time of the Ray Train FSDP2 loop (orchestration.train.trainer, 1 worker, the
+   real loop: FSDP2, grad clipping, non-finite guard, metrics, MLflow every log_every, reports) vs a
+   bare PyTorch loop (the same tiny tower, AdamW, schedule and clipping, no FSDP, no Ray Train, no Ray
+   Data) on the same batch, with the same number of threads. The bare loop runs in the same Ray Train
+   worker process, right before and right after the Ray loop, so both see the same process (priority,
+   threads, allocator) and, on a shared machine, nearly the same load; several rounds, medians.
+   Goal: ratio <= 1.03.
+2. The data-wait share of the tiny pretrain (both stages, steady state: the first step, which waits
+   for the Ray Data pipeline to start, left out). Goal: <= 2%.
+
+    python benchmarks/bench_train_step.py [--steps 60] [--rounds 2] [--threads 1]
+        [--pretrain-summary PATH | --skip-pretrain]
+
+--pretrain-summary reads the shares from `python jobs/pretrain.py --summary-json PATH` instead of
+running the tiny pretrain here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestration.config import load_config  # noqa: E402
+from orchestration.train.tower import TowerTask, tower_loss_config  # noqa: E402
+
+WARMUP = 5
+
+
+def fixed_batch(config, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One batch of pixels (uint8) and caption tokens, the same for both loops."""
+    from orchestration.data.scenes import render_scene
+    from orchestration.data.tower_data import tokenize_captions, tower_config
+
+    tower = tower_config(config)
+    rng = np.random.default_rng(seed)
+    scenes = [render_scene(rng, tower.image_size) for _ in range(size)]
+    pixels = np.stack([s[0] for s in scenes]).astype(np.uint8)
+    if pixels.shape[-1] == 3:  # HWC -> CHW
+        pixels = pixels.transpose(0, 3, 1, 2)
+    return {"pixels": np.ascontiguousarray(pixels), "text_tokens": tokenize_captions(tower, [s[1] for s in scenes])}
+
+
+def bare_loop(config, batch: dict[str, np.ndarray], steps: int, threads: int) -> float:
+    """Median seconds per step of plain PyTorch on one process."""
+    from orchestration.train.optim import build_optimizer, build_scheduler
+    from vilau_model.vision_tower import UnifiedVisionTower
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+    task = TowerTask(config)
+    model = UnifiedVisionTower(task.tower_cfg, tower_loss_config(config))
+    params = model.trainable_parameters()
+    optimizer = build_optimizer(params, config.tower_train.optim)
+    scheduler = build_scheduler(optimizer, config.tower_train.optim, steps)
+    pixels = torch.from_numpy(batch["pixels"])
+    tokens = torch.from_numpy(batch["text_tokens"])
+    starts = []
+    for step in range(steps):
+        starts.append(time.perf_counter())
+        out = model(pixels.float().div(255.0), tokens, step=step)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, config.tower_train.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        float(out["loss"])  # the Ray loop reads its loss every step as well
+    intervals = sorted(b - a for a, b in zip(starts[WARMUP:], starts[WARMUP + 1 :]))
+    return intervals[len(intervals) // 2]
+
+
+class BenchTowerTask(TowerTask):
+    """Stage 1 exactly, minus evaluation, export and the data plane's counters (not part of a step)."""
+
+    def wants_eval(self, step: int, total: int) -> bool:
+        return False
+
+    def rows_skipped(self) -> dict[str, int]:
+        return {}
+
+    def export(self, trainer, directory: str) -> None:
+        pass
+
+    def final_artifacts(self, trainer, export_dir: str) -> dict[str, float]:
+        return {}
+
+
+def bench_worker(loop_config: dict) -> dict:
+    """Bare loop, the real Ray Train FSDP2 loop, bare loop again: all in this worker process."""
+    import torch
+
+    from orchestration.train.trainer import Trainer
+
+    threads, steps, batch = loop_config["threads"], loop_config["steps"], loop_config["batch"]
+    torch.set_num_threads(threads)
+    config = loop_config["config"]
+    before = bare_loop(config, batch, steps, threads)
+    summary = Trainer(BenchTowerTask(config), config, loop_config["run"]).fit()
+    after = bare_loop(config, batch, steps, threads)
+    summary["final_metrics"].update(bare_before_s=before, bare_after_s=after)
+    return summary
+
+
+def one_round(config, batch: dict[str, np.ndarray], steps: int, threads: int, round_index: int) -> tuple[float, float]:
+    """(bare, Ray) median seconds per step in one Ray Train worker (1 worker), fed the same batch."""
+    import ray
+
+    from orchestration.launch import run_stage
+
+    rows = [{"pixels": p, "text_tokens": t} for p, t in zip(batch["pixels"], batch["text_tokens"])]
+    dataset = ray.data.from_items(rows * (steps + 2))
+    run_config = config.model_copy(update={"run_name": f"{config.run_name}-r{round_index}"})
+    result = run_stage(run_config, "tower", config.tower_train, bench_worker, {"train": dataset},
+                       loop_config={"threads": threads, "steps": steps, "batch": batch})
+    m = result.metrics
+    return (m["bare_before_s"] + m["bare_after_s"]) / 2, m["step_interval_median_s"]
+
+
+def pretrain_wait_shares(summary_path: str | None, workdir: str) -> dict[str, float]:
+    if summary_path:
+        summary = json.loads(Path(summary_path).read_text())
+        return summary["data_wait_share"]
+    from orchestration.launch import pretrain
+
+    config = load_config(None, [
+        f"data.root={workdir}/data", f"output_dir={workdir}/outputs", f"cluster.storage_path={workdir}/outputs/ray",
+    ])
+    tower, lm = pretrain(config)
+    return {"tower": tower.metrics["data_wait_share_steady"], "lm": lm.metrics["data_wait_share_steady"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=16, help="per-worker batch (the tiny preset's is 16)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in both loops")
+    parser.add_argument("--pretrain-summary", default=None)
+    parser.add_argument("--skip-pretrain", action="store_true")
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="bench_train_step-")
+    config = load_config(None, [
+        "run_name=bench", f"output_dir={work}/outputs", f"cluster.storage_path={work}/outputs/ray",
+        f"tower_train.steps={args.steps}", f"tower_train.batch_size_per_worker={args.batch}",
+        f"tower_train.checkpoint_every={args.steps}", "tower_train.log_every=10",
+        "cluster.num_workers=1", f"cluster.cpus_per_worker={args.threads}",
+    ])
+    batch = fixed_batch(config, args.batch)
+    bare, ray_times = [], []
+    from orchestration.launch import init_ray
+
+    init_ray(config)  # before any Ray Data call, which would start a default (too small) instance
+    for r in range(args.rounds):
+        b, t = one_round(config, batch, args.steps, args.threads, r)
+        bare.append(b)
+        ray_times.append(t)
+        print(f"round {r}: bare {bare[-1] * 1000:.1f} ms/step, Ray Train FSDP2 {ray_times[-1] * 1000:.1f} ms/step", flush=True)
+    bare_ms, ray_ms = statistics.median(bare) * 1000, statistics.median(ray_times) * 1000
+    ratios = sorted(t / b for b, t in zip(bare, ray_times))
+    print(f"\nsteady-state step, tiny tower, batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds: "
+          f"bare {bare_ms:.1f} ms, Ray Train FSDP2 (1 worker) {ray_ms:.1f} ms (medians); "
+          f"ratio {ray_ms / bare_ms:.3f}, per-round ratios {', '.join(f'{r:.3f}' for r in ratios)} (goal <= 1.03)")
+    if not args.skip_pretrain:
+        shares = pretrain_wait_shares(args.pretrain_summary, work)
+        print("tiny pretrain data-wait share (steady state): "
+              + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shares.items()) + " (goal <= 2%)")
+
+
+if __name__ == "__main__":
+    main()
