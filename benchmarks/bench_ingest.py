@@ -13,9 +13,11 @@
 
 Every workload runs once to warm up, then in interleaved rounds (rotated each round), so that load from
 other processes drifting over the run hits all alike; medians are printed, and ratios are medians of
-ratios taken within one round. Run:
+ratios taken within one round. Rates are given for the whole pass and after the first batch (leaving
+out start-up: worker processes, the pool's actors loading the tower, which long epochs amortize).
+Run:
 
-    python benchmarks/bench_ingest.py [--samples 4096] [--lm-samples 192] [--rounds 3] [--workdir DIR]
+    python benchmarks/bench_ingest.py [--samples 8192] [--lm-samples 384] [--rounds 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -96,20 +98,26 @@ class ParquetShards(IterableDataset):
                     yield {"pixels": torch.from_numpy(pixels), "text_tokens": torch.from_numpy(tokenize_captions(self.tower, [caption])[0])}
 
 
-def run_dataloader(files, tower, batched: bool) -> tuple[int, float]:
+def count_batches(batches) -> tuple[int, float, int, float]:
+    """(samples, seconds, samples after the first batch, their seconds): the second pair leaves out
+    start-up (worker processes, the first tasks), which long epochs amortize."""
+    start, samples, first = time.perf_counter(), 0, None
+    for batch in batches:
+        if first is None:
+            first, first_samples = time.perf_counter(), len(batch["pixels"])
+        samples += len(batch["pixels"])
+    end = time.perf_counter()
+    return samples, end - start, samples - first_samples, end - first
+
+
+def run_dataloader(files, tower, batched: bool):
     loader = DataLoader(ParquetShards(files, tower, batched), batch_size=None if batched else BATCH, num_workers=2)
-    start, samples = time.perf_counter(), 0
-    for batch in loader:
-        samples += len(batch["pixels"])
-    return samples, time.perf_counter() - start
+    return count_batches(loader)
 
 
-def run_ray_tower(config) -> tuple[int, float]:
-    start, samples = time.perf_counter(), 0
-    ds = build_tower_dataset(config, stats_group="bench-tower")
-    for batch in ds.iter_torch_batches(batch_size=BATCH, dtypes=torch_dtypes("tower")):
-        samples += len(batch["pixels"])
-    return samples, time.perf_counter() - start
+def run_ray_tower(config):
+    ds = build_tower_dataset(config, stats_group="bench-tower")  # planning counts: it is part of the pass
+    return count_batches(ds.iter_torch_batches(batch_size=BATCH, dtypes=torch_dtypes("tower")))
 
 
 # ---------------------------------------------------------------- stage 2
@@ -169,19 +177,23 @@ def stage1(lines: list[str], root: str, workdir: str, label: str, samples: int, 
     )
     assert all(r[0] == samples for results in s1.values() for r in results), s1
     lines.append(f"\nstage 1, {label}: {samples} records in {len(files)} parquet shards -> {tower.image_size} px + tower tokenizer, batch {BATCH}")
-    lines.append("| pipeline | samples/s |\n| --- | --- |")
-    lines.append(f"| Ray Data build_tower_dataset + iter_torch_batches | {median_rate(s1['ray']):,.0f} |")
-    lines.append(f"| DataLoader, 2 workers, per sample + default collate | {median_rate(s1['loader']):,.0f} |")
-    lines.append(f"| DataLoader, 2 workers, batched like the Ray UDF | {median_rate(s1['loader_batched']):,.0f} |")
+    lines.append("| pipeline | samples/s, whole pass | samples/s after the first batch |\n| --- | --- | --- |")
+    for name, label in (
+        ("ray", "Ray Data build_tower_dataset + iter_torch_batches"),
+        ("loader", "DataLoader, 2 workers, per sample + default collate"),
+        ("loader_batched", "DataLoader, 2 workers, batched like the Ray UDF"),
+    ):
+        lines.append(f"| {label} | {median_rate(s1[name]):,.0f} | {median_rate(s1[name], 2, 3):,.0f} |")
     lines.append(
-        f"\n**Ray / DataLoader: {paired_ratio(s1['ray'], s1['loader']):.2f}x vs per-sample, "
-        f"{paired_ratio(s1['ray'], s1['loader_batched']):.2f}x vs batched** (goal >= 1.3)"
+        f"\n**Ray / DataLoader, whole pass: {paired_ratio(s1['ray'], s1['loader']):.2f}x vs per-sample, "
+        f"{paired_ratio(s1['ray'], s1['loader_batched']):.2f}x vs batched; after the first batch: "
+        f"{paired_ratio(s1['ray'], s1['loader'], 2, 3):.2f}x, {paired_ratio(s1['ray'], s1['loader_batched'], 2, 3):.2f}x** (goal >= 1.3)"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=4096, help="COYO records for stage 1")
+    parser.add_argument("--samples", type=int, default=8192, help="COYO records for stage 1")
     parser.add_argument("--large-px", type=int, default=512, help="side of the large-JPEG stage-1 shards (0: skip)")
     parser.add_argument("--lm-samples", type=int, default=384, help="records per stage-2 format")
     parser.add_argument("--pack-window", type=int, default=64, help="samples per pool call (more calls to share)")
@@ -191,7 +203,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_ingest-")
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     load_before = os.getloadavg()[0]
     lines = [
@@ -200,18 +212,18 @@ def main() -> None:
     ]
 
     # ---- stage 1
-    small = os.path.join(workdir, "stage1")
+    small = os.path.join(workdir, f"stage1_{args.samples}")
     if not os.path.exists(os.path.join(small, "manifest.json")):
         make_synthetic_dataset(small, samples=args.samples, seed=0, eval_samples=8, shard_size=256, video_samples=4)
     stage1(lines, small, workdir, "64 px JPEGs (synthetic writer)", args.samples, args.rounds)
     if args.large_px:
-        large = os.path.join(workdir, f"stage1_{args.large_px}px")
+        large = os.path.join(workdir, f"stage1_{args.samples}_{args.large_px}px")
         if not os.path.exists(os.path.join(large, "coyo", "parquet")):
             write_large_jpeg_shards(os.path.join(large, "coyo", "parquet"), args.samples, args.large_px)
         stage1(lines, large, workdir, f"{args.large_px} px JPEGs", args.samples, args.rounds)
 
     # ---- stage 2: 1 vs 2 actors, and re-encoding vs the cache
-    stage2 = os.path.join(workdir, "stage2")
+    stage2 = os.path.join(workdir, f"stage2_{args.lm_samples}")
     if not os.path.exists(os.path.join(stage2, "manifest.json")):
         make_synthetic_dataset(stage2, samples=args.lm_samples, seed=1, eval_samples=8, shard_size=32, video_samples=args.lm_samples // 4)
     base = [f"data.root={stage2}", f"output_dir={workdir}/out", "data.seq_len=1024", f"data.pack_window={args.pack_window}"]

@@ -116,5 +116,6 @@ def run_tokenize_job(config: Config, tower_path: str | None = None, force: bool 
         if config.cluster.address:
             ray.init(address=config.cluster.address)
         else:
-            ray.init(num_cpus=config.cluster.local_num_cpus, include_dashboard=False)
+            # "local": a new instance even when `ray start` left one running on this machine.
+            ray.init(address="local", num_cpus=config.cluster.local_num_cpus, include_dashboard=False)
     return write_lm_cache(config, tower_path, force=force)
