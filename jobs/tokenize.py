@@ -29,8 +29,8 @@ import json  # noqa: E402
 def main() -> None:
     # Imported here, not above: when this file stands in for the standard `tokenize` during an
     # interpreter-wide import, it must not pull in the project (that import cycle fails).
-    from orchestration.config import load_config
-    from orchestration.data.pipeline import run_tokenize_job
+    from orchestration.config import ConfigError, load_config
+    from orchestration.data.pipeline import CacheMismatchError, run_tokenize_job
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML preset (default: the tiny preset)")
@@ -39,7 +39,10 @@ def main() -> None:
     parser.add_argument("--summary-json", default=None, help="also write the summary here")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args()
-    manifest = run_tokenize_job(load_config(args.config, args.overrides), args.tower, force=args.force)
+    try:
+        manifest = run_tokenize_job(load_config(args.config, args.overrides), args.tower, force=args.force)
+    except (ConfigError, CacheMismatchError) as exc:
+        sys.exit(f"error: {exc}")
     summary = {k: manifest[k] for k in ("rows", "mixture", "skipped", "created_at")}
     summary["tower"] = manifest["fingerprint"]["tower"]
     print(json.dumps(summary, indent=1))
