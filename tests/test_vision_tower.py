@@ -109,6 +109,27 @@ def test_loss_config_variants():
         TowerLossConfig(pixel_loss="l2")
 
 
+def test_pretrained_local_checkpoint_initialises_both_encoders(tower, tmp_path):
+    """`pretrained=` a local open_clip checkpoint (the recipe starts from CLIP/SigLIP weights)."""
+    path = str(tmp_path / "clip.pt")
+    torch.save(tower.clip.state_dict(), path)
+    torch.manual_seed(123)  # a different random init, overwritten by the checkpoint
+    loaded = UnifiedVisionTower(get_tower_config("tiny", pretrained=path))
+    for (k, a), b in zip(tower.clip.state_dict().items(), loaded.clip.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(FileNotFoundError):
+        UnifiedVisionTower(get_tower_config("tiny", pretrained="no-such-tag"))
+
+
+def test_bf16_autocast_step(tower):
+    tower.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tower(torch.rand(2, 3, 32, 32), tower.tokenize(["a", "b"]))
+    assert out["loss_contrastive"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert tower.clip.visual.conv1.weight.grad.abs().sum() > 0
+
+
 # -- encoder splits --------------------------------------------------------------------------
 
 

@@ -200,10 +200,12 @@ class UnifiedVisionTower(nn.Module):
         q = self.quantizer(tokens)
 
         # Contrastive: embedding of the quantized tokens vs the frozen text embedding of the caption.
-        image_emb = F.normalize(self.vision.head(q.quantized), dim=-1)
-        text_emb = self.encode_text(text_tokens).to(image_emb.dtype)
-        logit_scale = self.clip.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp()
-        loss_contrastive = self.contrastive(image_emb, text_emb, logit_scale, self.clip.logit_bias)
+        # (in fp32 even under bf16 autocast: logits of up to 100 x cosine need the precision)
+        image_emb = F.normalize(self.vision.head(q.quantized).float(), dim=-1)
+        text_emb = self.encode_text(text_tokens).float()
+        logit_scale = self.clip.logit_scale.float().clamp(max=_MAX_LOGIT_SCALE).exp()
+        logit_bias = self.clip.logit_bias.float()
+        loss_contrastive = self.contrastive(image_emb, text_emb, logit_scale, logit_bias)
 
         # Reconstruction from the same quantized tokens.
         reconstruction = self.decoder(self._grid(q.quantized))
