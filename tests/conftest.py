@@ -39,7 +39,8 @@ def ray_session():
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_LOGICAL_CPUS, include_dashboard=False, log_to_driver=True)
+        # address="local": always a fresh instance of our own, even if `ray start` runs on this machine.
+        ray.init(address="local", num_cpus=RAY_LOGICAL_CPUS, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 
