@@ -14,6 +14,7 @@ SigLIP (ViT-L-16-SigLIP-256, ViT-SO400M-14-SigLIP-384).
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import open_clip
@@ -64,7 +65,7 @@ def build_clip(config: VisionTowerConfig) -> nn.Module:
             embed_dim=config.embed_dim,
             vision_cfg=vision_cfg,
             text_cfg=text_cfg,
-            init_logit_scale=float(torch.log(torch.tensor(10.0))),
+            init_logit_scale=math.log(10.0),
             init_logit_bias=-10.0,
         )
         if config.pretrained and device.type != "meta":

@@ -60,6 +60,13 @@ class QuantizerOutput:
 
 
 class ResidualQuantizer(nn.Module):
+    """D-depth residual VQ over vectors of size `dim`, one shared codebook or one per depth.
+
+    forward(x) -> QuantizerOutput (training mode also updates the codebook); encode(x) -> codes;
+    decode(codes) -> sum of codes; lookup(codes) -> per-depth code vectors. `chunk_size` rows per
+    nearest-code block bound the search's extra memory; None searches all rows at once.
+    """
+
     def __init__(
         self,
         dim: int,
@@ -235,9 +242,4 @@ class ResidualQuantizer(nn.Module):
         )
 
 
-def naive_distance_bytes(num_vectors: int, codebook_size: int, bytes_per_el: int = 4) -> int:
-    """Memory of the full [N, K] distance matrix the chunked search avoids."""
-    return num_vectors * codebook_size * bytes_per_el
-
-
-__all__ = ["ResidualQuantizer", "QuantizerOutput", "nearest_codes", "naive_distance_bytes"]
+__all__ = ["ResidualQuantizer", "QuantizerOutput", "nearest_codes"]
