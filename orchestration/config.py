@@ -34,12 +34,22 @@ DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 REDACTED = "**********"
 
 
+def absolute_local_path(path: str | None) -> str | None:
+    """A relative local path made absolute against the current directory; URIs pass through.
+
+    Paths are fixed when the config is loaded, on the driver: Ray workers run in other directories.
+    """
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names every bad field and value."""
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
 # ---------------------------------------------------------------- model
@@ -153,6 +163,8 @@ class DataSection(Section):
     cache_dir: str | None = None
     s3: S3Section = S3Section()
 
+    _absolute_paths = field_validator("root", "cache_dir")(absolute_local_path)
+
     @model_validator(mode="after")
     def _some_weight(self) -> "DataSection":
         for field in ("tower_sources", "lm_sources"):
@@ -239,6 +251,8 @@ class ClusterSection(Section):
     max_failures: NonNegativeInt = 0
     fault_injection: FaultInjectionSection = FaultInjectionSection()
 
+    _absolute_paths = field_validator("storage_path")(absolute_local_path)
+
 
 class TrackingSection(Section):
     enabled: bool = True
@@ -293,6 +307,8 @@ class Config(Section):
     cluster: ClusterSection = ClusterSection()
     tracking: TrackingSection = TrackingSection()
     tune: TuneSection = TuneSection()
+
+    _absolute_paths = field_validator("output_dir")(absolute_local_path)
 
     @field_validator("run_name")
     @classmethod
