@@ -65,8 +65,9 @@ def init_ray(config: Config) -> None:
     elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or a user-exported cluster address
         ray.init()
     else:
-        # More logical CPUs than cores: Ray Data and Ray Train deadlock on a 2-core machine otherwise.
-        ray.init(num_cpus=config.cluster.local_num_cpus, include_dashboard=False)
+        # A new local instance ("local": not a `ray start` cluster that may run here). More logical
+        # CPUs than cores: Ray Data and Ray Train deadlock on a 2-core machine otherwise.
+        ray.init(address="local", num_cpus=config.cluster.local_num_cpus, include_dashboard=False)
 
 
 def stage_run_name(config: Config, stage: str) -> str:

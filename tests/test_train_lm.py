@@ -1,6 +1,6 @@
 """Stage 2 on a real local Ray instance: the unified LM on 2 CPU workers with FSDP2 over a frozen
-tower, a worker that dies half-way through a checkpoint save, the rerun of that killed run, and the
-Ray-free export generating an image."""
+tower, checkpoints and export on S3 (the local S3-protocol server), a worker that dies half-way
+through a checkpoint save, the rerun of that killed run, and the Ray-free export generating an image."""
 
 from __future__ import annotations
 
@@ -26,14 +26,21 @@ def tower_export(tmp_path_factory) -> str:
     return str(directory)
 
 
-def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(ray_session, tiny_config, tower_export, tmp_path):
+def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
+    ray_session, tiny_config, tower_export, s3_overrides, s3_server, tmp_path
+):
     from mlflow import MlflowClient
     from ray.train import TrainingFailedError
 
+    from conftest import S3_BUCKET
     from orchestration.launch import fit_lm
+    from orchestration.storage import filesystem
     from orchestration.train.lm import generate_to_files
 
+    storage = f"s3://{S3_BUCKET}/runs-{tmp_path.name}"
     config = tiny_config(
+        *s3_overrides,
+        f"cluster.storage_path={storage}",
         "run_name=t",
         f"lm_train.steps={STEPS}",
         "lm_train.batch_size_per_worker=2",
@@ -50,9 +57,10 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(ra
     )
     with pytest.raises(TrainingFailedError):
         fit_lm(config, tower_export)
-    run_dir = Path(config.cluster.storage_path) / "t-lm"
-    assert (run_dir / f"fault_injected_lm_save_step{STEPS}").is_file()
-    assert [p.name.split("_")[1] for p in run_dir.glob("checkpoint_step*")] == ["step0000003"]
+    fs, run_dir = filesystem(f"{storage}/t-lm", s3_server)
+    assert fs.isfile(f"{run_dir}/fault_injected_lm_save_step{STEPS}")
+    checkpoints = [Path(p).name.split("_")[1] for p in fs.ls(run_dir) if Path(p).name.startswith("checkpoint_step")]
+    assert checkpoints == ["step0000003"]  # the cut-off save of step 6 never became a checkpoint
 
     # Rerunning the killed run resumes from the checkpoint before the cut-off save.
     result = fit_lm(config, tower_export)
@@ -68,6 +76,9 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(ra
     samples = [a.path for a in client.list_artifacts(result.mlflow_run_id, "samples")]
     assert f"samples/step_{STEPS:07d}_0.png" in samples
 
-    # The export loads and generates without Ray.
-    files = generate_to_files(result.export_path, ["a red circle in the top left"], str(tmp_path / "gen"))
+    # The export (on S3) loads and generates without Ray.
+    assert result.export_path.startswith(f"{storage}/t-lm/")
+    fs, export = filesystem(result.export_path, s3_server)
+    fs.get(export + "/", str(tmp_path / "export"), recursive=True)
+    files = generate_to_files(str(tmp_path / "export"), ["a red circle in the top left"], str(tmp_path / "gen"))
     assert len(files) == 1 and Image.open(files[0]).size == (32, 32)

@@ -82,11 +82,13 @@ def shard_model(
     """fully_shard each block (its own all-gather / reduce-scatter group), then the root for the rest.
 
     The last block is not resharded after forward: backward needs it first, so keeping it saves one
-    all-gather per step (torchtitan does the same).
+    all-gather per step (torchtitan does the same). With a single rank nothing is resharded: there is
+    no memory to free, only copies to make.
     """
     promote_scalar_parameters(model)
     blocks = list(blocks)
     for i, block in enumerate(blocks):
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=i < len(blocks) - 1)
+        reshard = mesh.size() > 1 and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored_params or None)
     return model
