@@ -47,6 +47,7 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
         "lm_train.log_every=1",
         f"lm_train.checkpoint_every={CHECKPOINT_EVERY}",
         "lm_train.generate_samples=1",
+        "lm_train.optim.lr=3e-3",
         "cluster.num_workers=2",
         "cluster.max_failures=0",
         # rank 0 writes its shards of the final checkpoint and dies before the save completes
@@ -68,8 +69,18 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
     assert result.history == [[1, CHECKPOINT_EVERY], [CHECKPOINT_EVERY + 1, STEPS]]
 
     client = MlflowClient(tracking_uri=config.tracking_uri)
-    loss = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "loss")}
-    assert loss[STEPS] < loss[1], loss
+
+    def history(name: str) -> list[float]:
+        """Per step, the value of the final lineage (the rerun logged steps 4-6 again)."""
+        points = sorted(client.get_metric_history(result.mlflow_run_id, name), key=lambda m: (m.step, m.timestamp))
+        return list({m.step: m.value for m in points}.values())
+
+    # A step's total loss depends on its mix of text and image targets, so compare the first and last
+    # two steps; the text CE alone falls step by step.
+    loss, loss_text = history("loss"), history("loss_text")
+    assert len(loss) == STEPS
+    assert sum(loss[-2:]) < sum(loss[:2]), loss
+    assert loss_text[-1] < loss_text[0], loss_text
     run = client.get_run(result.mlflow_run_id)
     assert run.data.tags["vilau.stage"] == "lm" and run.info.status == "FINISHED"
     assert {"loss_text", "loss_image", "tokens_per_s", "samples_per_s", "grad_norm", "lr"} <= set(run.data.metrics)

@@ -84,6 +84,9 @@ def test_tower_loss_falls_on_two_fsdp_workers_and_the_export_loads_without_ray(k
     history = {m.step: m.value for m in _mlflow(config).get_metric_history(result.mlflow_run_id, "loss")}
     assert history[STEPS] < 0.8 * history[1], history
     assert result.metrics["global_batch_size"] == 16  # 8 per worker x 2 workers x 1 accumulation
+    # The EMA codebook (a buffer FSDP2 does not shard) stays identical on both ranks at every log step.
+    divergence = _mlflow(config).get_metric_history(result.mlflow_run_id, "codebook_rank_divergence")
+    assert len(divergence) >= STEPS - 1 and all(m.value == 0.0 for m in divergence)
 
     from orchestration.train.tower import load_tower_export
 
@@ -129,7 +132,8 @@ def test_mlflow_run_holds_params_metrics_images_and_no_credentials(killed_run, t
 
 def test_rerun_of_finished_run_resumes_past_a_damaged_latest_checkpoint(killed_run, synthetic_data, s3_overrides):
     """The latest checkpoint loses one rank's part (as if its save was cut off): the rerun refuses it,
-    resumes from the one before, and runs on to the new step count."""
+    resumes from the one before, and runs on to the new step count. The rerun also turns on activation
+    checkpointing and 2-step gradient accumulation: checkpoints do not depend on either."""
     from orchestration.launch import fit_tower
 
     config, first = killed_run
@@ -139,9 +143,13 @@ def test_rerun_of_finished_run_resumes_past_a_damaged_latest_checkpoint(killed_r
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
     out = Path(config.output_dir)
-    again = _config(synthetic_data, out, s3_overrides, f"tower_train.steps={STEPS + 2}", "cluster.max_failures=0")
+    again = _config(
+        synthetic_data, out, s3_overrides, f"tower_train.steps={STEPS + 2}", "cluster.max_failures=0",
+        "tower_train.activation_checkpointing=true", "tower_train.grad_accum=2",
+    )
     result = fit_tower(again)
     assert result.steps_done == STEPS + 2
     assert result.history == [[1, 4], [5, STEPS + 2]]  # from the step-4 checkpoint, step 5 not killed again
     assert result.mlflow_run_id == first.mlflow_run_id  # the same MLflow run continues
+    assert result.metrics["global_batch_size"] == 32  # 8 per worker x 2 workers x 2 accumulation
     assert os.path.isfile(os.path.join(result.export_path, "tower.safetensors"))

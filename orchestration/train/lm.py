@@ -190,6 +190,7 @@ def generate_to_files(export_dir: str, prompts: list[str], out_dir: str, video: 
     model, tokenizer = load_lm_export(export_dir)
     frames = model.config.frames_per_video if video else 1
     results = generate(model, tokenizer, prompts, seed=seed, num_frames=frames, **kwargs)
+    out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for i, result in enumerate(results):

@@ -15,13 +15,14 @@ import os
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from orchestration.config import Config
 from orchestration.train.artifacts import codebook_usage_figure, image_grid
 from orchestration.train.fsdp import match_shapes
-from orchestration.train.trainer import RunInfo, Task, Trainer
+from orchestration.train.trainer import Task, Trainer
 from vilau_model.config import VisionTowerConfig, get_tower_config
 from vilau_model.losses import TowerLossConfig
 from vilau_model.vision_tower import UnifiedVisionTower
@@ -137,6 +138,19 @@ class TowerTask(Task):
         from orchestration.data.stats import skip_counts
 
         return skip_counts("tower")
+
+    @torch.no_grad()
+    def replica_checks(self, model: nn.Module) -> dict[str, float]:
+        """The EMA codebook is a buffer FSDP2 leaves whole on every rank; the quantizer all-reduces its
+        statistics so that every rank holds the same one. Max minus min of checksums across ranks."""
+        q = model.quantizer
+        sums = torch.stack([q.embed.double().sum(), q.ema_count.double().sum(), q.ema_sum.double().sum()])
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return {"codebook_rank_divergence": 0.0}
+        high, low = sums.clone(), sums.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        return {"codebook_rank_divergence": float((high - low).abs().max())}
 
     # -- evaluation -------------------------------------------------------------------------------
 

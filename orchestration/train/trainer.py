@@ -111,6 +111,11 @@ class Task:
     def rows_skipped(self) -> dict[str, int]:
         return {}
 
+    def replica_checks(self, model: nn.Module) -> dict[str, float]:
+        """Collective, at log steps: how far state that every rank must hold identically (not sharded
+        by FSDP, e.g. EMA buffers) has drifted apart across ranks. 0 = identical."""
+        return {}
+
     def evaluate(self, trainer: "Trainer", step: int) -> dict[str, float]:
         """Collective (every rank calls it); returns metrics (rank 0's are logged)."""
         return {}
@@ -307,6 +312,7 @@ class Trainer:
                 continue
             if do_log:
                 metrics = mean_across_ranks(window.means())
+                metrics.update(self.task.replica_checks(self.model))
                 metrics.update(window.summary(self.world, flops_per_token, peak))
                 metrics.update(global_batch_size=global_batch, nonfinite_skipped=self.guard.skipped, epoch=self.state.epoch)
                 if self.rank == 0:  # one reader of the data plane's counters is enough
