@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from orchestration.config import Config, StageSection
-from orchestration.storage import is_s3, join, pyarrow_filesystem
+from orchestration.storage import is_s3, pyarrow_filesystem
 from orchestration.train.tracking import RunInfo, close_run, open_run
 
 log = logging.getLogger(__name__)
@@ -265,12 +265,6 @@ def mlflow_ui_command(config: Config) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri}"
-
-
-def tower_export_file(export_path: str) -> str:
-    from orchestration.train.tower import TOWER_FILE
-
-    return join(export_path, TOWER_FILE)
 
 
 # ---------------------------------------------------------------- job entry points

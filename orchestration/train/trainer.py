@@ -300,7 +300,7 @@ class Trainer:
                     f"starting at step {self.state.step}")
         flops_per_token = self.task.flops_per_token(self.model)
         peak = peak_flops(self.device)
-        batches = self.batches()
+        batches = self.batches() if self.state.step < total else None  # a finished run reads no data
         window = WindowMetrics()
         while self.state.step < total:
             self.train_step(batches, window)
