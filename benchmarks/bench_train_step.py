@@ -3,9 +3,9 @@
 1. Steady-state step time of the Ray Train FSDP2 loop (orchestration.train.trainer, 1 worker, the
    real loop: FSDP2, grad clipping, non-finite guard, metrics, MLflow every log_every, reports) vs a
    bare PyTorch loop (the same tiny tower, AdamW, schedule and clipping, no FSDP, no Ray Train, no Ray
-   Data) on the same batch, with the same number of threads. The bare loop runs in the same Ray Train
-   worker process, right before and right after the Ray loop, so both see the same process (priority,
-   threads, allocator) and, on a shared machine, nearly the same load; several rounds, medians.
+   Data) on the same batch, with the same number of threads. Both run in the same Ray Train worker
+   process, in alternating blocks of steps, so they see the same process (priority, threads,
+   allocator) and, on a shared machine, nearly the same load; medians per step, several rounds.
    Goal: ratio <= 1.03.
 2. The data-wait share of the tiny pretrain (both stages, steady state: the first step, which waits
    for the Ray Data pipeline to start, left out). Goal: <= 2%.
@@ -52,32 +52,30 @@ def fixed_batch(config, size: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"pixels": np.ascontiguousarray(pixels), "text_tokens": tokenize_captions(tower, [s[1] for s in scenes])}
 
 
-def bare_loop(config, batch: dict[str, np.ndarray], steps: int, threads: int) -> float:
-    """Median seconds per step of plain PyTorch on one process."""
-    from orchestration.train.optim import build_optimizer, build_scheduler
-    from vilau_model.vision_tower import UnifiedVisionTower
+class BareLoop:
+    """Plain PyTorch: the same tiny tower, AdamW, schedule and clipping; no FSDP, no Ray."""
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(config.seed)
-    task = TowerTask(config)
-    model = UnifiedVisionTower(task.tower_cfg, tower_loss_config(config))
-    params = model.trainable_parameters()
-    optimizer = build_optimizer(params, config.tower_train.optim)
-    scheduler = build_scheduler(optimizer, config.tower_train.optim, steps)
-    pixels = torch.from_numpy(batch["pixels"])
-    tokens = torch.from_numpy(batch["text_tokens"])
-    starts = []
-    for step in range(steps):
-        starts.append(time.perf_counter())
-        out = model(pixels.float().div(255.0), tokens, step=step)
+    def __init__(self, config, batch: dict[str, np.ndarray], steps: int):
+        from orchestration.train.optim import build_optimizer, build_scheduler
+        from vilau_model.vision_tower import UnifiedVisionTower
+
+        torch.manual_seed(config.seed)
+        self.model = UnifiedVisionTower(TowerTask(config).tower_cfg, tower_loss_config(config))
+        self.params = self.model.trainable_parameters()
+        self.optimizer = build_optimizer(self.params, config.tower_train.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.tower_train.optim, steps)
+        self.grad_clip = config.tower_train.optim.grad_clip
+        self.pixels = torch.from_numpy(batch["pixels"])
+        self.tokens = torch.from_numpy(batch["text_tokens"])
+
+    def step(self, step: int) -> None:
+        out = self.model(self.pixels.float().div(255.0), self.tokens, step=step)
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, config.tower_train.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
         float(out["loss"])  # the Ray loop reads its loss every step as well
-    intervals = sorted(b - a for a, b in zip(starts[WARMUP:], starts[WARMUP + 1 :]))
-    return intervals[len(intervals) // 2]
 
 
 class BenchTowerTask(TowerTask):
@@ -97,22 +95,44 @@ class BenchTowerTask(TowerTask):
 
 
 def bench_worker(loop_config: dict) -> dict:
-    """Bare loop, the real Ray Train FSDP2 loop, bare loop again: all in this worker process."""
+    """In one Ray Train worker, alternating blocks of steps: the bare loop, then the real Ray Train
+    FSDP2 loop (Trainer.step: logging, reports and checkpoints included when they fall due), and so on,
+    so that both see the same process and, on a shared machine, nearly the same load.
+
+    The Ray loop's reader thread works ahead while the bare loop runs, so the first steps of each Ray
+    block find their batches ready; those steps (the read-ahead depth) are left out, so that the cost
+    of reading batches stays with the Ray loop.
+    """
     import torch
 
     from orchestration.train.trainer import Trainer
 
-    threads, steps, batch = loop_config["threads"], loop_config["steps"], loop_config["batch"]
-    torch.set_num_threads(threads)
-    config = loop_config["config"]
-    before = bare_loop(config, batch, steps, threads)
-    summary = Trainer(BenchTowerTask(config), config, loop_config["run"]).fit()
-    after = bare_loop(config, batch, steps, threads)
-    summary["final_metrics"].update(bare_before_s=before, bare_after_s=after)
+    torch.set_num_threads(loop_config["threads"])
+    config, steps, block = loop_config["config"], loop_config["steps"], loop_config["block"]
+    bare = BareLoop(config, loop_config["batch"], steps)
+    trainer = Trainer(BenchTowerTask(config), config, loop_config["run"])
+    trainer.begin()
+    skip_ray = trainer.stream.queue.maxsize + 2  # our read-ahead + Ray Data's prefetch_batches
+    bare_times, ray_times, done = [], [], 0
+    while done < steps:
+        n = min(block, steps - done)
+        for i in range(n):
+            t0 = time.perf_counter()
+            bare.step(done + i)
+            if done + i >= WARMUP:
+                bare_times.append(time.perf_counter() - t0)
+        for i in range(n):
+            t0 = time.perf_counter()
+            trainer.step()
+            if done + i >= WARMUP and i >= skip_ray:
+                ray_times.append(time.perf_counter() - t0)
+        done += n
+    summary = trainer.end()
+    summary["final_metrics"].update(bare_median_s=statistics.median(bare_times), ray_median_s=statistics.median(ray_times))
     return summary
 
 
-def one_round(config, batch: dict[str, np.ndarray], steps: int, threads: int, round_index: int) -> tuple[float, float]:
+def one_round(config, batch: dict[str, np.ndarray], steps: int, threads: int, block: int, round_index: int) -> tuple[float, float]:
     """(bare, Ray) median seconds per step in one Ray Train worker (1 worker), fed the same batch."""
     import ray
 
@@ -122,9 +142,8 @@ def one_round(config, batch: dict[str, np.ndarray], steps: int, threads: int, ro
     dataset = ray.data.from_items(rows * (steps + 2))
     run_config = config.model_copy(update={"run_name": f"{config.run_name}-r{round_index}"})
     result = run_stage(run_config, "tower", config.tower_train, bench_worker, {"train": dataset},
-                       loop_config={"threads": threads, "steps": steps, "batch": batch})
-    m = result.metrics
-    return (m["bare_before_s"] + m["bare_after_s"]) / 2, m["step_interval_median_s"]
+                       loop_config={"threads": threads, "steps": steps, "batch": batch, "block": block})
+    return result.metrics["bare_median_s"], result.metrics["ray_median_s"]
 
 
 def pretrain_wait_shares(summary_path: str | None, workdir: str) -> dict[str, float]:
@@ -142,9 +161,10 @@ def pretrain_wait_shares(summary_path: str | None, workdir: str) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch", type=int, default=16, help="per-worker batch (the tiny preset's is 16)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--block", type=int, default=20, help="steps per block of each loop")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in both loops")
     parser.add_argument("--pretrain-summary", default=None)
     parser.add_argument("--skip-pretrain", action="store_true")
@@ -163,7 +183,7 @@ def main() -> None:
 
     init_ray(config)  # before any Ray Data call, which would start a default (too small) instance
     for r in range(args.rounds):
-        b, t = one_round(config, batch, args.steps, args.threads, r)
+        b, t = one_round(config, batch, args.steps, args.threads, args.block, r)
         bare.append(b)
         ray_times.append(t)
         print(f"round {r}: bare {bare[-1] * 1000:.1f} ms/step, Ray Train FSDP2 {ray_times[-1] * 1000:.1f} ms/step", flush=True)

@@ -289,51 +289,66 @@ class Trainer:
         return scalars
 
     def fit(self) -> dict:
+        self.begin()
+        while self.state.step < self.section.steps:
+            self.step()
+        return self.end()
+
+    def begin(self) -> None:
+        """Build, resume, and get ready for the first step."""
         self.build()
         self.resume()
-        total = self.section.steps
         self.state.start_segment()
         self.state.world_size = self.world
-        global_batch = self.section.batch_size_per_worker * self.world * self.section.grad_accum
-        self._print(f"training {total} steps, global batch {global_batch} "
+        self.global_batch = self.section.batch_size_per_worker * self.world * self.section.grad_accum
+        self._print(f"training {self.section.steps} steps, global batch {self.global_batch} "
                     f"({self.section.batch_size_per_worker} x {self.world} workers x {self.section.grad_accum} accum), "
                     f"starting at step {self.state.step}")
-        flops_per_token = self.task.flops_per_token(self.model)
-        peak = peak_flops(self.device)
-        batches = self.batches() if self.state.step < total else None  # a finished run reads no data
-        window = WindowMetrics()
-        while self.state.step < total:
-            self.train_step(batches, window)
-            step = self.state.step
-            do_log = step % self.section.log_every == 0 or step == total
-            do_eval = self.task.wants_eval(step, total)
-            do_ckpt = step % self.section.checkpoint_every == 0 or step == total
-            if not (do_log or do_eval or do_ckpt):
-                continue
-            if do_log:
-                metrics = mean_across_ranks(window.means())
-                metrics.update(self.task.replica_checks(self.model))
-                metrics.update(window.summary(self.world, flops_per_token, peak))
-                metrics.update(global_batch_size=global_batch, nonfinite_skipped=self.guard.skipped, epoch=self.state.epoch)
-                if self.rank == 0:  # one reader of the data plane's counters is enough
-                    metrics.update({f"rows_skipped/{k}": v for k, v in self.task.rows_skipped().items()})
-                self.state.metrics = metrics
-                if self.rank == 0:
-                    self.logger.log_metrics(metrics, step)
-                    self._print(progress_line(self.task.stage, step, total, metrics))
-                window.reset()
-            report = dict(self.state.metrics, step=step)
-            if do_eval:
-                evaluation = self.task.evaluate(self, step)
-                self.last_eval = evaluation
-                report.update(evaluation)
-                if self.rank == 0:
-                    self.logger.log_metrics(evaluation, step)
-            self.reports.append(report)
-            if do_ckpt:
-                self.save_and_report(report)
-            else:
-                ray.train.report(report)
+        self.flops_per_token = self.task.flops_per_token(self.model)
+        self.peak_flops = peak_flops(self.device)
+        # A finished run (a rerun of it) reads no data.
+        self.stream = self.batches() if self.state.step < self.section.steps else None
+        self.window = WindowMetrics()
+
+    def step(self) -> None:
+        """One optimizer step, then whatever falls due at it: logging, evaluation, checkpoint, report."""
+        self.train_step(self.stream, self.window)
+        step, total = self.state.step, self.section.steps
+        do_log = step % self.section.log_every == 0 or step == total
+        do_eval = self.task.wants_eval(step, total)
+        do_ckpt = step % self.section.checkpoint_every == 0 or step == total
+        if not (do_log or do_eval or do_ckpt):
+            return
+        if do_log:
+            self.log(step, total)
+        report = dict(self.state.metrics, step=step)
+        if do_eval:
+            evaluation = self.task.evaluate(self, step)
+            self.last_eval = evaluation
+            report.update(evaluation)
+            if self.rank == 0:
+                self.logger.log_metrics(evaluation, step)
+        self.reports.append(report)
+        if do_ckpt:
+            self.save_and_report(report)
+        else:
+            ray.train.report(report)
+
+    def log(self, step: int, total: int) -> None:
+        window = self.window
+        metrics = mean_across_ranks(window.means())
+        metrics.update(self.task.replica_checks(self.model))
+        metrics.update(window.summary(self.world, self.flops_per_token, self.peak_flops))
+        metrics.update(global_batch_size=self.global_batch, nonfinite_skipped=self.guard.skipped, epoch=self.state.epoch)
+        if self.rank == 0:  # one reader of the data plane's counters is enough
+            metrics.update({f"rows_skipped/{k}": v for k, v in self.task.rows_skipped().items()})
+        self.state.metrics = metrics
+        if self.rank == 0:
+            self.logger.log_metrics(metrics, step)
+            self._print(progress_line(self.task.stage, step, total, metrics))
+        window.reset()
+
+    def end(self) -> dict:
         self.state.metrics.update(self.data_wait_shares())
         return self.finish()
 
