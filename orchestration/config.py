@@ -8,6 +8,8 @@ wrong types and out-of-range values fail with a :class:`ConfigError` naming the 
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -27,11 +29,13 @@ from pydantic import (
     model_validator,
 )
 
-from vilau_model.config import LM_PRESETS, TOWER_PRESETS
+from vilau_model.config import LM_PRESETS, LMConfig, PAPER_LM_PRESETS, PAPER_TOWER_PRESETS, TOWER_PRESETS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 REDACTED = "**********"
+
+log = logging.getLogger(__name__)
 
 
 def absolute_local_path(path: str | None) -> str | None:
@@ -44,6 +48,17 @@ def absolute_local_path(path: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def pretrained_context(model: "ModelSection") -> int | None:
+    """max_position_embeddings of the pretrained LLM (its local config.json), or None when there is none."""
+    if not model.lm_path or "://" in model.lm_path:
+        return None
+    try:
+        with open(os.path.join(model.lm_path, "config.json")) as f:
+            return int(json.load(f).get("max_position_embeddings") or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names every bad field and value."""
 
@@ -53,6 +68,11 @@ class Section(BaseModel):
 
 
 # ---------------------------------------------------------------- model
+
+
+class RopeScalingSection(Section):
+    type: Literal["linear", "dynamic", "yarn", "llama3"] = "linear"
+    factor: float = Field(default=2.0, gt=1.0)
 
 
 class ModelSection(Section):
@@ -68,6 +88,31 @@ class ModelSection(Section):
     lm_path: str | None = None
     codebook_size: PositiveInt | None = None
     code_depth: PositiveInt | None = None
+    # Pixel normalization of the tower; None = the checkpoint's own preprocessing config.
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None
+    # RoPE scaling of the LLM (transformers `rope_scaling`), e.g. {type: linear, factor: 2.0} to train
+    # 8192-token rows on LLaMA-2's 4096 context.
+    rope_scaling: RopeScalingSection | None = None
+    # Paper presets refuse to start without tower_pretrained / lm_path; true lets them train from random init.
+    allow_random_init: bool = False
+
+    @model_validator(mode="after")
+    def _pretrained_weights_for_paper_presets(self) -> "ModelSection":
+        if self.allow_random_init:
+            return self
+        if self.tower in PAPER_TOWER_PRESETS and not self.tower_pretrained:
+            raise ValueError(
+                f"model.tower_pretrained: required for the paper preset tower={self.tower!r} (the tower does not "
+                "converge from random init); set it to a CLIP/SigLIP checkpoint (open_clip file or directory, or "
+                "a transformers SigLIP directory), or set model.allow_random_init=true"
+            )
+        if self.lm in PAPER_LM_PRESETS and not self.lm_path:
+            raise ValueError(
+                f"model.lm_path: required for the paper preset lm={self.lm!r}; set it to a local LLaMA-2 "
+                "directory (weights + tokenizer), or set model.allow_random_init=true"
+            )
+        return self
 
     @field_validator("tower")
     @classmethod
@@ -91,6 +136,19 @@ class ModelSection(Section):
             overrides["code_depth"] = self.code_depth
         if self.tower_pretrained is not None:
             overrides["pretrained"] = self.tower_pretrained
+        if self.image_mean is not None:
+            overrides["image_mean"] = tuple(self.image_mean)
+        if self.image_std is not None:
+            overrides["image_std"] = tuple(self.image_std)
+        return overrides
+
+    def lm_overrides(self) -> dict[str, Any]:
+        overrides: dict[str, Any] = {}
+        if self.lm_path:
+            overrides["pretrained_path"] = self.lm_path
+        if self.rope_scaling is not None:
+            overrides["rope_scaling_type"] = self.rope_scaling.type
+            overrides["rope_scaling_factor"] = self.rope_scaling.factor
         return overrides
 
 
@@ -221,7 +279,8 @@ class TowerTrainSection(StageSection):
 
 
 class LMTrainSection(StageSection):
-    caption_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Share of generation samples whose prompt is emptied (trains the CFG unconditional branch).
+    caption_dropout: float = Field(default=LMConfig.caption_dropout, ge=0.0, le=1.0)
     generate_samples: NonNegativeInt = 2
 
 
@@ -316,6 +375,19 @@ class Config(Section):
         if not value or "/" in value or value.strip() != value:
             raise ValueError("must be a non-empty name without '/' or surrounding spaces")
         return value
+
+    @model_validator(mode="after")
+    def _warn_beyond_pretrained_context(self) -> "Config":
+        context = pretrained_context(self.model)
+        factor = self.model.rope_scaling.factor if self.model.rope_scaling is not None else 1.0
+        if context and self.data.seq_len > context * factor:
+            log.warning(
+                "data.seq_len=%d exceeds the LLM's pretrained context of %d positions%s; consider "
+                "model.rope_scaling (e.g. {type: linear, factor: %g})",
+                self.data.seq_len, context, f" x RoPE factor {factor:g}" if factor != 1.0 else "",
+                self.data.seq_len / context,
+            )
+        return self
 
     def resolve_path(self, path: str) -> str:
         """A data path under data.root unless it is absolute or a URI."""

@@ -282,10 +282,13 @@ def job_parser(description: str):
 
 
 def load_job_config(args) -> Config:
-    from orchestration.config import load_config
+    from orchestration.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return load_config(args.config, args.overrides)  # fails here, before Ray starts, on a bad config
+    try:
+        return load_config(args.config, args.overrides)  # fails here, before Ray starts, on a bad config
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def write_summary(path: str | None, summary: dict[str, Any]) -> None:

@@ -40,8 +40,14 @@ class VisionTowerConfig:
     search_chunk_size: int = 4096
     # Pixel decoder
     decoder_channels: tuple[int, ...] = (64, 32)
-    # open_clip tag or local checkpoint path; None = random init
+    # Where the encoders' weights come from; None = random init. One of: an open_clip tag (with an open_clip
+    # `clip_model` name), a local open_clip checkpoint file, a local open_clip directory (open_clip_config.json +
+    # weights, what `hf-hub:` repos hold), or a transformers SigLIP directory (`SiglipModel.save_pretrained`).
     pretrained: str | None = None
+    # Pixel normalization (RGB in [0, 1] -> (x - mean) / std). None = the checkpoint's own preprocessing
+    # config (see encoders.resolve_normalization); the tower stores the values it used in its weights.
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
     # Local HF tokenizer directory for open_clip models whose tokenizer needs the hub (SigLIP).
     tokenizer_path: str | None = None
     decoder_res_blocks: int = 1  # residual blocks per decoder stage
@@ -75,9 +81,22 @@ class LMConfig:
     depth_hidden_size: int = 64
     frames_per_video: int = 8
     max_images_per_doc: int = 6
+    # RoPE scaling for training beyond the pretrained context (LLaMA-2: 4096) passed to transformers as
+    # `rope_scaling={"rope_type": type, "factor": factor}`; None = no scaling.
+    rope_scaling_type: str | None = None
+    rope_scaling_factor: float = 1.0
+    # Probability that a generation sample's prompt is emptied, so that the unconditional branch of
+    # classifier-free guidance is trained (DESIGN.md 4: CFG at s = 3).
+    caption_dropout: float = 0.1
     cfg_scale: float = 3.0
     top_k: int = 900
     top_p: float = 0.96
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        if self.rope_scaling_type is None:
+            return None
+        return {"rope_type": self.rope_scaling_type, "factor": float(self.rope_scaling_factor)}
 
 
 TOWER_PRESETS: dict[str, VisionTowerConfig] = {
@@ -151,6 +170,12 @@ LM_PRESETS: dict[str, LMConfig] = {
         depth_hidden_size=1024,
     ),
 }
+
+
+# Presets at the paper's scale: they are meant to start from pretrained weights (the tower does not converge
+# from scratch), so the run configuration refuses them without weights unless told otherwise.
+PAPER_TOWER_PRESETS = frozenset({"vilau-256", "vilau-384"})
+PAPER_LM_PRESETS = frozenset({"vilau-7b"})
 
 
 def get_tower_config(name: str, **overrides) -> VisionTowerConfig:

@@ -34,9 +34,11 @@ def build_llm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
     the embeddings are resized for the markers (new rows start at the mean of the old ones); otherwise a
     random-init LLaMA of the preset's shapes (this also works under `torch.device("meta")`).
     """
+    # RoPE scaling stretches the pretrained context (LLaMA-2: 4096) to the training row length (8192).
+    rope = {"rope_scaling": config.rope_scaling} if config.rope_scaling else {}
     if config.pretrained_path:
         llm = AutoModelForCausalLM.from_pretrained(
-            config.pretrained_path, local_files_only=True, attn_implementation=config.attn_implementation
+            config.pretrained_path, local_files_only=True, attn_implementation=config.attn_implementation, **rope
         )
         if llm.get_input_embeddings().weight.shape[0] != vocab_size:
             llm.resize_token_embeddings(vocab_size, mean_resizing=True)
@@ -56,6 +58,7 @@ def build_llm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
         eos_token_id=2,
         pad_token_id=None,
         attn_implementation=config.attn_implementation,
+        **rope,
     )
     return LlamaForCausalLM(llama)
 

@@ -67,7 +67,7 @@ DECODED_SCHEMA = pa.schema(
 
 
 def lm_config(config: Config) -> LMConfig:
-    return get_lm_config(config.model.lm, **({"pretrained_path": config.model.lm_path} if config.model.lm_path else {}))
+    return get_lm_config(config.model.lm, **config.model.lm_overrides())
 
 
 # ---------------------------------------------------------------- the LLM tokenizer
