@@ -13,6 +13,12 @@ Codes are integer arrays [H, W, D] for an image and [T, H, W, D] for a video (T 
 A visual block is `<im_start>` (or `<vi_start>`), one position per grid cell in row-major order (a
 video's frames one after another), then `<im_end>` (`<vi_end>`). Every sequence starts with BOS.
 
+Text is tokenized once per sample, as one string: all text pieces joined (EOS written as the tokenizer's
+EOS token), the visual blocks left out and put back between the tokens at their character positions,
+and each token supervised or not by the piece its last character belongs to. So the text ids are exactly
+the tokenization of the joined text: with LLaMA's SentencePiece tokenizer, tokenizing each piece alone
+would add a spurious `▁` at the start of every answer and sentence (transformers#26273).
+
 `SequenceBuilder.build(sample) -> BuiltSequence | None` lays one sample out. Over-long samples are cut
 only in text, never inside a visual block: the builder keeps the longest prefix that fits, where a text
 piece may be cut and a visual block is kept whole or not at all; a sample with no supervised token
@@ -46,6 +52,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+import bisect
 
 import numpy as np
 import torch
@@ -162,6 +170,14 @@ class _Text:
 
 
 @dataclass
+class _Str:
+    """Text not tokenized yet: a sample's `_Str` pieces are joined and tokenized together."""
+
+    text: str
+    supervised: bool
+
+
+@dataclass
 class _Visual:
     codes: np.ndarray  # [N, D]
     start: int
@@ -216,7 +232,7 @@ class SequenceBuilder:
             pieces = self._conversation(sample)
         else:
             raise TypeError(f"unknown sample type {type(sample).__name__}")
-        return self._assemble(pieces)
+        return self._assemble(self._tokenize(pieces))
 
     def build_many(self, samples: Iterable[Sample]) -> Iterator[BuiltSequence]:
         for sample in samples:
@@ -231,10 +247,8 @@ class SequenceBuilder:
 
     def understanding_prompt(self, codes: np.ndarray, text: str = "") -> BuiltSequence:
         """[BOS, image block, text]: a prompt for captioning / answering about an image (no EOS)."""
-        pieces = [_Text([self.ids.bos], False), self._image_block(codes, False)]
-        if text:
-            pieces.append(_Text(self._tok(text), False))
-        return _concat(pieces, self.code_depth, self.ids.visual)
+        pieces = [_Text([self.ids.bos], False), self._image_block(codes, False), _Str(text, False)]
+        return _concat(self._tokenize(pieces), self.code_depth, self.ids.visual)
 
     # -- layouts ----------------------------------------------------------------------------------------
 
@@ -242,8 +256,8 @@ class SequenceBuilder:
         return [
             _Text([self.ids.bos], False),
             self._image_block(s.codes, supervised=False),
-            _Text(self._tok(s.text), True),
-            _Text([self.ids.eos], True),
+            _Str(s.text, True),
+            self._eos(True),
         ]
 
     def _generation(self, text: str, codes: np.ndarray, video: bool) -> list:
@@ -251,7 +265,7 @@ class SequenceBuilder:
             text = ""
             self.stats["captions_dropped"] += 1
         block = self._video_block(codes, True) if video else self._image_block(codes, True)
-        return [_Text([self.ids.bos] + self._tok(text), False), block, _Text([self.ids.eos], True)]
+        return [_Text([self.ids.bos], False), _Str(text, False), block, self._eos(True)]
 
     def _interleaved(self, s: InterleavedSample) -> list:
         if len(s.images) != len(s.image_sentence):
@@ -270,10 +284,10 @@ class SequenceBuilder:
             for i in before.get(j, []):
                 pieces.append(self._image_block(s.images[i], supervised=False))
             # Sentences are joined by a space; the first one starts the document.
-            pieces.append(_Text(self._tok(sentence if j == 0 else " " + sentence), True))
+            pieces.append(_Str(sentence if j == 0 else " " + sentence, True))
         if not s.sentences:  # images only: nothing to supervise, dropped by _assemble
             pieces += [self._image_block(s.images[i], False) for i in before.get(0, [])]
-        pieces.append(_Text([self.ids.eos], True))
+        pieces.append(self._eos(True))
         return pieces
 
     def _conversation(self, s: ConversationSample) -> list:
@@ -294,14 +308,14 @@ class SequenceBuilder:
                 parts = t.text.split(IMAGE_PLACEHOLDER)
                 text = prefix + "USER: " + parts[0]
                 for part in parts[1:]:
-                    pieces.append(_Text(self._tok(text), False))
+                    pieces.append(_Str(text, False))
                     pieces.append(self._image_block(s.codes, supervised=False))
                     text = part
-                pieces.append(_Text(self._tok(text + " ASSISTANT:"), False))
+                pieces.append(_Str(text + " ASSISTANT:", False))
                 prefix = ""
             elif t.role in _ASSISTANT_ROLES:
-                pieces.append(_Text(self._tok(" " + t.text), True))
-                pieces.append(_Text([self.ids.eos], True))
+                pieces.append(_Str(" " + t.text, True))
+                pieces.append(self._eos(True))
             else:
                 raise ValueError(f"unknown conversation role {t.role!r}")
         return pieces
@@ -310,6 +324,51 @@ class SequenceBuilder:
 
     def _tok(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def _eos(self, supervised: bool) -> _Str:
+        # Written as text so that what follows it is tokenized as in the joined text (as LLaVA's Vicuna
+        # template does: `... answer</s>USER: ...` is one string).
+        return _Str(self.tokenizer.eos_token, supervised)
+
+    def _tokenize(self, pieces: list) -> list:
+        """`_Str` pieces -> `_Text` runs: the joined text tokenized once (see the module docstring).
+
+        Visual blocks and id pieces (BOS) go back before the first token that starts at or after their
+        character position; a token that straddles it (never at a word boundary) keeps the block after it.
+        """
+        parts, ends, supervised, inserts = [], [], [], []
+        position = 0
+        for p in pieces:
+            if isinstance(p, _Str):
+                if p.text:
+                    parts.append(p.text)
+                    position += len(p.text)
+                    ends.append(position)
+                    supervised.append(p.supervised)
+            else:
+                inserts.append((position, p))
+        text = "".join(parts)
+        if text:
+            encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            tokens = zip(encoding.input_ids, encoding.offset_mapping)
+        else:
+            tokens = iter(())
+        out: list = []
+        run: _Text | None = None
+        k = 0
+        for token, (start, end) in tokens:
+            while k < len(inserts) and inserts[k][0] <= start:
+                out.append(inserts[k][1])
+                run = None
+                k += 1
+            char = end - 1 if end > start else start
+            sup = supervised[min(bisect.bisect_right(ends, char), len(ends) - 1)]
+            if run is None or run.supervised != sup:
+                run = _Text([], sup)
+                out.append(run)
+            run.ids.append(token)
+        out += [p for _, p in inserts[k:]]
+        return out
 
     def _image_block(self, codes: np.ndarray, supervised: bool) -> _Visual:
         codes = np.asarray(codes)
