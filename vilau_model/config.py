@@ -79,6 +79,8 @@ class LMConfig:
     depth_layers: int = 2
     depth_heads: int = 4
     depth_hidden_size: int = 64
+    # Depth-head logits (positions x D x codebook) computed at once in the loss; None = all (unbounded).
+    depth_loss_chunk_logits: int | None = 2**25
     frames_per_video: int = 8
     max_images_per_doc: int = 6
     # RoPE scaling for training beyond the pretrained context (LLaMA-2: 4096) passed to transformers as

@@ -10,13 +10,21 @@ small causal transformer, whose input sequence for a position is
 plus a learned depth position embedding. The cumulative sum is what the residual quantizer has
 reconstructed so far, so depth d sees "the image feature up to depth d-1" and predicts the next residual.
 One output head, shared by all depths, scores the codebook.
+
+`depth_cross_entropy_sum` is the training loss over many positions. Its logits are [N, D, codebook]: at
+vilau-384 one 8192-token row holds 5832 visual positions x 16 depths x 16384 codes, ~6 GB in fp32 (and
+as much again for the softmax and the gradient), so it runs in chunks of positions, each recomputed in
+the backward pass: memory is bounded by the chunk, whatever N, D and the codebook size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class _Block(nn.Module):
@@ -81,3 +89,40 @@ class DepthTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+def depth_cross_entropy_sum(
+    depth: DepthTransformer,
+    h: torch.Tensor,
+    target_codes: torch.Tensor,
+    code_vectors: Callable[[torch.Tensor], torch.Tensor],
+    max_logits_per_chunk: int | None = 2**25,
+) -> torch.Tensor:
+    """Sum over positions and depths of the cross-entropy of the teacher-forced depth logits.
+
+    h: [N, llm_hidden] the states predicting each position; target_codes: LongTensor[N, D];
+    code_vectors: codes [n, D] -> code vectors [n, D, code_width] (no gradient needed).
+    max_logits_per_chunk: logits (positions x D x codebook) computed at once; chunks beyond the first are
+        recomputed in the backward pass instead of kept. None = all positions at once (the unbounded
+        reference). N = 0 still runs the depth transformer (on an empty batch), so that every FSDP rank
+        runs the same modules whatever its data holds.
+    """
+    n, d = target_codes.shape
+    per_chunk = n if max_logits_per_chunk is None else max(1, max_logits_per_chunk // (d * depth.codebook_size))
+    if n <= per_chunk:
+        return _depth_ce_sum(depth, h, target_codes, code_vectors)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, per_chunk):
+        chunk = (h[start : start + per_chunk], target_codes[start : start + per_chunk])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_depth_ce_sum, depth, *chunk, code_vectors, use_reentrant=False)
+        else:
+            total = total + _depth_ce_sum(depth, *chunk, code_vectors)
+    return total
+
+
+def _depth_ce_sum(depth: DepthTransformer, h: torch.Tensor, codes: torch.Tensor, code_vectors) -> torch.Tensor:
+    with torch.no_grad():
+        vectors = code_vectors(codes)  # [n, D, width]
+    logits = depth(h, vectors[:, :-1]).float()  # [n, D, K]; fp32 for the softmax
+    return F.cross_entropy(logits.reshape(-1, depth.codebook_size), codes.reshape(-1), reduction="sum")

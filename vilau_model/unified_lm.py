@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from vilau_model.config import LMConfig
-from vilau_model.depth_transformer import DepthTransformer
+from vilau_model.depth_transformer import DepthTransformer, depth_cross_entropy_sum
 from vilau_model.sequence import IGNORE_INDEX
 from vilau_model.tokenizer import SpecialIds
 
@@ -137,10 +137,10 @@ class UnifiedLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, codes: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
         embeds = self.llm.get_input_embeddings()(input_ids.long())
-        if is_visual.any():
-            embeds = embeds.clone()
-            embeds[is_visual] = self.visual_embeddings(codes[is_visual]).to(embeds.dtype)
-        return embeds
+        # The projector runs even on no visual position (an empty batch): under FSDP2 every rank must go
+        # through the same modules, or one rank joins a collective the others skip.
+        visual = self.visual_embeddings(codes[is_visual]).to(embeds.dtype)
+        return embeds.index_put((is_visual,), visual)
 
     def boundaries_from_positions(self) -> bool:
         """True when the attention backend takes sample boundaries from the restarting position_ids
@@ -220,10 +220,12 @@ class UnifiedLM(nn.Module):
         text_logits = self.llm.get_output_embeddings()(h[text_sel]).float()
         sum_text = F.cross_entropy(text_logits, target[text_sel], reduction="sum")
 
+        # Depth-head CE in chunks of positions (never all [N, D, K] logits at once); it runs, like the LM
+        # head, also when N = 0, so every rank goes through the same FSDP modules.
         target_codes = codes[:, 1:][image_sel].long()  # [N, D]
-        vectors = self.code_vectors(target_codes)  # [N, D, width]
-        depth_logits = self.depth(h[image_sel], vectors[:, :-1]).float()  # [N, D, K]
-        sum_image = F.cross_entropy(depth_logits.reshape(-1, self.codebook_size), target_codes.reshape(-1), reduction="sum")
+        sum_image = depth_cross_entropy_sum(
+            self.depth, h[image_sel], target_codes, self.code_vectors, self.config.depth_loss_chunk_logits
+        )
 
         num_text = text_sel.sum()
         num_image = image_sel.sum()

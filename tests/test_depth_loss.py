@@ -1,0 +1,60 @@
+"""The depth-head cross-entropy in chunks of positions equals the all-at-once version, loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vilau_model.depth_transformer import DepthTransformer, depth_cross_entropy_sum
+
+D, K, WIDTH = 4, 64, 16
+
+
+def setup(n: int, seed: int = 0):
+    torch.manual_seed(seed)
+    depth = DepthTransformer(llm_hidden_size=24, code_width=WIDTH, code_depth=D, codebook_size=K,
+                             hidden_size=32, layers=2, heads=4)
+    codebook = torch.randn(K, WIDTH)
+    h = torch.randn(n, 24, requires_grad=True)
+    codes = torch.randint(0, K, (n, D))
+    return depth, codebook, h, codes
+
+
+def loss_and_grads(depth, codebook, h, codes, chunk):
+    depth.zero_grad(set_to_none=True)
+    h.grad = None
+    loss = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], max_logits_per_chunk=chunk)
+    loss.backward()
+    return loss.detach(), h.grad.clone(), {n: p.grad.clone() for n, p in depth.named_parameters()}
+
+
+@pytest.mark.parametrize("positions_per_chunk", [1, 5, 36])
+def test_chunked_equals_full(positions_per_chunk):
+    depth, codebook, h, codes = setup(37)
+    full = loss_and_grads(depth, codebook, h, codes, None)
+    chunked = loss_and_grads(depth, codebook, h, codes, positions_per_chunk * D * K)
+    torch.testing.assert_close(chunked[0], full[0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(chunked[1], full[1], rtol=1e-5, atol=1e-6)
+    for name, grad in full[2].items():
+        torch.testing.assert_close(chunked[2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # and it is the plain mean-free CE over all positions x depths
+    logits = depth(h, codebook[codes][:, :-1]).float()
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, K), codes.reshape(-1), reduction="sum")
+    torch.testing.assert_close(full[0], reference.detach())
+
+
+def test_no_positions_still_runs_the_depth_transformer():
+    depth, codebook, h, codes = setup(0)
+    loss, _, grads = loss_and_grads(depth, codebook, h, codes, 2 * D * K)
+    assert loss.item() == 0.0
+    # every parameter took part (zero gradient), as FSDP2 needs on a rank without visual positions
+    assert set(grads) == {n for n, _ in depth.named_parameters()}
+    assert all((g == 0).all() for g in grads.values())
+
+
+def test_no_grad_chunks_without_recomputation():
+    depth, codebook, h, codes = setup(20)
+    with torch.no_grad():
+        a = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], max_logits_per_chunk=3 * D * K)
+        b = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], max_logits_per_chunk=None)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
