@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from vilau_model.config import VisionTowerConfig
 from vilau_model.decoder import PixelDecoder
 from vilau_model.encoders import (
+    ClipSource,
     build_clip,
     build_tokenizer,
-    image_mean_std,
+    checkpoint_normalization,
+    clip_source,
     text_modules,
     text_parameters,
     vision_adapter,
@@ -55,22 +57,32 @@ _MAX_LOGIT_SCALE = 4.6052  # log(100), as CLIP clamps the temperature
 
 
 class UnifiedVisionTower(nn.Module):
-    def __init__(self, config: VisionTowerConfig, loss_config: TowerLossConfig | None = None):
+    """source: where the encoders come from (default: resolved from the config, see
+    `vilau_model.encoders.clip_source`); `load` passes the export's own, without weights."""
+
+    def __init__(self, config: VisionTowerConfig, loss_config: TowerLossConfig | None = None,
+                 source: ClipSource | None = None):
         super().__init__()
+        self.source = source or clip_source(config)
+        # The normalization the checkpoint was trained with (or the config's explicit one). It is kept in
+        # the config (exports record it) and in persistent buffers (state dicts carry it), so stage 1, the
+        # tokenization pool, evaluation and generation all normalize the same way.
+        mean, std, where = checkpoint_normalization(config, self.source)
+        log.info("vision tower %s: pixel normalization mean=%s std=%s from %s", config.name, mean, std, where)
+        config = dataclasses.replace(config, image_mean=tuple(mean), image_std=tuple(std))
         self.config = config
         self.loss_config = loss_config or TowerLossConfig(commitment_weight=config.commitment_weight)
         lc = self.loss_config
 
-        self.clip = build_clip(config)
+        self.clip = build_clip(config, self.source)
         self.vision = vision_adapter(self.clip)  # views into self.clip.visual (no new weights)
         if self.vision.width != config.width or self.vision.grid_size != (config.grid_size, config.grid_size):
             raise ValueError(
                 f"{config.clip_model}: encoder width {self.vision.width}, grid {self.vision.grid_size} do not "
                 f"match the config's width {config.width}, grid {config.grid_size}"
             )
-        mean, std = image_mean_std(self.clip)
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         if getattr(self.clip, "logit_bias", None) is None:
             # CLIP checkpoints have no bias; the sigmoid loss needs one (SigLIP init: -10).
             self.clip.logit_bias = nn.Parameter(torch.full_like(self.clip.logit_scale, -10.0))
@@ -145,7 +157,7 @@ class UnifiedVisionTower(nn.Module):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """LongTensor[B, context_length]. Raises for SigLIP names without a local tokenizer_path."""
         if self._tokenizer is None:
-            self._tokenizer = build_tokenizer(self.config)
+            self._tokenizer = build_tokenizer(self.config, self.source)
         return self._tokenizer(texts)
 
     @torch.no_grad()
@@ -256,23 +268,42 @@ class UnifiedVisionTower(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("perceptual.")}
 
     def save(self, path: str) -> None:
-        """All tower weights (encoders, codebook and EMA state, decoder, discriminator) in safetensors."""
+        """All tower weights (encoders, codebook and EMA state, decoder, discriminator, pixel normalization)
+        in safetensors; the metadata describes the encoder architecture, so the file loads without the
+        pretrained checkpoint it started from."""
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous().cpu() for k, v in self._saved_state().items()}
-        save_file(state, path, metadata={"config_name": self.config.name, "clip_model": self.config.clip_model})
+        metadata = {"config_name": self.config.name, "clip_model": self.config.clip_model,
+                    "clip_source": self.source.without_weights().to_json()}
+        save_file(state, path, metadata=metadata)
 
     @classmethod
     def load(
         cls, path: str, config: VisionTowerConfig, loss_config: TowerLossConfig | None = None
     ) -> "UnifiedVisionTower":
-        """Build the tower (random init, no pretrained download) and load weights saved by `save`."""
+        """Build the tower's architecture (no pretrained weights read) and load the weights saved by `save`,
+        pixel normalization included."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        tower = cls(dataclasses.replace(config, pretrained=None), loss_config)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "clip_source" in metadata:
+            source = ClipSource.from_json(metadata["clip_source"])
+        else:  # exports from before the source was recorded
+            source = clip_source(dataclasses.replace(config, pretrained=None))
+        tower = cls(dataclasses.replace(config, pretrained=None), loss_config, source)
         state = load_file(path)
         missing, unexpected = tower.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("perceptual.")]
+        if set(missing) & {"pixel_mean", "pixel_std"}:
+            log.warning("%s: an export without its pixel normalization; using %s / %s", path,
+                        tower.config.image_mean, tower.config.image_std)
+            missing = [k for k in missing if k not in ("pixel_mean", "pixel_std")]
         if missing or unexpected:
             raise RuntimeError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        # the normalization the weights were trained with, also in the config (exports, data plane)
+        tower.config = dataclasses.replace(tower.config, image_mean=tuple(tower.pixel_mean.flatten().tolist()),
+                                           image_std=tuple(tower.pixel_std.flatten().tolist()))
         return tower

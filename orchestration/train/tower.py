@@ -105,15 +105,9 @@ class TowerTask(Task):
         return UnifiedVisionTower(self.tower_cfg, tower_loss_config(self.config))
 
     def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:
-        visual, lists = model.clip.visual, []
-        if hasattr(visual, "transformer"):  # open_clip ViT
-            lists.append(visual.transformer.resblocks)
-        else:  # timm trunk (SigLIP)
-            lists.append(visual.trunk.blocks)
-        text = getattr(model.clip, "transformer", None) or getattr(getattr(model.clip, "text", None), "transformer", None)
-        if text is not None and hasattr(text, "resblocks"):
-            lists.append(text.resblocks)
-        return lists
+        from vilau_model.encoders import block_lists
+
+        return block_lists(model.clip)  # open_clip ViT, timm trunk (SigLIP) or transformers SigLIP
 
     def extra_units(self, model: nn.Module) -> list[nn.Module]:
         return [model.decoder]
