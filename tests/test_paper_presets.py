@@ -75,3 +75,26 @@ def test_pretrain_job_without_weights_exits_before_ray(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("ray*")) and not (tmp_path / "mlflow.db").exists()
     print(f"exited in {time.monotonic() - started:.1f} s")  # information only: tests never assert on time
+
+
+def test_small_pair_builds_on_meta_for_one_gpu():
+    import torch
+
+    from vilau_model.config import get_tower_config
+    from vilau_model.unified_lm import UnifiedLM
+    from vilau_model.vision_tower import UnifiedVisionTower
+
+    tower_cfg = get_tower_config("small")
+    with torch.device("meta"):
+        tower = UnifiedVisionTower(tower_cfg)
+        model = UnifiedLM(get_lm_config("small"), tower)
+        tokens = tower.vision.penultimate(torch.empty(1, 3, 256, 256))
+    assert (tower_cfg.grid_size, tower_cfg.code_depth, tower_cfg.codebook_size) == (16, 4, 16384)
+    assert tokens.shape == (1, 256, 768)
+    assert tower.config.image_mean == (0.5, 0.5, 0.5)  # SigLIP's normalization, from open_clip's tags
+    llm = sum(p.numel() for p in model.llm.parameters())
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    assert 250e6 < llm < 400e6
+    # bf16 weights + fp32 grads + AdamW (fp32 master, 2 moments) ~ 18 bytes per trainable parameter
+    assert trainable * 18 < 16 * 2**30
+    print(f"small: LLM {llm / 1e6:.0f}M, trainable {trainable / 1e6:.0f}M, tower {tower.num_parameters()}")

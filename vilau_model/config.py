@@ -1,7 +1,8 @@
 """Model presets as dataclasses.
 
-`tiny` runs in seconds on a CPU and is what tests and the embedded default use; `vilau-256`,
-`vilau-384` and `vilau-7b` carry the paper's shapes (DESIGN.md section 4).
+`tiny` runs in seconds on a CPU and is what tests and the embedded default use; `small` (tower and LM)
+trains on one 24-80 GB GPU; `vilau-256`, `vilau-384` and `vilau-7b` carry the paper's shapes (DESIGN.md
+section 4).
 """
 
 from __future__ import annotations
@@ -114,6 +115,26 @@ TOWER_PRESETS: dict[str, VisionTowerConfig] = {
         code_depth=4,
         search_chunk_size=1024,
     ),
+    # For trying the method on one 24-80 GB GPU before the paper scale: SigLIP-B/16 at 256 px, 16x16 grid,
+    # D=4, 16384 codes (initialise it from the ViT-B-16-SigLIP-256 weights).
+    "small": VisionTowerConfig(
+        name="small",
+        clip_model="ViT-B-16-SigLIP-256",
+        image_size=256,
+        patch_size=16,
+        width=768,
+        layers=12,
+        heads=12,
+        text_width=768,
+        text_layers=12,
+        text_heads=12,
+        context_length=64,
+        text_vocab_size=32000,
+        embed_dim=768,
+        codebook_size=16384,
+        code_depth=4,
+        decoder_channels=(256, 128, 64, 32),
+    ),
     # SigLIP-L/16 at 256 px: 16x16 grid, D=4
     "vilau-256": VisionTowerConfig(
         name="vilau-256",
@@ -157,6 +178,20 @@ TOWER_PRESETS: dict[str, VisionTowerConfig] = {
 
 LM_PRESETS: dict[str, LMConfig] = {
     "tiny": LMConfig(name="tiny"),
+    # A ~0.3B LLaMA-shaped LM (LLaMA-2's 32000-token vocabulary) to pair with the `small` tower on one GPU.
+    "small": LMConfig(
+        name="small",
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_layers=20,
+        num_heads=16,
+        num_kv_heads=16,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        depth_layers=2,
+        depth_heads=8,
+        depth_hidden_size=512,
+    ),
     # LLaMA-2-7B shapes
     "vilau-7b": LMConfig(
         name="vilau-7b",

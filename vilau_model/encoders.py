@@ -108,7 +108,9 @@ def clip_source(config: VisionTowerConfig) -> ClipSource:
     """Resolve the config's `clip_model` / `pretrained` into a `ClipSource` (reads only small JSON files)."""
     name, weights = config.clip_model, config.pretrained
     if name.startswith("local-dir:"):
-        name, weights = "open_clip_dir", name[len("local-dir:"):]
+        weights = name[len("local-dir:"):]
+        if not os.path.isfile(os.path.join(weights, OPEN_CLIP_CONFIG)):
+            raise FileNotFoundError(f"clip_model={name!r}: no {OPEN_CLIP_CONFIG} in that directory")
     elif name.startswith("hf-hub:"):
         from open_clip.factory import _get_hf_config
 
@@ -176,7 +178,7 @@ def build_clip(config: VisionTowerConfig, source: ClipSource | None = None) -> n
     elif source.kind == "open_clip_config":
         model = _open_clip_from_cfg(source.model_cfg, weights, device)
     elif source.kind == "open_clip":
-        model = open_clip.create_model(config.clip_model, pretrained=weights, device=device)
+        model = open_clip.create_model(source.name, pretrained=weights, device=device)
     else:
         vision_cfg = dict(
             image_size=config.image_size,
