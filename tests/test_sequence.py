@@ -221,3 +221,19 @@ def test_prompts_for_generation_and_understanding(tokenizer):
     assert b.generation_prompt("") == [b.ids.bos]  # the unconditional prompt
     p = b.understanding_prompt(grid(2, 2), "what is in the image?")
     assert render(tokenizer, p) == "<s><im_start>####<im_end>what is in the image?"
+
+
+def test_default_caption_dropout_trains_the_unconditional_prompt_of_cfg(tokenizer):
+    from vilau_model.config import get_lm_config
+
+    rate = get_lm_config("tiny").caption_dropout
+    assert rate == 0.1  # the training default (lm_train.caption_dropout follows it)
+    b = SequenceBuilder(tokenizer, code_depth=D, caption_dropout=rate, seed=1)
+    seqs = [b.build(GenerationSample(text="a red circle", codes=grid(2, 2))) for _ in range(400)]
+    unconditional = [s for s in seqs if s.input_ids[1] == b.ids.im_start]
+    assert len(unconditional) == b.stats["captions_dropped"] and 20 <= len(unconditional) <= 65
+    # what the model learns without a caption is exactly the unconditional stream that generation runs
+    # under classifier-free guidance: [BOS, <im_start>] then the codes
+    for s in unconditional:
+        assert s.input_ids[:2].tolist() == b.generation_prompt("") + [b.ids.im_start]
+        assert render(tokenizer, s) == "<s>{<im_start>####<im_end></s>}"
