@@ -306,4 +306,6 @@ class UnifiedVisionTower(nn.Module):
         # the normalization the weights were trained with, also in the config (exports, data plane)
         tower.config = dataclasses.replace(tower.config, image_mean=tuple(tower.pixel_mean.flatten().tolist()),
                                            image_std=tuple(tower.pixel_std.flatten().tolist()))
+        log.info("vision tower %s loaded from %s: pixel normalization mean=%s std=%s", config.name, path,
+                 tower.config.image_mean, tower.config.image_std)
         return tower
