@@ -98,3 +98,10 @@ def test_small_pair_builds_on_meta_for_one_gpu():
     # bf16 weights + fp32 grads + AdamW (fp32 master, 2 moments) ~ 18 bytes per trainable parameter
     assert trainable * 18 < 16 * 2**30
     print(f"small: LLM {llm / 1e6:.0f}M, trainable {trainable / 1e6:.0f}M, tower {tower.num_parameters()}")
+
+
+def test_small_preset_loads_for_one_gpu():
+    config = load_config(ROOT / "jobs" / "configs" / "small.yaml")
+    assert (config.model.tower, config.model.lm) == ("small", "small")
+    assert config.cluster.num_workers == 1 and config.cluster.use_gpu
+    assert config.lm_train.caption_dropout == 0.1
