@@ -410,8 +410,11 @@ def _format_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "<config>"
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown key (got {item['input']!r})")
+        elif item["type"] == "value_error" and message.startswith(f"{field}."):
+            lines.append(message)  # a section's own check that names the field itself
         else:
             lines.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
