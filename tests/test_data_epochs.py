@@ -84,3 +84,28 @@ def test_resumed_share_skips_trained_rows_before_decoding(ray_session, corrupt_d
     # Decoded: only the rest (samples are counted at decode time), never the trained rows again.
     assert sum(data_stats("resume-rest")["samples"].values()) == len(full) - trained
     assert sum(data_stats("resume-full")["samples"].values()) == len(full)
+
+
+def test_a_big_parquet_shard_is_read_as_several_row_group_tasks(ray_session, synthetic_data, tmp_path):
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestration.data.mixture import plan_reads
+    from orchestration.data.sources import epoch_plan, resolve_sources
+
+    shards = sorted(glob.glob(f"{synthetic_data[0]}/coyo/parquet/*.parquet"))
+    big = tmp_path / "big" / "coyo" / "parquet"
+    big.mkdir(parents=True)
+    merged = pa.concat_tables([pq.read_table(s) for s in shards])
+    pq.write_table(merged, big / "part-00000.parquet", row_group_size=8)
+    config = load_config(None, [f"data.root={tmp_path / 'big'}", f"output_dir={tmp_path}", "data.synthetic.make_if_missing=false",
+                                "data.tower_sources={coyo: {format: coyo_parquet, path: coyo/parquet}}",
+                                "data.shuffle_window_shards=1"])
+    units = plan_reads(resolve_sources(config, config.data.tower_sources, "tower_sources"), None, 0, unit_rows=24)
+    assert [u.row_groups for u in units] == [(0, 3), (3, 6), (6, 8)] and sum(u.size for u in units) == merged.num_rows
+    plan = epoch_plan(config, units)
+    assert len(plan.windows(0, 0, 1)) == 3  # one read task per row-group range
+    keys = [r["key"] for r in _rows(config, plan, 0)]
+    assert sorted(keys) == sorted(f"coyo/{k}" for k in merged.column("key").to_pylist())
