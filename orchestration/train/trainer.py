@@ -163,6 +163,7 @@ class BatchStream:
         self.state.epoch = self.position.epoch
         self._save_state()
         self.min_epoch = self.position.epoch  # the reader drops an epoch the ranks have ended
+        self.closed = False
         self.micro_in_step = (state.step, 0)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.thread = threading.Thread(
@@ -180,6 +181,8 @@ class BatchStream:
                 rows = 0
                 dataset = make_dataset(epoch, position)
                 for chunk in dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2):
+                    if self.closed:
+                        return
                     if self.min_epoch > epoch:
                         break  # the ranks ended this epoch already
                     pending.append(_parse_track_columns(chunk))
@@ -193,6 +196,15 @@ class BatchStream:
                 epoch, position = epoch + 1, None
         except BaseException as exc:  # handed to the training loop, which raises it
             self.queue.put(("error", -1, exc))
+
+    def close(self) -> None:
+        """Stop reading ahead (the reader leaves at its next batch)."""
+        self.closed = True
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
 
     # -- consuming (training loop) ------------------------------------------------------------------
 
