@@ -109,3 +109,40 @@ def test_a_big_parquet_shard_is_read_as_several_row_group_tasks(ray_session, syn
     assert len(plan.windows(0, 0, 1)) == 3  # one read task per row-group range
     keys = [r["key"] for r in _rows(config, plan, 0)]
     assert sorted(keys) == sorted(f"coyo/{k}" for k in merged.column("key").to_pylist())
+
+
+def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corrupt_data, tmp_path):
+    """Three epochs through the training loop's stream: the bad records are counted once each (not
+    once per pass), per run and per epoch, and every epoch trains every good record once."""
+    import torch
+
+    from orchestration.data.pipeline import rank_dataset
+    from orchestration.train.checkpoint import TrainState
+    from orchestration.train.trainer import BatchStream
+
+    root, manifest = corrupt_data
+    config = _config(root, tmp_path)
+    plan = training_plan(config, "tower")
+    trained: dict[int, Counter] = {}
+    state = TrainState()
+
+    def record(step, index, epoch, keys):
+        trained.setdefault(epoch, Counter()).update(keys)
+
+    stream = BatchStream(lambda epoch, position: rank_dataset(config, "tower", plan, epoch=epoch, rank=0, world=1, position=position),
+                         state, 0, 1, "tower", 4, {"pixels": torch.uint8, "text_tokens": torch.int64}, torch.device("cpu"),
+                         recorder=record)
+    good = _good_keys(manifest)
+    per_epoch = sum(good.values()) // 4
+    for _ in range(3 * per_epoch):
+        batch = next(stream)
+        state.step += 1
+    stream.close()
+    assert batch["pixels"].shape == (4, 3, 32, 32) and batch["pixels"].dtype == torch.uint8
+    assert sorted(trained) == [0, 1, 2] and all(trained[e] <= good and max(trained[e].values()) == 1 for e in trained)
+    assert sum(trained[0].values()) == per_epoch * 4  # all but the last partial batch
+    bad = Counter(reason for fmt in ("coyo_parquet", "coyo_webdataset") for reason in manifest["formats"][fmt]["bad"].values())
+    counts = stream.rows_skipped()
+    assert {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("rows_skipped/")} == dict(bad)
+    # The position and the distinct records travel in the checkpoint's per-rank state.
+    assert state.data["position"]["epoch"] == 2 and sum(len(v) for v in state.data["skipped"]["keys"].values()) == sum(bad.values())
