@@ -38,7 +38,7 @@ from orchestration.data.lm_data import (
     tower_source,
 )
 from orchestration.data.mixture import mixture_report
-from orchestration.data.epochs import EpochPlan
+from orchestration.data.epochs import EpochPlan, part_id
 from orchestration.data.records import LM_CACHE, ReadUnit, fs_and_path
 from orchestration.data.sources import epoch_plan, rank_windows, read_dataset, resolve_sources, s3_settings
 from orchestration.data.tower_data import track_columns
@@ -228,7 +228,8 @@ def cache_plan(config: Config, manifest: dict) -> EpochPlan:
 
 
 def _cache_track_columns(batch: dict) -> dict:
-    ids = batch.pop("sample_id").tolist()
+    ids = [part_id(i) for i in batch.pop("sample_id").tolist()]
+    batch.pop("done_parts", None)
     batch.update(track_columns([[i] for i in ids], ids, [[f"cache/{i}"] for i in ids], [[] for _ in ids]))
     return batch
 
@@ -239,7 +240,7 @@ def cache_rank_dataset(config: Config, plan: EpochPlan, *, track: bool = False, 
     ds = read_dataset(windows, s3_settings(config), config.data.decode_batch_size, formats)
     if track:
         return ds.map_batches(_cache_track_columns, batch_size=None, batch_format="numpy")
-    return ds.drop_columns(["sample_id"])
+    return ds.drop_columns(["sample_id", "done_parts"])
 
 
 def build_lm_dataset(config: Config, tower_path: str | None = None, *, stats_group: str | None = LM_GROUP) -> ray.data.Dataset:

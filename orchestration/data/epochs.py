@@ -43,8 +43,22 @@ from orchestration.data.records import NORMALIZED_SCHEMA, ReadUnit, read_unit_ta
 from orchestration.storage import S3Settings
 
 WINDOW_SHIFT = 32  # sample id = window << 32 | offset in window
+PART_SHIFT = 4  # part id = sample id << 4 | part << 2 | (parts - 1): a record gives up to 4 samples
 
-STREAM_SCHEMA = NORMALIZED_SCHEMA.append(pa.field("sample_id", pa.int64()))
+STREAM_SCHEMA = NORMALIZED_SCHEMA.append(pa.field("sample_id", pa.int64())).append(
+    pa.field("done_parts", pa.list_(pa.int32()))  # parts of this record already trained (resume)
+)
+
+
+def part_id(sample_id: int, part: int = 0, parts: int = 1) -> int:
+    """The id of one trained sequence: stage 2 makes up to 4 of one record (e.g. an image-text pair
+    both ways), which may land in different packed rows, so positions count parts, not records."""
+    return (sample_id << PART_SHIFT) | (part << 2) | (parts - 1)
+
+
+def split_part_id(pid: int) -> tuple[int, int, int]:
+    """(sample id, part, parts) of a part id."""
+    return pid >> PART_SHIFT, (pid >> 2) & 3, (pid & 3) + 1
 
 
 def _seed(*parts) -> int:
@@ -61,6 +75,7 @@ class Window:
     buffer_rows: int
     skip_below: int = 0  # sample ids below this are done (resume)
     skip_ids: frozenset = frozenset()  # and these, at or above it
+    done_parts: dict = field(default_factory=dict)  # sample id -> parts already trained (the rest is due)
 
 
 @dataclass
@@ -68,11 +83,11 @@ class DataPosition:
     """How far one rank got in its epoch; saved in its checkpoint part."""
 
     epoch: int = 0
-    frontier: int = 0  # every sample id below it is done
-    taken: set[int] = field(default_factory=set)  # ids >= frontier already trained
+    frontier: int = 0  # every part id below it is done
+    taken: set[int] = field(default_factory=set)  # part ids >= frontier already trained
 
     def consume(self, call_start: int, sample_ids) -> None:
-        """A trained row: its samples' ids and the first id of the pool call that made it."""
+        """A trained row: its samples' part ids and the first part id of the pool call that made it."""
         if call_start > self.frontier:
             self.frontier = call_start
             self.taken = {i for i in self.taken if i >= call_start}
@@ -131,19 +146,27 @@ class EpochPlan:
         """This rank's windows of the epoch, without those a position says are done."""
         units = self.rank_units(epoch, rank, world)
         done = position if position is not None and position.epoch == epoch else DataPosition(epoch)
+        frontier = done.frontier >> PART_SHIFT
+        parts: dict[int, tuple[int, set[int]]] = {}
+        for pid in done.taken:
+            sample, part, count = split_part_id(pid)
+            parts.setdefault(sample, (count, set()))[1].add(part)
+        whole = {s for s, (count, got) in parts.items() if len(got) >= count}
         out = []
         for index, start in enumerate(range(0, len(units), self.window_units)):
             first_id, next_first = index << WINDOW_SHIFT, (index + 1) << WINDOW_SHIFT
-            if done.frontier >= next_first:
+            if frontier >= next_first:
                 continue  # wholly trained
+            mine = [s for s in parts if first_id <= s < next_first]
             out.append(
                 Window(
                     index=index,
                     units=tuple(units[start : start + self.window_units]),
                     seed=_seed("window", self.seed, epoch, rank, world, index),
                     buffer_rows=self.buffer_rows,
-                    skip_below=max(done.frontier, first_id),
-                    skip_ids=frozenset(i for i in done.taken if first_id <= i < next_first),
+                    skip_below=max(frontier, first_id),
+                    skip_ids=frozenset(s for s in mine if s in whole),
+                    done_parts={s: sorted(parts[s][1]) for s in mine if s not in whole},
                 )
             )
         return out
@@ -195,15 +218,16 @@ def mix_window(window: Window, s3: S3Settings | None, chunk_rows: int = 64) -> I
         buffer[j], buffer[-1] = buffer[-1], buffer[j]
         emit(buffer.pop())
         if len(picks) >= chunk_rows:
-            yield _picked(picks)
+            yield _picked(picks, window.done_parts)
             picks = []
     if picks:
-        yield _picked(picks)
+        yield _picked(picks, window.done_parts)
 
 
-def _picked(picks: list[tuple[pa.Table, int, int]]) -> pa.Table:
+def _picked(picks: list[tuple[pa.Table, int, int]], done_parts: dict) -> pa.Table:
     rows = pa.concat_tables([table.slice(row, 1) for table, row, _ in picks]).combine_chunks()
-    return rows.append_column("sample_id", pa.array([i for _, _, i in picks], pa.int64()))
+    rows = rows.append_column("sample_id", pa.array([i for _, _, i in picks], pa.int64()))
+    return rows.append_column("done_parts", pa.array([done_parts.get(i, []) for _, _, i in picks], pa.list_(pa.int32())))
 
 
 def window_reader(window: Window, s3: S3Settings | None):

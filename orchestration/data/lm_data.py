@@ -41,7 +41,7 @@ from orchestration.data.records import (
     read_bytes,
 )
 from orchestration.data.sources import ensure_data, plan_sources, rank_windows, read_dataset, resolve_sources, s3_settings
-from orchestration.data.epochs import DataPosition, EpochPlan
+from orchestration.data.epochs import DataPosition, EpochPlan, part_id
 from orchestration.data.stats import Tally, stats_actor
 from orchestration.data.tower_data import tower_config, track_columns
 from orchestration.storage import S3Settings, is_s3
@@ -65,6 +65,7 @@ DECODED_SCHEMA = pa.schema(
         ("pixels", pa.binary()),
         ("sample_id", pa.int64()),  # the record's place in the rank's epoch (epochs.py); -1: carrier
         ("skipped", pa.list_(pa.string())),  # records dropped just before this one (stats.skip_entry)
+        ("done_parts", pa.list_(pa.int32())),  # samples of this record trained before a resume
     ]
 )
 
@@ -227,6 +228,7 @@ def decode_lm_block(block: pa.Table, *, rows: int, group: str | None, size: int,
                     "pixels": pixels.tobytes(),
                     "sample_id": record.get("sample_id", -1),
                     "skipped": taken(),
+                    "done_parts": record.get("done_parts") or [],
                 }
             )
         if out:
@@ -237,7 +239,7 @@ def decode_lm_block(block: pa.Table, *, rows: int, group: str | None, size: int,
     if trailing and group is None:  # the training path: counts travel with the rows
         if held is None:
             held = [{"key": "", "source": "", "kind": "", "text": "", "media_slots": [], "num_images": 0, "pixels": b"",
-                     "sample_id": -1, "skipped": []}]
+                     "sample_id": -1, "skipped": [], "done_parts": []}]
         held[-1]["skipped"] = held[-1]["skipped"] + trailing
     tally.flush(block_skipped)
     if held is not None:
@@ -350,7 +352,10 @@ class TokenizePool:
                 log.exception("record %s of source %s: cannot make a sample", record["key"], record["source"])
                 tally.skip(DECODE_ERROR, record["key"], record["source"])
                 continue
-            for sample in samples:
+            done = set(record.get("done_parts") or ())
+            for part, sample in enumerate(samples):
+                if part in done:
+                    continue  # trained before the resume
                 # Seeded per record, so caption dropout does not depend on which actor builds it.
                 self.builder.rng = np.random.default_rng(_sample_seed(self.seed, record["key"]))
                 built = self.builder.build(sample)
@@ -358,7 +363,7 @@ class TokenizePool:
                     tally.skip(TOO_LONG, record["key"], record["source"])
                     continue
                 sequences.append(built)
-                origin[id(built)] = (record["sample_id"], f"{record['source']}/{record['key']}")
+                origin[id(built)] = (part_id(record["sample_id"], part, len(samples)), f"{record['source']}/{record['key']}")
                 tally.tokens[record["source"]] += len(built)
         skipped = carried + tally.take_skipped()
         tally.flush(skipped if not self.track else [])
@@ -375,7 +380,7 @@ class TokenizePool:
         out = {name: np.stack([row[name] for row in rows]) for name in ROW_COLUMNS}
         if self.track:
             # One call is one span of the rank's stream: every row of it names the call's first id.
-            call_start = min((r["sample_id"] for r in records), default=-1)
+            call_start = part_id(min(r["sample_id"] for r in records)) if records else -1
             members = [[origin[id(s)] for s in seqs] for seqs in packer.members]
             out.update(track_columns(
                 [sorted({i for i, _ in m}) for m in members],

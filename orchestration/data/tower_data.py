@@ -20,7 +20,7 @@ import ray
 from orchestration.config import Config
 from orchestration.data.decode import DECODE_ERROR, SkipRecord, decode_image, decode_record
 from orchestration.data.records import KIND_IMAGE_TEXT, fs_and_path, read_bytes
-from orchestration.data.epochs import DataPosition, EpochPlan
+from orchestration.data.epochs import DataPosition, EpochPlan, part_id
 from orchestration.data.sources import ensure_data, plan_sources, rank_windows, read_dataset, s3_settings
 from orchestration.data.stats import Tally, stats_actor
 from orchestration.storage import S3Settings, join
@@ -98,7 +98,8 @@ def _decode_tower_slice(table: pa.Table, tally: Tally, tower, s3, with_keys: boo
         out["key"] = np.asarray(keys, dtype=object)
         out["source"] = np.asarray(sources, dtype=object)
     if track:
-        out.update(track_columns([[i] for i in ids], ids, [[f"{s}/{k}"] for s, k in zip(sources, keys)], skipped))
+        pids = [part_id(i) for i in ids]
+        out.update(track_columns([[p] for p in pids], pids, [[f"{s}/{k}"] for s, k in zip(sources, keys)], skipped))
     return out
 
 
