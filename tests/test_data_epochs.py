@@ -142,7 +142,8 @@ def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corru
     assert sorted(trained) == [0, 1, 2] and all(trained[e] <= good and max(trained[e].values()) == 1 for e in trained)
     assert sum(trained[0].values()) == per_epoch * 4  # all but the last partial batch
     bad = Counter(reason for fmt in ("coyo_parquet", "coyo_webdataset") for reason in manifest["formats"][fmt]["bad"].values())
-    counts = stream.rows_skipped()
+    counts = stream.data_metrics()
+    assert counts["mixture_share/coyo_parquet"] == counts["mixture_share/coyo_webdataset"] == 0.5
     assert {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("rows_skipped/")} == dict(bad)
     # The position and the distinct records travel in the checkpoint's per-rank state.
     assert state.data["position"]["epoch"] == 2 and sum(len(v) for v in state.data["skipped"]["keys"].values()) == sum(bad.values())

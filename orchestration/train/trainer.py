@@ -160,6 +160,7 @@ class BatchStream:
         self.position = DataPosition.from_state(data.get("position"))
         self.skipped = DistinctSkips.from_state(data.get("skipped"))
         self.skipped_epoch = DistinctSkips.from_state(data.get("skipped_epoch"))
+        self.samples = defaultdict(int, data.get("samples", {}))  # trained samples per source, this run
         self.state.epoch = self.position.epoch
         self._save_state()
         self.min_epoch = self.position.epoch  # the reader drops an epoch the ranks have ended
@@ -258,8 +259,12 @@ class BatchStream:
         self._count_skips(batch["skipped"])
         self.state.batches_in_epoch += 1
         self._save_state()
+        keys = [str(k) for row in batch["keys"] for k in row]
+        for key in keys:
+            self.samples[key.split("/", 1)[0]] += 1
+        self.state.data["samples"] = dict(self.samples)
         if self.recorder is not None:
-            self.recorder(step, index, self.position.epoch, [str(k) for keys in batch["keys"] for k in keys])
+            self.recorder(step, index, self.position.epoch, keys)
         return {
             name: torch.as_tensor(batch[name]).to(dtype=dtype).to(self.device, non_blocking=True)
             for name, dtype in self.columns.items()
@@ -278,22 +283,27 @@ class BatchStream:
             self.state.data["skipped"] = self.skipped.state()
             self.state.data["skipped_epoch"] = self.skipped_epoch.state()
 
-    def rows_skipped(self) -> dict[str, int]:
+    def data_metrics(self) -> dict[str, float]:
         """Collective: distinct dropped records by reason over all ranks, for the run
-        (``rows_skipped/<reason>``) and for the current epoch (``rows_skipped_epoch/<reason>``)."""
+        (``rows_skipped/<reason>``) and for the current epoch (``rows_skipped_epoch/<reason>``), and
+        each source's realized share of the samples trained so far (``mixture_share/<source>``)."""
         from orchestration.data.stats import DistinctSkips
 
-        mine = (self.skipped.state(), self.skipped_epoch.state())
+        mine = (self.skipped.state(), self.skipped_epoch.state(), dict(self.samples))
         gathered = [mine]
         if self.world > 1:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, mine)
-        run, epoch = DistinctSkips(), DistinctSkips()
-        for run_state, epoch_state in gathered:
+        run, epoch, samples = DistinctSkips(), DistinctSkips(), defaultdict(int)
+        for run_state, epoch_state, rank_samples in gathered:
             run.merge(DistinctSkips.from_state(run_state))
             epoch.merge(DistinctSkips.from_state(epoch_state))
-        out = {f"rows_skipped/{k}": v for k, v in run.counts().items()}
+            for source, n in rank_samples.items():
+                samples[source] += n
+        out: dict[str, float] = {f"rows_skipped/{k}": v for k, v in run.counts().items()}
         out.update({f"rows_skipped_epoch/{k}": v for k, v in epoch.counts().items()})
+        total = sum(samples.values()) or 1
+        out.update({f"mixture_share/{k}": round(n / total, 4) for k, n in samples.items()})
         return out
 
 
@@ -525,7 +535,7 @@ class Trainer:
         metrics.update(self.task.replica_checks(self.model))
         metrics.update(window.summary(self.world, self.flops_per_token, self.peak_flops))
         metrics.update(global_batch_size=self.global_batch, nonfinite_skipped=self.guard.skipped, epoch=self.state.epoch)
-        metrics.update(self.stream.rows_skipped() if self.stream is not None else {})  # collective
+        metrics.update(self.stream.data_metrics() if self.stream is not None else {})  # collective
         self.state.metrics = metrics
         if self.rank == 0:
             self.logger.log_metrics(metrics, step)
