@@ -118,7 +118,7 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
             callbacks=callbacks,
         ),
-        datasets=datasets,
+        datasets=datasets or None,
     )
 
 
@@ -157,18 +157,41 @@ def run_stage(
         checkpoint_path=_uri(config, result.checkpoint.path) if result.checkpoint else None,
         export_path=_uri(config, summary.get("export_fs_path", "")),
         mlflow_run_id=mlflow_run_id,
-        rows_skipped=_rows_skipped(stats_group),
+        rows_skipped=_rows_skipped(summary.get("final_metrics", {}), stats_group),
         history=summary.get("history", []),
         reports=summary.get("reports", []),
     )
 
 
-def _rows_skipped(group: str | None) -> dict[str, int]:
-    if group is None:
-        return {}
+def _rows_skipped(metrics: dict, group: str | None) -> dict[str, int]:
+    """Distinct records the run dropped, by reason: counted by the training loop (``rows_skipped/*``),
+    or, for datasets built on the driver and passed in, by the data-stats actor's group."""
+    counted = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("rows_skipped/")}
+    if counted or group is None:
+        return counted
     from orchestration.data.stats import skip_counts
 
     return skip_counts(group)
+
+
+DATA_PLAN = "data_plan.json"
+
+
+def publish_data_plan(config: Config, run_name: str, plan) -> None:
+    """Write the stage's epoch plan into the run's storage directory, where every worker reads it
+    (Trainer.batches). A rerun of the same run keeps the plan it started with, so resuming continues
+    the same epochs even if shards were added meanwhile."""
+    import pyarrow.fs as pafs
+
+    storage_path, storage_fs = _storage(config)
+    fs = storage_fs or pafs.LocalFileSystem()
+    path = f"{storage_path.rstrip('/')}/{run_name}/{DATA_PLAN}"
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        log.info("keeping the data plan of the earlier attempt at %s", path)
+        return
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(plan.to_json().encode())
 
 
 # ---------------------------------------------------------------- the stages
@@ -189,10 +212,11 @@ def fit_tower(
     from orchestration.train.tower import tower_worker
 
     init_ray(config)
-    if datasets is None:
-        from orchestration.data.tower_data import build_tower_dataset
+    if datasets is None:  # the workers build their own shares of each epoch from the plan
+        from orchestration.data.pipeline import training_plan
 
-        datasets = {"train": build_tower_dataset(config)}
+        publish_data_plan(config, run_name or stage_run_name(config, TOWER), training_plan(config, TOWER))
+        datasets = {}
     return run_stage(
         config, TOWER, config.tower_train, tower_worker, datasets,
         run_name=run_name, callbacks=callbacks, stats_group="tower",
@@ -220,10 +244,11 @@ def fit_lm(
 
     # The tokenizer travels to the workers as bytes (they may run on machines without output_dir).
     tokenizer_files = directory_files(ensure_lm_tokenizer(config))
-    if datasets is None:
-        from orchestration.data.cache import build_lm_dataset
+    if datasets is None:  # the workers build their own shares of each epoch from the plan
+        from orchestration.data.pipeline import training_plan
 
-        datasets = {"train": build_lm_dataset(config, tower_path)}
+        publish_data_plan(config, run_name or stage_run_name(config, LM), training_plan(config, LM, tower_path))
+        datasets = {}
     return run_stage(
         config, LM, config.lm_train, lm_worker, datasets, run_name=run_name, callbacks=callbacks,
         stats_group="lm", loop_config={"tokenizer_files": tokenizer_files},

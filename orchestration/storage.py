@@ -127,14 +127,27 @@ def pyarrow_filesystem(uri: str, s3: "S3Section | S3Settings | None" = None) -> 
     return pafs.S3FileSystem(**kwargs), strip_scheme(uri)
 
 
-def list_files(uri: str, s3: "S3Section | S3Settings | None" = None, suffixes: tuple[str, ...] = ()) -> list[str]:
-    """Files under ``uri`` (recursively) ending in one of ``suffixes``, as sorted full URIs."""
+def list_files(uri: str, s3: "S3Section | S3Settings | None" = None, suffixes: tuple[str, ...] = (), *, with_sizes: bool = False):
+    """Files directly in the directory ``uri`` (not in its subdirectories) ending in one of ``suffixes``,
+    as sorted full URIs (with ``with_sizes``: (uri, bytes) pairs).
+
+    Not recursive on purpose: a dataset's index shards sit beside media trees of millions of objects
+    (MMC4's images/), and one listing request per directory is all planning may cost.
+    """
     fs, path = filesystem(uri, s3)
-    if not fs.exists(path):
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such directory: {uri}") from None
+    if not entries and not fs.exists(path):
         raise FileNotFoundError(f"no such directory: {uri}")
-    found = [p for p in fs.find(path) if not suffixes or p.endswith(suffixes)]
     prefix = "s3://" if is_s3(uri) else ""
-    return sorted(prefix + p for p in found)
+    found = sorted(
+        (prefix + e["name"], int(e.get("size") or 0))
+        for e in entries
+        if e.get("type") == "file" and (not suffixes or e["name"].endswith(suffixes))
+    )
+    return found if with_sizes else [name for name, _ in found]
 
 
 def upload_dir(local_dir: str, uri: str, s3: "S3Section | S3Settings | None" = None) -> None:

@@ -131,3 +131,36 @@ def test_tokenize_job_parses_its_arguments():
     result = subprocess.run([sys.executable, str(REPO / "jobs" / "tokenize.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "data.cache_dir" in result.stdout
+
+
+def test_stage2_resume_trains_the_rest_of_the_epoch_exactly_once(ray_session, make_config):
+    """Packed rows name their samples: resuming after some rows leaves out exactly the samples those
+    rows held (the rest is packed anew, but no sample is lost or trained twice)."""
+    from orchestration.data.epochs import DataPosition
+    from orchestration.data.pipeline import rank_dataset, training_plan
+
+    config = make_config("data.tokenizer_actors=1", "data.pack_window=8", "data.shuffle_window_shards=2")
+    plan = training_plan(config, "lm")
+    files = {}  # the workers get the tokenizer as bytes
+    for path in Path(ensure_lm_tokenizer(config)).iterdir():
+        files[path.name] = path.read_bytes()
+
+    def rows(position=None):
+        ds = rank_dataset(config, "lm", plan, epoch=1, rank=0, world=1, position=position, tokenizer_files=files)
+        return [(int(r["call_start"]), json.loads(r["sample_ids"]), json.loads(r["keys"])) for r in ds.take_all()]
+
+    full = rows()
+    samples = [i for _, ids, _ in full for i in ids]
+    assert len(samples) == len(set(samples)) > 20
+    consumed = len(full) // 2
+    position = DataPosition(epoch=1)
+    for call_start, ids, _ in full[:consumed]:
+        position.consume(call_start, ids)
+    rest = rows(DataPosition.from_state(position.state()))
+    trained = [i for _, ids, _ in full[:consumed] for i in ids]
+    resumed = [i for _, ids, _ in rest for i in ids]
+    assert not set(trained) & set(resumed)
+    assert sorted(trained + resumed) == sorted(samples)
+    assert sorted(k for *_, keys in full for k in keys) == sorted(
+        [k for *_, keys in full[:consumed] for k in keys] + [k for *_, keys in rest for k in keys]
+    )

@@ -38,8 +38,10 @@ from orchestration.data.lm_data import (
     tower_source,
 )
 from orchestration.data.mixture import mixture_report
-from orchestration.data.records import fs_and_path
-from orchestration.data.sources import resolve_sources, s3_settings
+from orchestration.data.epochs import EpochPlan, part_id
+from orchestration.data.records import LM_CACHE, ReadUnit, fs_and_path
+from orchestration.data.sources import epoch_plan, rank_windows, read_dataset, resolve_sources, s3_settings
+from orchestration.data.tower_data import track_columns
 from orchestration.data.stats import data_stats, reset_stats
 from orchestration.storage import join, pyarrow_filesystem
 
@@ -218,7 +220,30 @@ def write_lm_cache(config: Config, tower_path: str | None = None, *, force: bool
     return manifest
 
 
-def build_lm_dataset(config: Config, tower_path: str | None = None, *, stats_group: str = LM_GROUP) -> ray.data.Dataset:
+def cache_plan(config: Config, manifest: dict) -> EpochPlan:
+    """The epoch plan over the cache's files (each file one read unit; rows shuffled like records)."""
+    rows = join(config.data.cache_dir, ROWS_DIR)
+    units = [ReadUnit(source="cache", format=LM_CACHE, uri=join(rows, name), media_root="") for name in manifest["files"]]
+    return epoch_plan(config, units)
+
+
+def _cache_track_columns(batch: dict) -> dict:
+    ids = [part_id(i) for i in batch.pop("sample_id").tolist()]
+    batch.pop("done_parts", None)
+    batch.update(track_columns([[i] for i in ids], ids, [[f"cache/{i}"] for i in ids], [[] for _ in ids]))
+    return batch
+
+
+def cache_rank_dataset(config: Config, plan: EpochPlan, *, track: bool = False, **rank_args) -> ray.data.Dataset:
+    """A training rank's share of an epoch of the cached rows (epochs.py), in its order."""
+    windows, formats = rank_windows(plan, rank_args.get("epoch", 0), rank_args.get("rank", 0), rank_args.get("world", 1), rank_args.get("position"))
+    ds = read_dataset(windows, s3_settings(config), config.data.decode_batch_size, formats)
+    if track:
+        return ds.map_batches(_cache_track_columns, batch_size=None, batch_format="numpy")
+    return ds.drop_columns(["sample_id", "done_parts"])
+
+
+def build_lm_dataset(config: Config, tower_path: str | None = None, *, stats_group: str | None = LM_GROUP) -> ray.data.Dataset:
     """Stage-2 packed rows: from data.cache_dir when it holds a matching cache, else tokenized on the fly.
 
     tower_path: the stage-1 export (safetensors file or directory, local or s3://); None = the

@@ -1,7 +1,7 @@
 """Decoding: image bytes to RGB pixels at the tower's size, mp4 clips to 8 frames, records to samples.
 
 Every way a record can be bad raises `SkipRecord(reason)`; the Ray stages catch it, drop the record
-and count it under that reason (see stats.py). The reasons are the synthetic writer's names:
+and count it under that reason (the vocabulary is stats.py's; the synthetic writer uses it too):
 
     not_an_image       the bytes are not an image PIL recognizes (an HTML error page, random bytes)
     truncated_image    a recognized image whose pixel data cannot be decoded (cut short or damaged)
@@ -28,17 +28,16 @@ from orchestration.data.records import (
     KIND_INTERLEAVED,
     KIND_VIDEO,
 )
-from orchestration.data.synthetic import (
+from orchestration.data.stats import (  # the vocabulary of reasons lives with the counting
+    DECODE_ERROR,
     EMPTY_CAPTION,
     MISSING_FILE,
     NOT_AN_IMAGE,
+    TOO_LONG,
     TRUNCATED_IMAGE,
     UNDECODABLE_VIDEO,
     ZERO_FRAMES,
 )
-
-DECODE_ERROR = "decode_error"  # any other per-record exception
-TOO_LONG = "too_long"  # the sequence builder kept no supervised token (counted by the tokenizer pool)
 FRAMES_PER_VIDEO = 8  # VILA-U: a video is 8 frames
 
 

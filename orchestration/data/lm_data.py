@@ -40,9 +40,10 @@ from orchestration.data.records import (
     media_root_for,
     read_bytes,
 )
-from orchestration.data.sources import ensure_data, plan_sources, read_dataset, resolve_sources, s3_settings
-from orchestration.data.stats import Tally, in_chunks, stats_actor
-from orchestration.data.tower_data import tower_config
+from orchestration.data.sources import ensure_data, plan_sources, rank_windows, read_dataset, resolve_sources, s3_settings
+from orchestration.data.epochs import DataPosition, EpochPlan, part_id
+from orchestration.data.stats import Tally, stats_actor
+from orchestration.data.tower_data import tower_config, track_columns
 from orchestration.storage import S3Settings, is_s3
 from vilau_model.config import LMConfig, VisionTowerConfig, get_lm_config
 
@@ -62,6 +63,9 @@ DECODED_SCHEMA = pa.schema(
         ("num_images", pa.int32()),
         # uint8 [num_images, 3, S, S] as raw bytes: one column type for 0, 1, 6 or 8 images
         ("pixels", pa.binary()),
+        ("sample_id", pa.int64()),  # the record's place in the rank's epoch (epochs.py); -1: carrier
+        ("skipped", pa.list_(pa.string())),  # records dropped just before this one (stats.skip_entry)
+        ("done_parts", pa.list_(pa.int32())),  # samples of this record trained before a resume
     ]
 )
 
@@ -188,36 +192,58 @@ def tower_source(config: Config, tower_path: str | None) -> TowerSource:
 # ---------------------------------------------------------------- decode stage
 
 
-def decode_lm_chunk(table: pa.Table, tally: Tally, *, size: int, frames: int, s3: S3Settings | None) -> pa.Table | None:
-    """Normalized records -> DECODED_SCHEMA (media fetched and decoded); bad records dropped and counted."""
-    out = []
-    for record in table.to_pylist():
-        try:
-            pixels = decode_record(record, size, lambda uri: read_bytes(uri, s3), frames)
-        except SkipRecord as skip:
-            tally.skip(skip.reason, record["key"])
-            continue
-        except Exception:  # one bad record must not stop the epoch
-            log.exception("record %s of source %s failed to decode", record["key"], record["source"])
-            tally.skip(DECODE_ERROR, record["key"])
-            continue
-        tally.samples[record["source"]] += 1
-        out.append(
-            {
-                "key": record["key"],
-                "source": record["source"],
-                "kind": record["kind"],
-                "text": record["text"],
-                "media_slots": record["media_slots"],
-                "num_images": len(pixels),
-                "pixels": pixels.tobytes(),
-            }
-        )
-    return pa.Table.from_pylist(out, schema=DECODED_SCHEMA) if out else None
+def decode_lm_block(block: pa.Table, *, rows: int, group: str | None, size: int, frames: int, s3: S3Settings | None):
+    """Normalized records -> DECODED_SCHEMA (media fetched and decoded), in slices of ``rows`` records;
+    bad records dropped, each carried by the next good row (or the block's last one, or a carrier row)."""
+    tally = Tally(group)
+    held = None
+    block_skipped: list[str] = []
 
+    def taken() -> list[str]:
+        entries = tally.take_skipped()
+        block_skipped.extend(entries)
+        return entries
 
-def decode_lm_block(block: pa.Table, *, rows: int, group: str, **kwargs):
-    yield from in_chunks(block, rows, functools.partial(decode_lm_chunk, **kwargs), group)
+    for start in range(0, block.num_rows, rows):
+        out = []
+        for record in block.slice(start, rows).to_pylist():
+            try:
+                pixels = decode_record(record, size, lambda uri: read_bytes(uri, s3), frames)
+            except SkipRecord as skip:
+                tally.skip(skip.reason, record["key"], record["source"])
+                continue
+            except Exception:  # one bad record must not stop the epoch
+                log.exception("record %s of source %s failed to decode", record["key"], record["source"])
+                tally.skip(DECODE_ERROR, record["key"], record["source"])
+                continue
+            tally.samples[record["source"]] += 1
+            out.append(
+                {
+                    "key": record["key"],
+                    "source": record["source"],
+                    "kind": record["kind"],
+                    "text": record["text"],
+                    "media_slots": record["media_slots"],
+                    "num_images": len(pixels),
+                    "pixels": pixels.tobytes(),
+                    "sample_id": record.get("sample_id", -1),
+                    "skipped": taken(),
+                    "done_parts": record.get("done_parts") or [],
+                }
+            )
+        if out:
+            if held is not None:
+                yield pa.Table.from_pylist(held, schema=DECODED_SCHEMA)
+            held = out
+    trailing = taken()
+    if trailing and group is None:  # the training path: counts travel with the rows
+        if held is None:
+            held = [{"key": "", "source": "", "kind": "", "text": "", "media_slots": [], "num_images": 0, "pixels": b"",
+                     "sample_id": -1, "skipped": [], "done_parts": []}]
+        held[-1]["skipped"] = held[-1]["skipped"] + trailing
+    tally.flush(block_skipped)
+    if held is not None:
+        yield pa.Table.from_pylist(held, schema=DECODED_SCHEMA)
 
 
 # ---------------------------------------------------------------- the tokenization pool
@@ -242,8 +268,9 @@ class TokenizePool:
         max_images_per_doc: int,
         caption_dropout: float,
         seed: int,
-        group: str,
+        group: str | None,
         use_gpu: bool,
+        track: bool = False,
     ):
         import torch
 
@@ -267,7 +294,7 @@ class TokenizePool:
             caption_dropout=caption_dropout,
         )
         self.seq_len, self.encode_batch_size = seq_len, encode_batch_size
-        self.image_text_tasks, self.seed, self.group = image_text_tasks, seed, group
+        self.image_text_tasks, self.seed, self.group, self.track = image_text_tasks, seed, group, track
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, 3, S, S] -> int16 codes [N, H, W, D], in batches of encode_batch_size."""
@@ -306,14 +333,16 @@ class TokenizePool:
         raise ValueError(f"unknown record kind {kind!r}")
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        from vilau_model.sequence import ROW_COLUMNS, pack_sequences
+        from vilau_model.sequence import ROW_COLUMNS, StreamingPacker, empty_row
 
-        records = batch.to_pylist()
+        records = [r for r in batch.to_pylist()]
+        carried = [entry for r in records for entry in (r.get("skipped") or [])]
+        records = [r for r in records if r["kind"]]  # carrier rows hold only dropped records
         size = self.size
         pixels = [np.frombuffer(r["pixels"], dtype=np.uint8).reshape(r["num_images"], 3, size, size) for r in records]
         all_codes = self.encode(np.concatenate(pixels)) if any(len(p) for p in pixels) else None
         tally = Tally(self.group)
-        sequences, offset = [], 0
+        sequences, origin, offset = [], {}, 0
         for record, images in zip(records, pixels):
             codes = all_codes[offset : offset + len(images)] if len(images) else np.zeros((0,), np.int16)
             offset += len(images)
@@ -321,34 +350,95 @@ class TokenizePool:
                 samples = self.samples(record, codes)
             except Exception:
                 log.exception("record %s of source %s: cannot make a sample", record["key"], record["source"])
-                tally.skip(DECODE_ERROR, record["key"])
+                tally.skip(DECODE_ERROR, record["key"], record["source"])
                 continue
-            for sample in samples:
+            done = set(record.get("done_parts") or ())
+            for part, sample in enumerate(samples):
+                if part in done:
+                    continue  # trained before the resume
                 # Seeded per record, so caption dropout does not depend on which actor builds it.
                 self.builder.rng = np.random.default_rng(_sample_seed(self.seed, record["key"]))
                 built = self.builder.build(sample)
                 if built is None:
-                    tally.skip(TOO_LONG, record["key"])
+                    tally.skip(TOO_LONG, record["key"], record["source"])
                     continue
                 sequences.append(built)
+                origin[id(built)] = (part_id(record["sample_id"], part, len(samples)), f"{record['source']}/{record['key']}")
                 tally.tokens[record["source"]] += len(built)
-        tally.flush()
-        rows = pack_sequences(sequences, self.seq_len, self.depth, self.builder.ids.pad)
+        skipped = carried + tally.take_skipped()
+        tally.flush(skipped if not self.track else [])
+        packer = _TrackingPacker(self.seq_len, self.depth, self.builder.ids.pad)
+        rows = [row for s in sequences for row in packer.add(s)] + packer.flush()
+        if not rows and self.track and skipped:  # nothing trainable: one carrier row for the counts
+            rows, packer.members = [empty_row(self.seq_len, self.depth, self.builder.ids.pad)], [[]]
         if not rows:  # all dropped: an empty batch, shaped
-            from vilau_model.sequence import empty_row
-
             template = empty_row(self.seq_len, self.depth, self.builder.ids.pad)
-            return {name: np.zeros((0,) + template[name].shape, template[name].dtype) for name in ROW_COLUMNS}
-        return {name: np.stack([row[name] for row in rows]) for name in ROW_COLUMNS}
+            out = {name: np.zeros((0,) + template[name].shape, template[name].dtype) for name in ROW_COLUMNS}
+            if self.track:
+                out.update(track_columns([], [], [], []))
+            return out
+        out = {name: np.stack([row[name] for row in rows]) for name in ROW_COLUMNS}
+        if self.track:
+            # One call is one span of the rank's stream: every row of it names the call's first id.
+            call_start = part_id(min(r["sample_id"] for r in records)) if records else -1
+            members = [[origin[id(s)] for s in seqs] for seqs in packer.members]
+            out.update(track_columns(
+                [sorted({i for i, _ in m}) for m in members],
+                [call_start] * len(rows),
+                [[k for _, k in m] for m in members],
+                [skipped if i == 0 else [] for i in range(len(rows))],
+            ))
+        return out
 
 
-def decoded_dataset(config: Config, stats_group: str = LM_GROUP) -> ray.data.Dataset:
-    """data.lm_sources read, mixed and decoded (DECODED_SCHEMA rows): the pool's input."""
+class _TrackingPacker:
+    """vilau_model's StreamingPacker, remembering which sequences went into each row."""
+
+    def __init__(self, seq_len: int, depth: int, pad: int):
+        from vilau_model.sequence import StreamingPacker
+
+        outer = self
+
+        class Packer(StreamingPacker):
+            def _emit(self, i):
+                outer.members.append(list(self._open[i][1]))
+                return super()._emit(i)
+
+        self.members: list[list] = []
+        self._packer = Packer(seq_len, depth, pad)
+
+    def add(self, seq):
+        return self._packer.add(seq)
+
+    def flush(self):
+        return self._packer.flush()
+
+
+def plan_lm_data(config: Config) -> EpochPlan:
+    """Stage 2's epoch plan over data.lm_sources (lists the index shards; run once on the driver)."""
     ensure_data(config)
-    stats_actor()  # created by the driver, so it outlives the tasks and actors that count into it
+    return plan_sources(config, config.data.lm_sources, "lm_sources")
+
+
+def decoded_dataset(
+    config: Config,
+    stats_group: str | None = LM_GROUP,
+    *,
+    plan: EpochPlan | None = None,
+    epoch: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    position: DataPosition | None = None,
+) -> ray.data.Dataset:
+    """data.lm_sources read, mixed and decoded (DECODED_SCHEMA rows): the pool's input. By default
+    the whole of epoch 0; a training rank passes its plan/epoch/rank/world/position (see epochs.py)."""
+    if plan is None:
+        plan = plan_lm_data(config)
+    if stats_group is not None:
+        stats_actor()  # created by the driver, so it outlives the tasks and actors that count into it
     s3 = s3_settings(config)
-    units, _ = plan_sources(config, config.data.lm_sources, "lm_sources")
-    return read_dataset(units, s3, config.data.decode_batch_size).map_batches(
+    windows, formats = rank_windows(plan, epoch, rank, world, position)
+    return read_dataset(windows, s3, config.data.decode_batch_size, formats).map_batches(
         decode_lm_block,
         fn_kwargs={
             "rows": config.data.decode_batch_size,
@@ -362,17 +452,31 @@ def decoded_dataset(config: Config, stats_group: str = LM_GROUP) -> ray.data.Dat
     )
 
 
-def tokenize_dataset(config: Config, tower: TowerSource, tokenizer_path: str, stats_group: str = LM_GROUP) -> ray.data.Dataset:
-    """Packed rows made on the fly from data.lm_sources (mixed by weight) through the actor pool."""
+def tokenize_dataset(
+    config: Config,
+    tower: TowerSource,
+    tokenizer_path: str | None,
+    stats_group: str | None = LM_GROUP,
+    *,
+    tokenizer_files: dict[str, bytes] | None = None,
+    track: bool = False,
+    **rank_args,
+) -> ray.data.Dataset:
+    """Packed rows made on the fly from data.lm_sources (mixed by weight) through the actor pool.
+
+    ``rank_args`` (plan, epoch, rank, world, position) select a training rank's share of an epoch;
+    ``track`` adds the position columns its BatchStream consumes. Each such rank runs its own pool of
+    data.tokenizer_actors actors.
+    """
     s3 = s3_settings(config)
     lm = lm_config(config)
-    ds = decoded_dataset(config, stats_group)
+    ds = decoded_dataset(config, stats_group, **rank_args)
     gpus = config.data.tokenizer_actor_gpus
     ds = ds.map_batches(
         TokenizePool,
         fn_constructor_kwargs={
             "tower": tower,
-            "tokenizer_files": directory_files(tokenizer_path),
+            "tokenizer_files": tokenizer_files if tokenizer_files is not None else directory_files(tokenizer_path),
             "s3": s3,
             "seq_len": config.data.seq_len,
             "encode_batch_size": config.data.tokenizer_batch_size,
@@ -383,6 +487,7 @@ def tokenize_dataset(config: Config, tower: TowerSource, tokenizer_path: str, st
             "seed": config.data.shuffle_seed,
             "group": stats_group,
             "use_gpu": gpus > 0,
+            "track": track,
         },
         batch_size=config.data.pack_window,
         batch_format="pyarrow",

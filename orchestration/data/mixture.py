@@ -1,4 +1,4 @@
-"""Mixing sources by weight, and the read plan: which shards are read, how often, in which order.
+"""Mixing sources by weight: the read plan's units and how often each record is taken; realized shares.
 
 Weights are shares: with weights {coyo: 2, mmc4: 1, ...} coyo makes up 2/(2+1+...) of the samples of
 an epoch. An epoch has as many samples as the sources have records together (N); source i gives
@@ -7,23 +7,28 @@ small weight gives a seeded subset (`records.copies` decides per record key, so 
 depend on scheduling). With one source, or weights proportional to the sizes, every record is read
 once and nothing is counted up front.
 
-Shards are shuffled with the seed, then the shards of all sources are interleaved so that each
-source's share holds along the epoch, not only at its end. What each source really delivered
-(after bad records are dropped) is counted by the decode stage; `mixture_report` sets it against the
-target shares.
+Planning reads no media and parses no index shard on the driver: the source directories are listed
+(one request each, never the media trees), parquet record counts come from the footers (and a big
+parquet shard becomes several units of ``PARQUET_UNIT_ROWS`` rows' worth of row groups), and the
+records of other formats are estimated from their byte sizes at the density of one sampled shard per
+source (read in a Ray task). Shard order and mixing along the epoch are epochs.py's (per epoch); what
+each source really delivered is counted as it is trained and set against the targets by
+`mixture_report`.
 """
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import ray
 
-from orchestration.data.records import ReadUnit, count_records, list_shards, media_root_for
+from orchestration.data.records import ReadUnit, count_records, list_shards_with_sizes, media_root_for, parquet_row_groups
 from orchestration.storage import S3Settings
 
 log = logging.getLogger(__name__)
+
+PARQUET_UNIT_ROWS = 10_000  # a parquet shard with more rows is read as several row-group units
+ESTIMATE_TOLERANCE = 0.1  # a repeat factor this close to 1 that rests on estimated counts is taken as 1
 
 
 def target_shares(weights: dict[str, float]) -> dict[str, float]:
@@ -32,57 +37,76 @@ def target_shares(weights: dict[str, float]) -> dict[str, float]:
 
 
 @ray.remote(num_cpus=0.5)
+def _row_groups_remote(uris: list[str], s3: S3Settings | None) -> list[list[int]]:
+    return [parquet_row_groups(uri, s3) for uri in uris]
+
+
+@ray.remote(num_cpus=0.5)
 def _count_remote(fmt: str, uri: str, s3: S3Settings | None) -> int:
     return count_records(fmt, uri, s3)
 
 
-def count_shards(shards: list[tuple[str, str]], s3: S3Settings | None) -> list[int]:
-    """Record counts of (format, uri) shards, counted in parallel Ray tasks."""
-    return ray.get([_count_remote.remote(fmt, uri, s3) for fmt, uri in shards])
+def parquet_footers(uris: list[str], s3: S3Settings | None, per_task: int = 64) -> list[list[int]]:
+    """Rows per row group of each parquet shard (footers only), read in parallel Ray tasks."""
+    chunks = [uris[i : i + per_task] for i in range(0, len(uris), per_task)]
+    return [groups for part in ray.get([_row_groups_remote.remote(c, s3) for c in chunks]) for groups in part]
 
 
-def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int) -> list[ReadUnit]:
-    """The read plan for ``sources``: {name: {"format", "path" (resolved), "weight", "media_root"}}.
+def split_row_groups(groups: list[int], target_rows: int) -> list[tuple[tuple[int, int], int]]:
+    """Consecutive row groups cut into ranges of about ``target_rows`` rows: [((start, stop), rows)]."""
+    out, start, rows = [], 0, 0
+    for i, n in enumerate(groups):
+        rows += n
+        if rows >= target_rows:
+            out.append(((start, i + 1), rows))
+            start, rows = i + 1, 0
+    if start < len(groups):
+        out.append(((start, len(groups)), rows))
+    return out
 
-    Sources with weight 0 are left out.
-    """
+
+def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int, unit_rows: int = PARQUET_UNIT_ROWS) -> list[ReadUnit]:
+    """The read units of ``sources``: {name: {"format", "path" (resolved), "weight", "media_root"}},
+    in a fixed order (epochs.py permutes them per epoch). Sources with weight 0 are left out."""
     sources = {name: s for name, s in sources.items() if s["weight"] > 0}
     if not sources:
         raise ValueError("no source with a positive weight")
-    rng = np.random.default_rng(seed)
-    shards: dict[str, list[str]] = {}
-    for name in sorted(sources):
-        files = list_shards(sources[name]["format"], sources[name]["path"], s3)
-        shards[name] = [files[i] for i in rng.permutation(len(files))]
+    listed = {name: list_shards_with_sizes(sources[name]["format"], sources[name]["path"], s3) for name in sorted(sources)}
+
+    # Parquet footers: record counts (exact) and row groups, for every parquet shard at once.
+    parquet = [uri for name in sorted(listed) if sources[name]["format"] == "coyo_parquet" for uri, _ in listed[name]]
+    groups = dict(zip(parquet, parquet_footers(parquet, s3))) if parquet else {}
+
+    # Other formats: records estimated from bytes, at the density of the source's first shard; only
+    # needed to set repeat factors when sources are mixed.
+    density: dict[str, float] = {}
+    if len(sources) > 1:
+        sampled = {name: listed[name][0] for name in listed if sources[name]["format"] != "coyo_parquet"}
+        counts = ray.get([_count_remote.remote(sources[n]["format"], uri, s3) for n, (uri, _) in sampled.items()])
+        density = {n: c / max(size, 1) for (n, (_, size)), c in zip(sampled.items(), counts)}
+
+    pieces: dict[str, list[tuple[str, tuple[int, int] | None, int]]] = {}
+    for name, files in listed.items():
+        pieces[name] = []
+        for uri, size in files:
+            if uri in groups:
+                for row_range, rows in split_row_groups(groups[uri], unit_rows):
+                    pieces[name].append((uri, row_range, rows))
+            else:
+                records = round(size * density[name]) if name in density else size
+                pieces[name].append((uri, None, max(records, 1)))
 
     shares = target_shares({name: s["weight"] for name, s in sources.items()})
-    if len(sources) == 1:
-        repeat = {name: 1.0 for name in sources}
-        sizes = {name: [1] * len(files) for name, files in shards.items()}  # order only
-    else:
-        flat = [(sources[name]["format"], uri) for name in sorted(shards) for uri in shards[name]]
-        counts = iter(count_shards(flat, s3))
-        sizes = {name: [next(counts) for _ in shards[name]] for name in sorted(shards)}
-        total = sum(sum(v) for v in sizes.values())
-        repeat = {}
+    repeat = {name: 1.0 for name in sources}
+    if len(sources) > 1:
+        records = {name: sum(n for _, _, n in p) for name, p in pieces.items()}
+        total = sum(records.values())
         for name in sources:
-            records = sum(sizes[name])
-            if records == 0:
-                raise ValueError(f"source {name!r} ({sources[name]['path']}) has no records")
-            # Rounded so that equal shares of equal sizes give exactly 1 (no float fuzz in `copies`).
-            repeat[name] = round(shares[name] * total / records, 9)
-        log.info("mixture: records %s, repeat factors %s", {n: sum(v) for n, v in sizes.items()}, repeat)
-
-    # Interleave: each shard is placed at the middle of the span of its source's share it covers.
-    placed = []
-    for name, files in shards.items():
-        expected = [n * repeat[name] for n in sizes[name]]
-        span = sum(expected) or 1.0
-        done = 0.0
-        for uri, e in zip(files, expected):
-            placed.append(((done + e / 2) / span, name, uri))
-            done += e
-    placed.sort()
+            # Rounded so that equal shares of equal sizes give exactly 1 (no float fuzz in `copies`);
+            # within the estimates' accuracy of 1, every record is read once.
+            factor = round(shares[name] * total / records[name], 9)
+            repeat[name] = 1.0 if abs(factor - 1.0) <= ESTIMATE_TOLERANCE and density else factor
+        log.info("mixture: records (parquet exact, others estimated) %s, repeat factors %s", records, repeat)
     return [
         ReadUnit(
             source=name,
@@ -91,8 +115,11 @@ def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int) -> li
             media_root=media_root_for(sources[name]["format"], sources[name]["path"], sources[name].get("media_root")),
             repeat=repeat[name],
             seed=seed,
+            row_groups=row_range,
+            size=size,
         )
-        for _, name, uri in placed
+        for name in sorted(pieces)
+        for uri, row_range, size in pieces[name]
     ]
 
 

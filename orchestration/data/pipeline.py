@@ -14,14 +14,22 @@ Stage 2 (LLM)
         is_visual bool [L]); read from data.cache_dir when it holds a matching cache
     write_lm_cache(config, tower_path) -> manifest   (what jobs/tokenize.py runs)
 
-Counting and streaming into Ray Train
-    skip_counts(group) -> {reason: n}; data_stats(group); mixture_shares(config, stage)
+Training (exactly once per epoch, see epochs.py)
+    training_plan(config, stage, tower_path) -> EpochPlan     on the driver: list + size the units once
+    rank_dataset(config, stage, plan, epoch, rank, world, position, tokenizer_files) -> ray.data.Dataset
+        on each Ray Train worker: its share of the epoch, in order, without what it already trained,
+        with the position columns (sample_ids, call_start, keys, skipped) that BatchStream consumes.
+    No dataset goes through Ray Train's streaming_split: every worker builds its own, so a restarted
+    worker group rebuilds every piece of the pipeline (nothing lives on a lost node).
+
+Counting (driver-side builds)
+    skip_counts(group) -> {reason: distinct n}; data_stats(group); mixture_shares(config, stage)
     torch_dtypes(stage) -> the dtypes dict iter_torch_batches needs (every column named)
-    train_data_config(...) -> ray.train.DataConfig that keeps stage-2 row order under streaming_split
     timed_batches(iterable) -> (batch, seconds waited) pairs, for the data-wait metric
 
 Skip counts are kept per group: "tower" for build_tower_dataset, "lm" for build_lm_dataset, "eval"
-for build_eval_split (each builder takes ``stats_group=`` to use another).
+for build_eval_split (each builder takes ``stats_group=`` to use another). The training loop counts
+from the rows it consumes instead (stats.py).
 """
 
 from __future__ import annotations
@@ -31,11 +39,15 @@ from collections.abc import Iterable, Iterator
 
 from orchestration.config import Config
 from orchestration.data.cache import CacheMismatchError, build_lm_dataset, read_manifest, write_lm_cache
-from orchestration.data.lm_data import LM_GROUP, ensure_lm_tokenizer
+import ray
+
+from orchestration.data.epochs import DataPosition, EpochPlan
+from orchestration.data.lm_data import LM_GROUP, ensure_lm_tokenizer, plan_lm_data
 from orchestration.data.mixture import mixture_report
 from orchestration.data.sources import ensure_data
 from orchestration.data.stats import data_stats, reset_stats, skip_counts
-from orchestration.data.tower_data import TOWER_GROUP, build_eval_split, build_tower_dataset
+from orchestration.data.records import LM_CACHE
+from orchestration.data.tower_data import TOWER_GROUP, build_eval_split, build_tower_dataset, plan_tower_data
 
 __all__ = [
     "CacheMismatchError",
@@ -52,9 +64,10 @@ __all__ = [
     "reset_stats",
     "run_tokenize_job",
     "skip_counts",
+    "rank_dataset",
     "timed_batches",
     "torch_dtypes",
-    "train_data_config",
+    "training_plan",
     "write_lm_cache",
 ]
 
@@ -73,19 +86,50 @@ def torch_dtypes(stage: str) -> dict:
     raise ValueError(f"stage must be 'tower' or 'lm', got {stage!r}")
 
 
-def train_data_config(dataset_names: tuple[str, ...] = ("train",)):
-    """A ray.train.DataConfig whose streaming_split keeps Ray Data's row order (Train otherwise applies
-    the driver's default execution options, which do not). Needed for reproducible stage-2 rows."""
-    import ray.train
-    from ray.data import DataContext, ExecutionOptions
+def training_plan(config: Config, stage: str, tower_path: str | None = None) -> EpochPlan:
+    """The epoch plan of a stage's training data (driver side, once per run): data.tower_sources for
+    "tower"; for "lm" the tokenized cache when data.cache_dir holds a matching one, else data.lm_sources."""
+    if stage == "tower":
+        return plan_tower_data(config)
+    if stage != "lm":
+        raise ValueError(f"stage must be 'tower' or 'lm', got {stage!r}")
+    if config.data.cache_dir:
+        from orchestration.data.cache import cache_plan, check_manifest, fingerprint
+        from orchestration.data.lm_data import tower_source
 
-    defaults = DataContext.get_current().execution_options
-    options = ExecutionOptions(
-        resource_limits=defaults.resource_limits,
-        exclude_resources=defaults.exclude_resources,
-        preserve_order=True,
+        manifest = read_manifest(config.data.cache_dir, config)
+        if manifest is not None:
+            tokenizer_path = ensure_lm_tokenizer(config)
+            check_manifest(manifest, fingerprint(config, tower_source(config, tower_path), tokenizer_path), config.data.cache_dir)
+            return cache_plan(config, manifest)
+    return plan_lm_data(config)
+
+
+def rank_dataset(
+    config: Config,
+    stage: str,
+    plan: EpochPlan,
+    *,
+    epoch: int,
+    rank: int,
+    world: int,
+    position: DataPosition | None = None,
+    tokenizer_files: dict[str, bytes] | None = None,
+) -> ray.data.Dataset:
+    """One training rank's share of one epoch (see epochs.py), with the position columns."""
+    args = dict(plan=plan, epoch=epoch, rank=rank, world=world, position=position)
+    if stage == "tower":
+        return build_tower_dataset(config, stats_group=None, track=True, **args)
+    if plan.units and plan.units[0].format == LM_CACHE:
+        from orchestration.data.cache import cache_rank_dataset
+
+        return cache_rank_dataset(config, track=True, **args)
+    from orchestration.data.lm_data import tokenize_dataset, tower_source
+
+    return tokenize_dataset(
+        config, tower_source(config, config.model.tower_checkpoint), None, None,
+        tokenizer_files=tokenizer_files, track=True, **args,
     )
-    return ray.train.DataConfig(datasets_to_split=list(dataset_names), execution_options={n: options for n in dataset_names})
 
 
 def timed_batches(batches: Iterable) -> Iterator[tuple[object, float]]:

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from orchestration.data.synthetic import mmc4_document_key
+from orchestration.data.stats import mmc4_document_key
 from orchestration.storage import S3Settings, filesystem, is_s3, join, list_files
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ NORMALIZED_SCHEMA = pa.schema(
         ("media_slots", pa.list_(pa.int32())),  # MMC4: the sentence each image belongs before
     ]
 )
+LM_CACHE = "lm_cache"  # the read units of the tokenized cache (cache.py): packed rows, no decoding
 CHUNK_ROWS = 64  # records per yielded table: keeps a read task's memory bounded on big shards
 
 
@@ -91,7 +92,8 @@ class ShardError(RuntimeError):
 
 @dataclass(frozen=True)
 class ReadUnit:
-    """One shard of one source, with how often each of its records is taken (see mixture.py)."""
+    """One shard of one source (or a range of a parquet shard's row groups), with how often each of its
+    records is taken (see mixture.py) and its size (bytes or records: what balances ranks)."""
 
     source: str
     format: str
@@ -99,13 +101,23 @@ class ReadUnit:
     media_root: str
     repeat: float = 1.0
     seed: int = 0
+    row_groups: tuple[int, int] | None = None  # parquet: read only row groups [start, stop)
+    size: int = 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "ReadUnit":
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        if data.get("row_groups") is not None:
+            data["row_groups"] = tuple(data["row_groups"])
+        return cls(**data)
+
+    @property
+    def weight(self) -> float:
+        """Expected share of an epoch's records (size times repeat): what rank assignment balances."""
+        return max(self.size, 1) * self.repeat
 
 
 # ---------------------------------------------------------------- filesystems and retries
@@ -153,11 +165,18 @@ def read_bytes(uri: str, s3: S3Settings | None) -> bytes:
 
 def list_shards(fmt: str, path: str, s3: S3Settings | None) -> list[str]:
     """The index shards of a source, sorted. A missing directory or no shard at all is an error."""
+    return [uri for uri, _ in list_shards_with_sizes(fmt, path, s3)]
+
+
+def list_shards_with_sizes(fmt: str, path: str, s3: S3Settings | None) -> list[tuple[str, int]]:
+    """(uri, bytes) of the index shards of a source, sorted. Only the source directory itself is listed
+    (one request): the media trees beside the index (MMC4's images/, OpenVid's videos/, hundreds of
+    millions of objects) are never listed; media are fetched by path when decoded."""
     try:
         if not is_s3(path) and os.path.isfile(path):
-            files = [path]
+            files = [(path, os.path.getsize(path))]
         else:
-            files = list_files(path, s3, INDEX_SUFFIXES[fmt])
+            files = list_files(path, s3, INDEX_SUFFIXES[fmt], with_sizes=True)
     except FileNotFoundError:
         raise ShardError(f"{path}: no such directory for a {fmt} source") from None
     if not files:
@@ -203,9 +222,13 @@ def _open_coyo_parquet(f, unit: ReadUnit) -> tuple[pq.ParquetFile, list[str]]:
     return parquet, ["key", image_col, caption_col]
 
 
+def _row_groups(parquet: pq.ParquetFile, unit: ReadUnit) -> list[int] | None:
+    return list(range(*unit.row_groups)) if unit.row_groups is not None else None
+
+
 def _coyo_parquet(f, unit: ReadUnit) -> Iterator[dict]:
     parquet, columns = _open_coyo_parquet(f, unit)
-    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns):
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns, row_groups=_row_groups(parquet, unit)):
         for key, image, caption in zip(*(batch.column(i).to_pylist() for i in range(3))):
             yield _record(key, unit.source, KIND_IMAGE_TEXT, caption, [image] if image else [])
 
@@ -214,7 +237,7 @@ def _coyo_parquet_tables(f, unit: ReadUnit) -> Iterator[pa.Table]:
     """The same records as `_coyo_parquet`, built column-wise from Arrow (no Python object per image):
     COYO is the bulk of stage 1, and this is a third of its read cost."""
     parquet, columns = _open_coyo_parquet(f, unit)
-    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns):
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns, row_groups=_row_groups(parquet, unit)):
         n = batch.num_rows
         images = batch.column(1).cast(pa.binary())
         present = pc.fill_null(pc.greater(pc.binary_length(images), 0), False)
@@ -382,7 +405,15 @@ def copies(unit: ReadUnit, key: str) -> int:
 
 
 def read_unit_tables(unit: ReadUnit, s3: S3Settings | None, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
-    """The unit's records (repeat factor applied) as NORMALIZED_SCHEMA tables of up to chunk_rows rows."""
+    """The unit's records (repeat factor applied) as NORMALIZED_SCHEMA tables of up to chunk_rows rows
+    (format "lm_cache": the tokenized cache's packed rows as they are stored)."""
+    if unit.format == LM_CACHE:
+        fs, path = fs_and_path(unit.uri, s3)
+        with with_retries(lambda: fs.open(path, "rb"), unit.uri) as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(batch_size=chunk_rows, row_groups=_row_groups(parquet, unit)):
+                yield pa.Table.from_batches([batch])
+        return
     if unit.format == "coyo_parquet":
         fs, path = fs_and_path(unit.uri, s3)
         try:
@@ -408,6 +439,17 @@ def read_unit_tables(unit: ReadUnit, s3: S3Settings | None, chunk_rows: int = CH
 
 
 # ---------------------------------------------------------------- counting (for mixtures) and texts
+
+
+def parquet_row_groups(uri: str, s3: S3Settings | None) -> list[int]:
+    """Rows of each row group of a parquet shard, from its footer (a ranged read, not the file)."""
+    fs, path = fs_and_path(uri, s3)
+    with with_retries(lambda: fs.open(path, "rb"), uri) as f:
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except Exception as exc:
+            raise ShardError(f"{uri}: cannot open as parquet: {exc}") from exc
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
 def count_records(fmt: str, uri: str, s3: S3Settings | None) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -12,8 +11,9 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from orchestration.config import Config, SourceSection
+from orchestration.data.epochs import STREAM_SCHEMA, DataPosition, EpochPlan, Window, window_reader
 from orchestration.data.mixture import plan_reads
-from orchestration.data.records import FORMAT_KIND, KIND_IMAGE_TEXT, NORMALIZED_SCHEMA, ReadUnit, read_unit_tables
+from orchestration.data.records import FORMAT_KIND, KIND_IMAGE_TEXT
 from orchestration.data.synthetic import ensure_synthetic_dataset
 from orchestration.storage import S3Settings, is_s3
 
@@ -64,52 +64,65 @@ def resolve_sources(config: Config, sources: dict[str, SourceSection], field: st
     return resolved
 
 
-class ShardDatasource(Datasource):
-    """One Ray Data read task per planned shard, yielding NORMALIZED_SCHEMA tables.
+class WindowDatasource(Datasource):
+    """One Ray Data read task per window of a rank's epoch (epochs.py), yielding STREAM_SCHEMA tables
+    (normalized records + sample ids) in the window's shuffled order.
 
-    A real datasource (rather than a map over a list of shards) keeps one task per shard when Ray Data
-    fuses the decode stage into the reads: a map would be bundled up to the decode batch size, putting
-    many shards, one after another, into a single task.
+    A real datasource (rather than a map over a list of windows) keeps one task per window when Ray
+    Data fuses the decode stage into the reads.
     """
 
-    def __init__(self, units: list[ReadUnit], s3: S3Settings | None):
-        self.units, self.s3 = units, s3
+    def __init__(self, windows: list[Window], s3: S3Settings | None):
+        self.windows, self.s3 = windows, s3
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_name(self) -> str:
-        return "Shards"
+        return "Windows"
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
-        # Always one task per shard: a shard is the unit of reading and of ordering.
         return [
             ReadTask(
-                functools.partial(read_unit_tables, unit, self.s3),
-                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[unit.uri]),
-                schema=NORMALIZED_SCHEMA,
+                window_reader(window, self.s3),
+                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[u.uri for u in window.units]),
+                schema=STREAM_SCHEMA if all(u.format in FORMAT_KIND for u in window.units) else None,
                 per_task_row_limit=per_task_row_limit,
             )
-            for unit in self.units
+            for window in self.windows
         ]
 
 
-def read_dataset(units: list[ReadUnit], s3: S3Settings | None, rows_per_block: int) -> ray.data.Dataset:
-    """Normalized records of the planned shards: one read task per shard, in plan order.
+def read_dataset(windows: list[Window], s3: S3Settings | None, rows_per_block: int, formats: set[str]) -> ray.data.Dataset:
+    """Records of the given windows with their sample ids, in window order (``preserve_order``).
 
     When a source references its media (MMC4, OpenVid, ShareGPT4V), blocks are cut to
-    ``rows_per_block`` records (streaming, no shuffle): an index that is one big file (ShareGPT4V's
+    ``rows_per_block`` records (streaming, no shuffle): a window of one big index file (ShareGPT4V's
     JSON, OpenVid's CSV) would otherwise be a single block, fetched and decoded by a single task.
-    Shards with inline images (COYO) stay one block per shard: their records are cheap to decode, and
-    more, smaller tasks cost more than they parallelize (half the stage-1 throughput here).
+    Windows with inline images (COYO) stay whole: their records are cheap to decode, and more, smaller
+    tasks cost more than they parallelize.
     """
-    ds = ray.data.read_datasource(ShardDatasource(units, s3), override_num_blocks=len(units))
-    if any(FORMAT_KIND[unit.format] != KIND_IMAGE_TEXT for unit in units):
-        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    if not windows:
+        ds = ray.data.from_arrow(STREAM_SCHEMA.empty_table())
+    else:
+        ds = ray.data.read_datasource(WindowDatasource(windows, s3), override_num_blocks=len(windows))
+        if any(FORMAT_KIND.get(fmt) not in (KIND_IMAGE_TEXT, None) for fmt in formats):
+            ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    ds.context.execution_options.preserve_order = True  # the epoch's order is the position's meaning
     return ds
 
 
-def plan_sources(config: Config, sources: dict[str, SourceSection], field: str, kinds=None) -> tuple[list[ReadUnit], dict[str, float]]:
+def plan_sources(config: Config, sources: dict[str, SourceSection], field: str, kinds=None) -> EpochPlan:
+    """The epoch plan of a stage's sources (the units listed and sized once, on the driver)."""
     resolved = resolve_sources(config, sources, field, kinds)
     units = plan_reads(resolved, s3_settings(config), config.data.shuffle_seed)
-    return units, {name: s["weight"] for name, s in resolved.items()}
+    return epoch_plan(config, units)
+
+
+def epoch_plan(config: Config, units) -> EpochPlan:
+    data = config.data
+    return EpochPlan(tuple(units), data.shuffle_seed, data.shuffle_window_shards, data.shuffle_buffer_rows)
+
+
+def rank_windows(plan: EpochPlan, epoch: int, rank: int, world: int, position: DataPosition | None) -> tuple[list[Window], set[str]]:
+    return plan.windows(epoch, rank, world, position), {u.format for u in plan.units}

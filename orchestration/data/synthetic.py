@@ -37,14 +37,15 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from orchestration.data import scenes
+from orchestration.data.stats import (  # why a record is bad: the decoders' vocabulary
+    EMPTY_CAPTION,
+    MISSING_FILE,
+    NOT_AN_IMAGE,
+    TRUNCATED_IMAGE,
+    UNDECODABLE_VIDEO,
+    ZERO_FRAMES,
+)
 
-# Why a record is bad; readers count skipped rows under the same names.
-TRUNCATED_IMAGE = "truncated_image"
-NOT_AN_IMAGE = "not_an_image"
-EMPTY_CAPTION = "empty_caption"
-MISSING_FILE = "missing_file"
-ZERO_FRAMES = "zero_frames"
-UNDECODABLE_VIDEO = "undecodable_video"
 
 IMAGE_SIZE = 64
 VIDEO_FPS = 8
@@ -242,11 +243,6 @@ def _write_mmc4(n: int, rng: np.random.Generator, corrupt_fraction: float, out: 
                 f.write(json.dumps(doc) + "\n")
         manifest.files.append(str(path))
     return manifest
-
-
-def mmc4_document_key(url: str) -> str:
-    """The record key of an MMC4 document (the writer's manifest names documents by it)."""
-    return url.rsplit("/", 1)[-1]
 
 
 # ---------------------------------------------------------------- OpenVid-1M

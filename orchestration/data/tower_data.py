@@ -20,8 +20,9 @@ import ray
 from orchestration.config import Config
 from orchestration.data.decode import DECODE_ERROR, SkipRecord, decode_image, decode_record
 from orchestration.data.records import KIND_IMAGE_TEXT, fs_and_path, read_bytes
-from orchestration.data.sources import ensure_data, plan_sources, read_dataset, s3_settings
-from orchestration.data.stats import Tally, in_chunks, stats_actor
+from orchestration.data.epochs import DataPosition, EpochPlan, part_id
+from orchestration.data.sources import ensure_data, plan_sources, rank_windows, read_dataset, s3_settings
+from orchestration.data.stats import Tally, stats_actor
 from orchestration.storage import S3Settings, join
 from vilau_model.config import VisionTowerConfig, get_tower_config
 
@@ -47,22 +48,48 @@ def tokenize_captions(tower: VisionTowerConfig, captions: list[str]) -> np.ndarr
     return np.asarray(tower_text_tokenizer(tower)(captions), dtype=np.int64).reshape(len(captions), -1)
 
 
-def decode_tower_chunk(table: pa.Table, tally: Tally, *, tower: VisionTowerConfig, s3: S3Settings | None, with_keys: bool) -> dict | None:
-    """Normalized image-text records -> pixels + text_tokens; bad records dropped and counted."""
-    pixels, captions, keys, sources = [], [], [], []
+def decode_tower_block(block: pa.Table, *, rows: int, group: str | None, tower: VisionTowerConfig, s3: S3Settings | None, with_keys: bool, track: bool):
+    """Normalized records (with sample ids) -> pixels + text_tokens, in slices of ``rows`` records;
+    bad records dropped. With ``track`` each row also carries its position columns (TRACK_COLUMNS):
+    the dropped records travel with the next good row (or the block's last one; a block with no good
+    row yields one carrier row with no sample id)."""
+    tally = Tally(group)
+    held = None  # the last output, kept back so that the block's trailing drops can join it
+    for start in range(0, block.num_rows, rows):
+        out = _decode_tower_slice(block.slice(start, rows), tally, tower, s3, with_keys, track)
+        if out is None:
+            continue
+        if held is not None:
+            yield held
+        held = out
+    trailing = tally.take_skipped()
+    if track and trailing:
+        if held is None:
+            held = _carrier_row(tower, with_keys)
+        held["skipped"][-1] = json.dumps(json.loads(held["skipped"][-1]) + trailing)
+        trailing = []
+    tally.flush(trailing)
+    if held is not None:
+        yield held
+
+
+def _decode_tower_slice(table: pa.Table, tally: Tally, tower, s3, with_keys: bool, track: bool) -> dict | None:
+    pixels, captions, keys, sources, ids, skipped = [], [], [], [], [], []
     for record in table.to_pylist():
         try:
             pixels.append(decode_record(record, tower.image_size, lambda uri: read_bytes(uri, s3))[0])
         except SkipRecord as skip:
-            tally.skip(skip.reason, record["key"])
+            tally.skip(skip.reason, record["key"], record["source"])
             continue
         except Exception:  # one bad record must not stop the epoch
             log.exception("record %s of source %s failed to decode", record["key"], record["source"])
-            tally.skip(DECODE_ERROR, record["key"])
+            tally.skip(DECODE_ERROR, record["key"], record["source"])
             continue
         captions.append(record["text"])
         keys.append(record["key"])
         sources.append(record["source"])
+        ids.append(record.get("sample_id", -1))
+        skipped.append(tally.take_skipped() if track else [])
         tally.samples[record["source"]] += 1
     if not pixels:
         return None  # nothing to emit: an empty batch has no shapes for the tensor columns
@@ -70,19 +97,60 @@ def decode_tower_chunk(table: pa.Table, tally: Tally, *, tower: VisionTowerConfi
     if with_keys:
         out["key"] = np.asarray(keys, dtype=object)
         out["source"] = np.asarray(sources, dtype=object)
+    if track:
+        pids = [part_id(i) for i in ids]
+        out.update(track_columns([[p] for p in pids], pids, [[f"{s}/{k}"] for s, k in zip(sources, keys)], skipped))
     return out
 
 
-def decode_tower_block(block: pa.Table, *, rows: int, group: str, **kwargs):
-    yield from in_chunks(block, rows, functools.partial(decode_tower_chunk, **kwargs), group)
+def track_columns(sample_ids: list[list[int]], call_starts: list[int], keys: list[list[str]], skipped: list[list[str]]) -> dict:
+    """The position columns of output rows (see orchestration/data/epochs.py). Lists travel as JSON
+    strings: one Arrow type whatever their lengths (Ray would make equal-length lists a tensor)."""
+
+    def objects(values):
+        return np.asarray([json.dumps(list(v)) for v in values], dtype=object)
+
+    return {
+        "sample_ids": objects(sample_ids),
+        "call_start": np.asarray(call_starts, dtype=np.int64),
+        "keys": objects(keys),
+        "skipped": objects(skipped),
+    }
 
 
-def build_tower_dataset(config: Config, split: str = "train", *, with_keys: bool = False, stats_group: str = TOWER_GROUP) -> ray.data.Dataset:
+def _carrier_row(tower: VisionTowerConfig, with_keys: bool) -> dict:
+    """A row with no sample: it only carries dropped records to the training loop."""
+    ctx = tokenize_captions(tower, [""]).shape[1]
+    out = {"pixels": np.zeros((1, 3, tower.image_size, tower.image_size), np.uint8), "text_tokens": np.zeros((1, ctx), np.int64)}
+    if with_keys:
+        out["key"] = np.asarray([""], dtype=object)
+        out["source"] = np.asarray([""], dtype=object)
+    out.update(track_columns([[]], [-1], [[]], [[]]))
+    return out
+
+
+def build_tower_dataset(
+    config: Config,
+    split: str = "train",
+    *,
+    with_keys: bool = False,
+    stats_group: str | None = TOWER_GROUP,
+    plan: EpochPlan | None = None,
+    epoch: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    position: DataPosition | None = None,
+    track: bool = False,
+) -> ray.data.Dataset:
     """Stage-1 training data from data.tower_sources (mixed by weight), or the eval split.
 
     Columns: pixels uint8 [3, S, S], text_tokens int64 [ctx]; with_keys adds the record ``key`` and
     ``source`` (strings; for tests and debugging, not for iter_torch_batches). The eval split also
     has ``labels`` int64.
+
+    By default the whole of epoch 0 in its order; a training rank passes the driver's ``plan``, its
+    ``epoch``, ``rank``/``world`` and resume ``position`` and gets its share of that epoch, with the
+    position columns (``track``: sample_ids, call_start, keys, skipped) its BatchStream consumes.
     """
     if split == "eval":
         data = build_eval_split(config)
@@ -90,12 +158,14 @@ def build_tower_dataset(config: Config, split: str = "train", *, with_keys: bool
         return ray.data.from_items(rows)
     if split != "train":
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    ensure_data(config)
-    stats_actor()  # created by the driver, so it outlives the decode tasks
-    units, _ = plan_sources(config, config.data.tower_sources, "tower_sources", kinds=(KIND_IMAGE_TEXT,))
+    if plan is None:
+        plan = plan_tower_data(config)
+    if stats_group is not None:
+        stats_actor()  # created by the driver, so it outlives the decode tasks
+    windows, formats = rank_windows(plan, epoch, rank, world, position)
     # Whole blocks per call (worked through in decode_batch_size slices): a map with no batch size is
-    # fused into the read tasks, saving a trip through the object store per shard.
-    return read_dataset(units, s3_settings(config), config.data.decode_batch_size).map_batches(
+    # fused into the read tasks, saving a trip through the object store per window.
+    return read_dataset(windows, s3_settings(config), config.data.decode_batch_size, formats).map_batches(
         decode_tower_block,
         fn_kwargs={
             "rows": config.data.decode_batch_size,
@@ -103,10 +173,17 @@ def build_tower_dataset(config: Config, split: str = "train", *, with_keys: bool
             "tower": tower_config(config),
             "s3": s3_settings(config),
             "with_keys": with_keys,
+            "track": track,
         },
         batch_size=None,
         batch_format="pyarrow",
     )
+
+
+def plan_tower_data(config: Config) -> EpochPlan:
+    """Stage 1's epoch plan (lists the sources' index shards; run once on the driver)."""
+    ensure_data(config)
+    return plan_sources(config, config.data.tower_sources, "tower_sources", kinds=(KIND_IMAGE_TEXT,))
 
 
 def build_eval_split(config: Config, stats_group: str = "eval") -> dict:
@@ -136,12 +213,12 @@ def build_eval_split(config: Config, stats_group: str = "eval") -> dict:
             try:
                 pixels.append(decode_image(row["jpg"], tower.image_size))
             except SkipRecord as skip:
-                tally.skip(skip.reason, row["key"])
+                tally.skip(skip.reason, row["key"], "eval")
                 continue
             captions.append(row["caption"])
             labels.append(row["label"])
             tally.samples["eval"] += 1
-    tally.flush()
+    tally.flush(tally.take_skipped())
     return {
         "pixels": np.stack(pixels),
         "text_tokens": tokenize_captions(tower, captions),

@@ -50,6 +50,9 @@ class TrainState:
     step: int = 0  # optimizer steps taken (including skipped non-finite ones)
     epoch: int = 0  # data epoch this rank is in
     batches_in_epoch: int = 0  # micro-batches this rank consumed in that epoch
+    # This rank's data position and distinct dropped records (BatchStream.data_state); per rank, so it
+    # lives in rank_<r>.pt, not in train_state.json.
+    data: dict = field(default_factory=dict)
     nonfinite_skipped: int = 0
     history: list[list[int]] = field(default_factory=list)  # [[first_step, last_step], ...]
     world_size: int = 1
@@ -107,12 +110,12 @@ def save_checkpoint(
     os.makedirs(directory, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizers, options=state_dict_options(ignore_frozen))
     torch.save(
-        {"rng": rng_state(), "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch},
+        {"rng": rng_state(), "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch, "data": state.data},
         os.path.join(directory, f"rank_{rank}.pt"),
     )
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
     if rank == 0:
-        meta = asdict(state) | {"world_size": world, "scheduler": scheduler.state_dict()}
+        meta = {k: v for k, v in asdict(state).items() if k != "data"} | {"world_size": world, "scheduler": scheduler.state_dict()}
         # LambdaLR saves None for a plain function: the schedule itself is rebuilt from the config.
         _write_json(os.path.join(directory, TRAIN_STATE), meta)
     if before_complete is not None:
@@ -174,6 +177,7 @@ def load_checkpoint(
         extra = torch.load(own, weights_only=False)
         set_rng_state(extra["rng"])
         train.epoch, train.batches_in_epoch = extra["epoch"], extra["batches_in_epoch"]
+        train.data = extra.get("data", {})
     else:
         log.warning("checkpoint saved with %d ranks, resuming on %d: data position restarts the epoch",
                     meta["world_size"], world)

@@ -132,50 +132,219 @@ class Task:
 
 
 class BatchStream:
-    """Micro-batches forever, epoch after epoch, starting at the saved data position.
+    """Micro-batches forever, epoch after epoch, each trained sample exactly once per epoch.
 
-    A background thread reads ``depth`` batches ahead, also across epoch boundaries, so the start of
-    the next epoch's pipeline overlaps with training instead of stalling it. The data position in
-    ``state`` advances only when the loop takes a batch, so a checkpoint records what was trained on.
-    Resuming re-reads and drops the batches this rank had consumed in the current epoch (Ray Data has
-    no seek).
+    Every rank builds its own share of each epoch (``make_dataset(epoch, position)``, see
+    orchestration/data/epochs.py), starting from the position saved in ``state.data``: the resumed
+    dataset leaves out what this rank already trained before anything is decoded. A background thread
+    reads ``depth`` batches ahead, also across epoch boundaries, so the start of the next epoch's
+    pipeline overlaps with training. The position in ``state.data`` advances only when the loop takes
+    a batch, so a checkpoint records what was trained on.
+
+    Ranks take the same number of batches per epoch (``report`` is a barrier): before each batch the
+    ranks agree (one all-reduce of a flag) that every one of them has one; when one rank's share runs
+    out, the epoch ends for all, and the rows the others had left are not trained in that epoch.
+
+    Dropped records arrive with the rows (stats.py); they are counted per distinct record, for the
+    run and for the current epoch (`rows_skipped`).
     """
 
-    def __init__(self, shard, state: ckpt.TrainState, rank: int, stage: str, iter_kwargs: dict, depth: int = 4):
-        self.state = state
+    def __init__(self, make_dataset, state: ckpt.TrainState, rank: int, world: int, stage: str, batch_size: int,
+                 columns: dict[str, torch.dtype], device: torch.device, depth: int = 4, recorder=None):
+        from orchestration.data.epochs import DataPosition
+        from orchestration.data.stats import DistinctSkips
+
+        self.state, self.rank, self.world, self.stage = state, rank, world, stage
+        self.batch_size, self.columns, self.device, self.recorder = batch_size, columns, device, recorder
+        data = state.data or {}
+        self.position = DataPosition.from_state(data.get("position"))
+        self.skipped = DistinctSkips.from_state(data.get("skipped"))
+        self.skipped_epoch = DistinctSkips.from_state(data.get("skipped_epoch"))
+        self.samples = defaultdict(int, data.get("samples", {}))  # trained samples per source, this run
+        self.state.epoch = self.position.epoch
+        self._save_state()
+        self.min_epoch = self.position.epoch  # the reader drops an epoch the ranks have ended
+        self.closed = False
+        self.micro_in_step = (state.step, 0)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.thread = threading.Thread(
-            target=self._read, args=(shard, state.epoch, state.batches_in_epoch, rank, stage, iter_kwargs),
+            target=self._read, args=(make_dataset, self.position.epoch, DataPosition.from_state(self.position.state())),
             daemon=True, name=f"{stage}-batches",
         )
         self.thread.start()
 
-    def _read(self, shard, epoch: int, skip: int, rank: int, stage: str, iter_kwargs: dict) -> None:
+    # -- reading (background thread) ----------------------------------------------------------------
+
+    def _read(self, make_dataset, epoch: int, position) -> None:
         try:
             while True:
-                n = 0
-                for batch in shard.iter_torch_batches(**iter_kwargs):
-                    n += 1
-                    if n > skip:
-                        self.queue.put((epoch, n, batch))
-                if n == 0:
-                    raise RuntimeError(
-                        f"[{stage}] rank {rank}: an epoch gave no full batch of {iter_kwargs['batch_size']}; "
-                        "the dataset has too few rows for this many workers"
-                    )
-                epoch, skip = epoch + 1, 0
+                pending: list[dict] = []
+                rows = 0
+                dataset = make_dataset(epoch, position)
+                for chunk in dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2):
+                    if self.closed:
+                        return
+                    if self.min_epoch > epoch:
+                        break  # the ranks ended this epoch already
+                    pending.append(_parse_track_columns(chunk))
+                    rows = _real_rows(pending)
+                    while rows >= self.batch_size or (pending and rows == 0):
+                        batch, pending = _take_rows(pending, self.batch_size)
+                        rows = _real_rows(pending)
+                        self.queue.put(("batch", epoch, batch))
+                leftover = [entry for c in pending for row in c["skipped"] for entry in row]
+                self.queue.put(("end", epoch, leftover))
+                epoch, position = epoch + 1, None
         except BaseException as exc:  # handed to the training loop, which raises it
-            self.queue.put(exc)
+            self.queue.put(("error", -1, exc))
+
+    def close(self) -> None:
+        """Stop reading ahead (the reader leaves at its next batch)."""
+        self.closed = True
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+    # -- consuming (training loop) ------------------------------------------------------------------
 
     def __iter__(self):
         return self
 
-    def __next__(self):
-        item = self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        self.state.epoch, self.state.batches_in_epoch, batch = item
-        return batch
+    def __next__(self) -> dict:
+        while True:
+            kind, epoch, payload = self.queue.get()
+            if kind == "error":
+                raise payload
+            if epoch < self.position.epoch:
+                continue  # read ahead in an epoch the ranks have ended
+            if kind == "batch" and payload["valid"] == 0:  # only dropped records: count, nothing to train
+                self._count_skips(payload["skipped"])
+                continue
+            if not self._all_ranks_have(kind == "batch"):
+                if kind == "end":
+                    self._count_skips(payload)
+                self._end_epoch()
+                continue
+            return self._take(payload)
+
+    def _all_ranks_have(self, have: bool) -> bool:
+        if self.world == 1:
+            return have
+        flag = torch.tensor([1.0 if have else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def _end_epoch(self) -> None:
+        if self.position.epoch == 0 and self.state.batches_in_epoch == 0:
+            raise RuntimeError(
+                f"[{self.stage}] rank {self.rank}: epoch 0 gave no full batch of {self.batch_size} on every rank; "
+                "the dataset has too few rows for this many workers"
+            )
+        self.position.next_epoch()
+        self.min_epoch = self.position.epoch
+        self.state.epoch, self.state.batches_in_epoch = self.position.epoch, 0
+        from orchestration.data.stats import DistinctSkips
+
+        self.skipped_epoch = DistinctSkips()
+        self._save_state(skips=True)
+
+    def _take(self, batch: dict) -> dict:
+        step = self.state.step + 1  # the step this micro-batch belongs to
+        index = self.micro_in_step[1] if self.micro_in_step[0] == step else 0
+        self.micro_in_step = (step, index + 1)
+        for call_start, ids in zip(batch["call_start"], batch["sample_ids"]):
+            self.position.consume(int(call_start), ids)
+        self._count_skips(batch["skipped"])
+        self.state.batches_in_epoch += 1
+        self._save_state()
+        keys = [str(k) for row in batch["keys"] for k in row]
+        for key in keys:
+            self.samples[key.split("/", 1)[0]] += 1
+        self.state.data["samples"] = dict(self.samples)
+        if self.recorder is not None:
+            self.recorder(step, index, self.position.epoch, keys)
+        return {
+            name: torch.as_tensor(batch[name]).to(dtype=dtype).to(self.device, non_blocking=True)
+            for name, dtype in self.columns.items()
+        }
+
+    def _count_skips(self, entries) -> None:
+        entries = [e for row in entries for e in (row if not isinstance(row, str) else [row])]
+        if entries:
+            self.skipped.add_entries(entries)
+            self.skipped_epoch.add_entries(entries)
+            self._save_state(skips=True)
+
+    def _save_state(self, skips: bool = False) -> None:
+        self.state.data["position"] = self.position.state()
+        if skips or "skipped" not in self.state.data:
+            self.state.data["skipped"] = self.skipped.state()
+            self.state.data["skipped_epoch"] = self.skipped_epoch.state()
+
+    def data_metrics(self) -> dict[str, float]:
+        """Collective: distinct dropped records by reason over all ranks, for the run
+        (``rows_skipped/<reason>``) and for the current epoch (``rows_skipped_epoch/<reason>``), and
+        each source's realized share of the samples trained so far (``mixture_share/<source>``)."""
+        from orchestration.data.stats import DistinctSkips
+
+        mine = (self.skipped.state(), self.skipped_epoch.state(), dict(self.samples))
+        gathered = [mine]
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, mine)
+        run, epoch, samples = DistinctSkips(), DistinctSkips(), defaultdict(int)
+        for run_state, epoch_state, rank_samples in gathered:
+            run.merge(DistinctSkips.from_state(run_state))
+            epoch.merge(DistinctSkips.from_state(epoch_state))
+            for source, n in rank_samples.items():
+                samples[source] += n
+        out: dict[str, float] = {f"rows_skipped/{k}": v for k, v in run.counts().items()}
+        out.update({f"rows_skipped_epoch/{k}": v for k, v in epoch.counts().items()})
+        total = sum(samples.values()) or 1
+        out.update({f"mixture_share/{k}": round(n / total, 4) for k, n in samples.items()})
+        return out
+
+
+def _parse_track_columns(chunk: dict) -> dict:
+    """The position columns (JSON strings on the wire) as object arrays of lists."""
+    import json
+
+    import numpy as np
+
+    for name in ("sample_ids", "keys", "skipped"):
+        values = chunk[name]
+        parsed = np.empty(len(values), dtype=object)
+        for i, text in enumerate(values):
+            parsed[i] = json.loads(text)
+        chunk[name] = parsed
+    return chunk
+
+
+def _real_rows(chunks: list[dict]) -> int:
+    """Rows that hold samples (not carriers of dropped records only)."""
+    return sum(1 for c in chunks for ids in c["sample_ids"] if len(ids))
+
+
+def _take_rows(chunks: list[dict], n: int) -> tuple[dict, list[dict]]:
+    """The first ``n`` real rows of ``chunks`` as one batch (carrier rows folded into its ``skipped``),
+    and the chunks left. ``valid`` in the batch is the number of real rows (0: only carriers)."""
+    import numpy as np
+
+    merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    real = np.array([len(ids) > 0 for ids in merged["sample_ids"]], dtype=bool)
+    positions = np.flatnonzero(real)
+    cut = int(positions[n - 1]) + 1 if len(positions) >= n else len(real)
+    head = {k: v[:cut] for k, v in merged.items()}
+    rest = {k: v[cut:] for k, v in merged.items()}
+    keep = real[:cut]
+    carried = [e for row in head["skipped"][~keep] for e in row]
+    batch = {k: v[keep] for k, v in head.items()}
+    if carried:
+        batch["skipped"] = list(batch["skipped"]) + [carried]
+    batch["valid"] = int(keep.sum())
+    return batch, ([rest] if len(rest["call_start"]) else [])
 
 
 class Trainer:
@@ -242,11 +411,37 @@ class Trainer:
     # -- data -------------------------------------------------------------------------------------
 
     def batches(self) -> "BatchStream":
+        """This rank's micro-batches: its own share of each epoch, built here from the epoch plan the
+        driver published in the run's directory (nothing of the data pipeline outlives this worker)."""
+        from orchestration.data.epochs import EpochPlan
+        from orchestration.data.pipeline import rank_dataset
+
+        with self.storage_fs.open_input_stream(f"{self.experiment_path}/data_plan.json") as f:
+            plan = EpochPlan.from_json(f.read().decode())
+        tokenizer_files = getattr(self.task, "tokenizer_files", None)
+
+        def make_dataset(epoch, position):
+            return rank_dataset(self.config, self.task.stage, plan, epoch=epoch, rank=self.rank, world=self.world,
+                                position=position, tokenizer_files=tokenizer_files)
+
         return BatchStream(
-            ray.train.get_dataset_shard("train"), self.state, self.rank, self.task.stage,
-            dict(batch_size=self.section.batch_size_per_worker, dtypes=self.task.columns, device=self.device,
-                 drop_last=True, prefetch_batches=2),
+            make_dataset, self.state, self.rank, self.world, self.task.stage, self.section.batch_size_per_worker,
+            self.task.columns, self.device, recorder=self._key_recorder() if self.config.data.record_trained_keys else None,
         )
+
+    def _key_recorder(self):
+        """data.record_trained_keys: one small JSON file per micro-batch under the run's directory. A
+        step redone after a restart overwrites its file, so the files describe the final weights."""
+        import json
+
+        base = f"{self.experiment_path}/trained_keys/rank{self.rank}"
+        self.storage_fs.create_dir(base, recursive=True)
+
+        def record(step: int, index: int, epoch: int, keys: list[str]) -> None:
+            with self.storage_fs.open_output_stream(f"{base}/step{step:07d}_{index}.json") as f:
+                f.write(json.dumps({"rank": self.rank, "step": step, "micro": index, "epoch": epoch, "keys": keys}).encode())
+
+        return record
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -340,8 +535,7 @@ class Trainer:
         metrics.update(self.task.replica_checks(self.model))
         metrics.update(window.summary(self.world, self.flops_per_token, self.peak_flops))
         metrics.update(global_batch_size=self.global_batch, nonfinite_skipped=self.guard.skipped, epoch=self.state.epoch)
-        if self.rank == 0:  # one reader of the data plane's counters is enough
-            metrics.update({f"rows_skipped/{k}": v for k, v in self.task.rows_skipped().items()})
+        metrics.update(self.stream.data_metrics() if self.stream is not None else {})  # collective
         self.state.metrics = metrics
         if self.rank == 0:
             self.logger.log_metrics(metrics, step)
