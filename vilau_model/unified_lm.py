@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from vilau_model.config import LMConfig
 from vilau_model.depth_transformer import DepthTransformer
@@ -34,6 +34,11 @@ def build_llm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
     the embeddings are resized for the markers (new rows start at the mean of the old ones); otherwise a
     random-init LLaMA of the preset's shapes (this also works under `torch.device("meta")`).
     """
+    if config.pretrained_path and torch.empty(0).device.type == "meta":
+        # Meta-device build (sharded training): the pretrained shapes only; the caller loads the weights.
+        pretrained = AutoConfig.from_pretrained(config.pretrained_path, local_files_only=True)
+        pretrained.vocab_size = vocab_size
+        return AutoModelForCausalLM.from_config(pretrained, attn_implementation=config.attn_implementation)
     if config.pretrained_path:
         llm = AutoModelForCausalLM.from_pretrained(
             config.pretrained_path, local_files_only=True, attn_implementation=config.attn_implementation

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -65,8 +66,55 @@ class LMTask(Task):
     def build_model(self) -> nn.Module:
         from vilau_model.tokenizer import SpecialIds
         from vilau_model.unified_lm import UnifiedLM
+        from vilau_model.vision_tower import UnifiedVisionTower
 
-        return UnifiedLM(self.lm_cfg, self._tower(), SpecialIds.from_tokenizer(self.tokenizer))
+        if torch.empty(0).device.type == "meta":  # the trainer's meta build: shapes only, weights later
+            tower = UnifiedVisionTower(dataclasses.replace(self.tower_source.config, pretrained=None))
+        else:
+            tower = self._tower()
+        return UnifiedLM(self.lm_cfg, tower, SpecialIds.from_tokenizer(self.tokenizer))
+
+    def init_weights(self, model: nn.Module, seed: int) -> None:
+        """LLM, projector and depth transformer: random init per module from (seed, name), the same
+        whatever the world size; with ``model.lm_path`` the LLM is then read shard-wise from its
+        safetensors (modules fully covered by the files are not initialized first). The frozen tower
+        comes from its export (or the seeded preset the tokenization pool also uses)."""
+        from orchestration.train.weights import clean_name, default_module_init, init_by_name, load_pretrained
+
+        path = self.lm_cfg.pretrained_path
+        llm = model.llm
+
+        def init_module(name: str, module: nn.Module) -> None:
+            if name.startswith("llm.") and not hasattr(module, "rope_init_fn"):
+                llm._init_weights(module)  # transformers' own init (N(0, initializer_range), norms at 1)
+            else:
+                default_module_init(name, module)
+
+        def loaded_elsewhere(name: str, module: nn.Module) -> bool:
+            return name.split(".")[0] == "tower" or (bool(path) and name.split(".")[0] == "llm")
+
+        init_by_name(model, seed, init_module=init_module, skip=loaded_elsewhere)
+        if path:
+            embeddings = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}
+            grow = [clean_name(n) for n, p in llm.named_parameters() if any(p is e for e in embeddings)]
+            load_pretrained(llm, path, seed, grow_rows=grow, init_module=lambda n, m: init_module(f"llm.{n}", m))
+        tower = self._tower()
+        reference = dict(tower.named_parameters()) | dict(tower.named_buffers())
+        with torch.no_grad():
+            for name, t in list(model.tower.named_parameters()) + list(model.tower.named_buffers()):
+                t.copy_(reference[name].detach().reshape(t.shape))
+
+    loss_sums_over_step = True
+
+    def prepare_step(self, micro_batches: list[dict]) -> None:
+        """The step's supervised text tokens and visual positions over every rank and micro-batch (one
+        all-reduce), so each token weighs the same whichever rank and row it is in."""
+        counts = torch.stack([supervised_counts(b) for b in micro_batches]).sum(dim=0).float()
+        self._world = 1
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+            self._world = dist.get_world_size()
+        self._step_counts = counts.clamp(min=1.0)
 
     def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:
         return [model.llm.get_decoder().layers, model.depth.blocks]
@@ -78,17 +126,25 @@ class LMTask(Task):
         return model.trainable_parameters()
 
     def forward(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """This micro-batch's share of the step's loss: CE sums over the step's global counts. FSDP
+        averages gradients over ranks, hence the factor world (a mean of per-rank means would weigh a
+        token on a sparse rank more than one on a dense rank)."""
         out = model(**batch)
-        # Per-rank means; FSDP averages the gradients over ranks (a mean of rank means).
-        return {k: out[k] for k in ("loss", "loss_text", "loss_image")} | {
+        n_text, n_image = self._step_counts.unbind()
+        loss_text = out["sum_text"] * (self._world / n_text)
+        loss_image = out["sum_image"] * (self._world / (n_image * model.code_depth))
+        return {
+            "loss": loss_text + loss_image,
+            "loss_text": loss_text,
+            "loss_image": loss_image,
             "supervised_text_tokens": out["num_text"].float(),
             "supervised_image_positions": out["num_image"].float(),
         }
 
-    def count(self, batch: dict) -> tuple[int, int]:
+    def count(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         segments = batch["segment_ids"]
-        samples = int(segments.max(dim=1).values.sum())  # segment ids are 1..n per row, 0 = padding
-        return samples, int((segments > 0).sum())
+        samples = segments.max(dim=1).values.sum()  # segment ids are 1..n per row, 0 = padding
+        return samples, (segments > 0).sum()
 
     def flops_per_token(self, model: nn.Module) -> float:
         return 6.0 * sum(p.numel() for p in model.trainable_parameters())
@@ -122,6 +178,17 @@ class LMTask(Task):
             trainer.logger.log_image(image, f"samples/step_{trainer.state.step:07d}_{i}.png")
         trainer.logger.log_text("\n".join(prompts), f"samples/step_{trainer.state.step:07d}_prompts.txt")
         return {}
+
+
+def supervised_counts(batch: dict) -> torch.Tensor:
+    """[text targets, visual targets] of a micro-batch, counted as ``UnifiedLM.forward`` counts them:
+    position t+1's label is predicted from t, never across a sample boundary."""
+    from vilau_model.sequence import IGNORE_INDEX
+
+    target, segments = batch["labels"][:, 1:], batch["segment_ids"]
+    valid = (target != IGNORE_INDEX) & (segments[:, 1:] == segments[:, :-1])
+    visual = batch["is_visual"][:, 1:].bool()
+    return torch.stack([(valid & ~visual).sum(), (valid & visual).sum()])
 
 
 def lm_worker(loop_config: dict) -> dict:
