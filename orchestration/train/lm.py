@@ -79,7 +79,13 @@ class LMTask(Task):
         whatever the world size; with ``model.lm_path`` the LLM is then read shard-wise from its
         safetensors (modules fully covered by the files are not initialized first). The frozen tower
         comes from its export (or the seeded preset the tokenization pool also uses)."""
-        from orchestration.train.weights import clean_name, default_module_init, init_by_name, load_pretrained
+        from orchestration.train.weights import (
+            clean_name,
+            copy_local_part,
+            default_module_init,
+            init_by_name,
+            load_pretrained,
+        )
 
         path = self.lm_cfg.pretrained_path
         llm = model.llm
@@ -102,7 +108,7 @@ class LMTask(Task):
         reference = dict(tower.named_parameters()) | dict(tower.named_buffers())
         with torch.no_grad():
             for name, t in list(model.tower.named_parameters()) + list(model.tower.named_buffers()):
-                t.copy_(reference[name].detach().reshape(t.shape))
+                copy_local_part(t, reference[name].detach().reshape(t.shape).to(t.device))
 
     loss_sums_over_step = True
 

@@ -38,6 +38,7 @@ from orchestration.train.fsdp import (
     data_parallel_mesh,
     is_sharded,
     mixed_precision,
+    promote_scalar_parameters,
     shard_model,
     training_device,
 )
@@ -236,6 +237,7 @@ class Trainer:
                 checkpoint_blocks(container)
         blocks = [b for c in lists for b in c] + self.task.extra_units(model)
         self.mesh = data_parallel_mesh(self.device, self.config.cluster.hsdp_replicas)
+        promote_scalar_parameters(model)  # before ignored_params: it replaces those parameters
         model = shard_model(model, blocks, self.mesh, mixed_precision(self.device), self.task.ignored_params(model))
         model.to_empty(device=self.device)
         self.task.init_weights(model, self.config.seed)
