@@ -148,7 +148,6 @@ class AsyncSaver:
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self.future: Future | None = None
-        self.pending: tuple[str, dict] | None = None  # (directory, metrics) of the save not yet reported
         self.segment = self._segment_id()
 
     @staticmethod
@@ -164,7 +163,7 @@ class AsyncSaver:
         return f"{self.root}/checkpoint_step{step:07d}_{self.segment}"
 
     def start(self, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer], scheduler,
-              state: TrainState, metrics: dict | None = None, ignore_frozen: bool = False, before_complete=None) -> str:
+              state: TrainState, ignore_frozen: bool = False, before_complete=None) -> str:
         """Collective: begin saving ``step``; returns the checkpoint directory. Waits for a previous save."""
         self.wait()
         rank, world = _rank_world()
@@ -190,7 +189,6 @@ class AsyncSaver:
             _write_bytes(self.fs, f"{directory}/COMPLETE.rank{rank}", str(state.step).encode())
 
         self.future = self.executor.submit(finish)
-        self.pending = (directory, dict(metrics or {}))
         return directory
 
     def wait(self) -> None:
@@ -198,17 +196,13 @@ class AsyncSaver:
         if self.future is not None:
             self.future.result()
 
-    def committed_pending(self) -> bool:
-        """This rank has committed the save that is not reported yet."""
-        return self.pending is not None and self.future is not None and self.future.done() and self.future.exception() is None
+    def idle(self) -> bool:
+        """No save of this rank is in flight."""
+        return self.future is None or self.future.done()
 
     def close(self) -> None:
         self.wait()
         self.executor.shutdown(wait=True)
-
-    def take_pending(self) -> tuple[str, dict]:
-        pending, self.pending = self.pending, None
-        return pending
 
 
 def all_ranks_agree(flag: bool, device: torch.device) -> bool:

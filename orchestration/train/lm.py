@@ -1,9 +1,10 @@
 """Stage 2: the unified LM (LLM + projector + depth transformer) over the frozen stage-1 tower.
 
 FSDP units: each LLM decoder layer, each depth-transformer block, and the root (embeddings, LM head,
-projector, depth input/output layers). The frozen tower is left out of FSDP (``ignored_params``): every
-rank keeps it whole, it is never all-gathered, and checkpoints skip it (it comes from the stage-1
-export named in the config).
+projector, depth input/output layers). Of the frozen tower, the training workers hold only the codebook
+(:class:`TowerCodebook`, bf16 on GPU, read alone from the stage-1 export): it is left out of FSDP
+(``ignored_params``), every rank keeps it whole and it is never all-gathered. The LLM is built on the
+meta device and read shard-wise from ``model.lm_path`` (see ``orchestration.train.weights``).
 
 The export is self-contained and Ray-free: ``llm/`` (transformers ``save_pretrained``, with the
 tokenizer), ``vilau_lm.safetensors`` (projector + depth transformer), ``tower.safetensors`` +
@@ -27,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from orchestration.config import Config
 from orchestration.train.fsdp import match_shapes
 from orchestration.train.trainer import Task, Trainer
-from vilau_model.config import LMConfig
+from vilau_model.config import LMConfig, VisionTowerConfig
 from vilau_model.sequence import ROW_COLUMNS
 
 LM_WEIGHTS = "vilau_lm.safetensors"
@@ -64,12 +65,13 @@ class LMTask(Task):
         return self.tower_source.load(s3_settings(self.config))
 
     def build_model(self) -> nn.Module:
+        """Under the trainer's meta build: the LM over :class:`TowerCodebook` (all that training needs of
+        the frozen tower). Otherwise (export, generation): over the whole tower from its source."""
         from vilau_model.tokenizer import SpecialIds
         from vilau_model.unified_lm import UnifiedLM
-        from vilau_model.vision_tower import UnifiedVisionTower
 
-        if torch.empty(0).device.type == "meta":  # the trainer's meta build: shapes only, weights later
-            tower = UnifiedVisionTower(dataclasses.replace(self.tower_source.config, pretrained=None))
+        if torch.empty(0).device.type == "meta":
+            tower = TowerCodebook(self.tower_source.config)
         else:
             tower = self._tower()
         return UnifiedLM(self.lm_cfg, tower, SpecialIds.from_tokenizer(self.tokenizer))
@@ -104,11 +106,36 @@ class LMTask(Task):
             embeddings = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}
             grow = [clean_name(n) for n, p in llm.named_parameters() if any(p is e for e in embeddings)]
             load_pretrained(llm, path, seed, grow_rows=grow, init_module=lambda n, m: init_module(f"llm.{n}", m))
-        tower = self._tower()
-        reference = dict(tower.named_parameters()) | dict(tower.named_buffers())
+        codebook = self._codebook()
         with torch.no_grad():
-            for name, t in list(model.tower.named_parameters()) + list(model.tower.named_buffers()):
-                copy_local_part(t, reference[name].detach().reshape(t.shape).to(t.device))
+            for name, t in model.tower.named_buffers():
+                t.copy_(codebook[name].to(t.device))
+        if self.config.cluster.use_gpu:
+            model.tower.to(torch.bfloat16)  # frozen code vectors: bf16 is enough for an input embedding
+
+    def _codebook(self) -> dict[str, torch.Tensor]:
+        """The tower's quantizer tensors (``quantizer.*``), read alone from the export's safetensors: the
+        encoders, text tower, decoder and discriminator never load on the training workers. Without an
+        export, the seeded preset (the same one the tokenization pool builds)."""
+        from safetensors import safe_open
+
+        from orchestration.data.sources import s3_settings
+        from orchestration.storage import is_s3
+
+        source, s3 = self.tower_source, s3_settings(self.config)
+        if source.path is None:
+            tower = source.load(s3)
+            return {k: v for k, v in tower.state_dict().items() if k.startswith("quantizer.")}
+        uri = source.safetensors_uri(s3)
+        with tempfile.TemporaryDirectory() as tmp:
+            if is_s3(uri):
+                from orchestration.data.records import read_bytes
+
+                local = os.path.join(tmp, "tower.safetensors")
+                Path(local).write_bytes(read_bytes(uri, s3))
+                uri = local
+            with safe_open(uri, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if k.startswith("quantizer.")}
 
     loss_sums_over_step = True
 
@@ -167,6 +194,7 @@ class LMTask(Task):
         if trainer.rank != 0:
             return
         model = self.build_model()
+        full = {k: v for k, v in full.items() if not k.startswith("tower.")}  # training held a bf16 codebook only
         missing, unexpected = model.load_state_dict(match_shapes(full, model), strict=False)
         missing = [k for k in missing if not k.startswith("tower.")]
         if missing or unexpected:
@@ -184,6 +212,26 @@ class LMTask(Task):
             trainer.logger.log_image(image, f"samples/step_{trainer.state.step:07d}_{i}.png")
         trainer.logger.log_text("\n".join(prompts), f"samples/step_{trainer.state.step:07d}_prompts.txt")
         return {}
+
+
+class TowerCodebook(nn.Module):
+    """What stage-2 training needs of the frozen vision tower: its code vectors. The LLM input of a
+    visual position is projector(sum of its D code vectors) and the depth transformer reads them too;
+    both go through ``quantizer`` (``lookup``) and ``code_embeddings``, as on the whole tower."""
+
+    def __init__(self, config: VisionTowerConfig):
+        from vilau_model.quantizer import ResidualQuantizer
+
+        super().__init__()
+        self.config = config
+        self.quantizer = ResidualQuantizer(
+            dim=config.width, codebook_size=config.codebook_size, depth=config.code_depth,
+            shared_codebook=config.shared_codebook, decay=config.ema_decay, eps=config.ema_eps,
+            dead_code_threshold=config.dead_code_threshold, chunk_size=config.search_chunk_size,
+        )
+
+    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.decode(codes)
 
 
 def supervised_counts(batch: dict) -> torch.Tensor:

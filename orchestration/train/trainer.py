@@ -378,8 +378,7 @@ class Trainer:
         if do_ckpt:
             self.save_and_report(report)
         else:
-            self.report_committed(final=False)  # a save committed since the last report point
-            ray.train.report(report)
+            self.report_metrics(report)
 
     def log(self, step: int, total: int) -> None:
         window = self.window
@@ -396,7 +395,7 @@ class Trainer:
         window.reset()
 
     def end(self) -> dict:
-        self.report_committed(final=True)  # the last save: wait for it and report it
+        self.wait_for_checkpoints()  # the final checkpoint is registered before the run ends
         self.saver.close()
         self.state.metrics.update(self.data_wait_shares())
         return self.finish()
@@ -419,37 +418,46 @@ class Trainer:
     # -- checkpoints, faults, export --------------------------------------------------------------
 
     def save_and_report(self, metrics: dict[str, float]) -> None:
-        """Start an asynchronous sharded save of this step and report (every rank, same calls).
+        """Start an asynchronous sharded save of this step and report it (every rank, same calls).
 
-        The save runs in the background (``ckpt.AsyncSaver``: shards straight to the run's storage,
-        COMPLETE markers last) while training goes on; a new save first waits for the previous one. A
-        checkpoint is reported to Ray Train at the first report point at which every rank has committed
-        it (one small all-reduce decides), so this report may carry the previous save's checkpoint, or
-        none; the end of the run waits for the last one and reports it.
+        The save runs in the background (``ckpt.AsyncSaver``: shards straight into the run's storage,
+        each rank's COMPLETE marker last) while training goes on; a new save first waits for the
+        previous one. The report is made now, in Ray Train's asynchronous mode: Ray's upload thread
+        waits for this rank's save to commit (``checkpoint_upload_fn``; nothing is copied) and then
+        registers it, so the checkpoint counts from the moment every rank has committed it, whatever
+        the training loop is doing by then.
         """
         step = self.state.step
         self.state.nonfinite_skipped = self.guard.skipped
-        self.report_committed(final=True)  # a new save waits for the previous one, which is reported
-        self.saver.start(
-            step, self.model, [self.optimizer], self.scheduler, self.state, metrics=metrics,
+        self.saver.wait()  # a new save waits for the previous one
+        directory = self.saver.start(
+            step, self.model, [self.optimizer], self.scheduler, self.state,
             ignore_frozen=self.task.ignore_frozen, before_complete=lambda: self.maybe_fail("save", step),
         )
-        ray.train.report(metrics)
+        written = self.saver.future
 
-    def report_committed(self, final: bool) -> bool:
-        """Report the pending checkpoint if every rank has committed it (with ``final``: wait for it).
-        Collective. Returns whether a checkpoint was reported."""
-        if final:
-            self.saver.wait()
-        if not ckpt.all_ranks_agree(self.saver.committed_pending(), self.device):
-            return False
-        path, step_metrics = self.saver.take_pending()
-        checkpoint = ray.train.Checkpoint(path, filesystem=self.storage_fs)
-        ray.train.report(step_metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
-        # The controller registers the checkpoint a little after report() returns. Wait for that, so a
-        # worker lost right after still resumes from this checkpoint.
+        def committed(checkpoint: ray.train.Checkpoint, _name: str) -> ray.train.Checkpoint:
+            written.result()  # re-raises a failed save in the training thread (via Ray)
+            return checkpoint
+
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint(directory, filesystem=self.storage_fs),
+            checkpoint_dir_name=directory.rsplit("/", 1)[-1],
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=committed,
+        )
+
+    def report_metrics(self, metrics: dict[str, float]) -> None:
+        """A report without checkpoint (Tune reads these). Ray Train keeps reports in order, so one made
+        while a save is in flight would wait for that save: such a log step skips its Ray report instead
+        (its metrics still go to MLflow). Collective: the ranks agree on it with one tiny all-reduce."""
+        if ckpt.all_ranks_agree(self.saver.idle(), self.device):
+            ray.train.report(metrics)
+
+    def wait_for_checkpoints(self) -> None:
+        """Until the last save is committed by this rank and registered by Ray Train."""
+        self.saver.wait()
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        return True
 
     def maybe_fail(self, phase: str, step: int) -> None:
         """Fault injection (config.cluster.fault_injection): the chosen rank exits hard, once per run.
@@ -460,6 +468,10 @@ class Trainer:
         fault = self.config.cluster.fault_injection
         if (fault.stage, fault.fail_at_step, fault.rank, fault.phase) != (self.task.stage, step, self.rank, phase):
             return
+        if phase == "step":
+            # A crash between saves: let the save in flight commit and register first, so where the
+            # run resumes does not depend on timing. (phase "save" kills a save in flight instead.)
+            self.wait_for_checkpoints()
         marker = f"{self.experiment_path}/fault_injected_{self.task.stage}_{phase}_step{step}"
         if self.storage_fs.get_file_info(marker).type != pafs.FileType.NotFound:
             return
