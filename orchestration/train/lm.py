@@ -83,7 +83,6 @@ class LMTask(Task):
         comes from its export (or the seeded preset the tokenization pool also uses)."""
         from orchestration.train.weights import (
             clean_name,
-            copy_local_part,
             default_module_init,
             init_by_name,
             load_pretrained,

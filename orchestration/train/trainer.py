@@ -3,10 +3,13 @@
 A stage is a :class:`Task` (how to build the model, which blocks to shard, the loss, evaluation and
 export); the :class:`Trainer` does everything else the same way for both:
 
-    build (same seed on every rank) -> activation checkpointing -> FSDP2 -> AdamW + warmup/cosine
-    -> resume from ray.train.get_checkpoint() -> steps: grad accumulation, clipping, non-finite guard
+    build on the meta device -> activation checkpointing -> FSDP2 (HSDP with cluster.hsdp_replicas;
+    nothing with one rank) -> this rank's shards only, filled by the task (seeded init, pretrained
+    weights read shard-wise) -> AdamW + warmup/cosine -> resume (each rank reads its own shards from
+    storage) -> steps: grad accumulation, clipping, non-finite guard, no host sync per micro-batch
     -> every log_every: metrics to MLflow (rank 0) + progress line + ray.train.report
-    -> every checkpoint_every and at the end: sharded DCP checkpoint reported to Ray Train
+    -> every checkpoint_every and at the end: asynchronous sharded DCP save straight to storage,
+       registered with Ray Train once every rank has committed it
     -> at the end: consolidated export loadable without Ray.
 
 ``ray.train.report`` is a barrier, so every rank reports at the same steps (the schedule depends on the
@@ -16,14 +19,12 @@ step only).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import shutil
 import tempfile
 import threading
 import time
-from collections import defaultdict
 
 import pyarrow.fs as pafs
 import ray.train
@@ -429,7 +430,10 @@ class Trainer:
         """
         step = self.state.step
         self.state.nonfinite_skipped = self.guard.skipped
-        self.saver.wait()  # a new save waits for the previous one
+        if self.saver.future is not None:
+            # A new save waits for the previous one to be committed and registered: a save cut off
+            # later always leaves the previous checkpoint as the one to resume from.
+            self.wait_for_checkpoints()
         directory = self.saver.start(
             step, self.model, [self.optimizer], self.scheduler, self.state,
             ignore_frozen=self.task.ignore_frozen, before_complete=lambda: self.maybe_fail("save", step),
