@@ -5,16 +5,21 @@ A LLaMA-shaped model of >= 1.5 GB in fp32 is written once with ``save_pretrained
 files). Then, for each variant, a fresh 2-worker Ray Train run (CPU, gloo, FSDP2) sets it up and every
 worker reports its peak RSS during setup (VmHWM, reset just before setup via /proc/self/clear_refs):
 
-- whole:   ``from_pretrained`` on every rank (the whole model in each process), then ``fully_shard``
-           (what the trainer did before);
-- sharded: build under ``torch.device("meta")``, ``fully_shard``, ``to_empty``, then each rank reads
-           only its slices from the safetensors files (``orchestration.train.weights.load_pretrained``).
-
-Both variants end with the same shards (checked with a checksum per rank).
+- whole-random:       the whole model built and initialized on every rank, then ``fully_shard`` (what
+                      the trainer did before for a model without pretrained weights);
+- sharded-random:     built under ``torch.device("meta")``, ``fully_shard``, ``to_empty``, then the
+                      per-module seeded init (``orchestration.train.weights.init_by_name``);
+- whole-pretrained:   ``from_pretrained`` on every rank, then ``fully_shard`` (the trainer before, with
+                      ``model.lm_path``; transformers maps the safetensors files, so on a CPU only the
+                      pages that sharding copies ever become resident);
+- sharded-pretrained: meta build, ``fully_shard``, ``to_empty``, then each rank reads only its slices
+                      of the safetensors files (``orchestration.train.weights.load_pretrained``); the
+                      same shards as whole-pretrained (checked with a checksum per rank).
 
     python benchmarks/bench_setup_memory.py [--hidden 1536 --layers 12 --intermediate 4096 --vocab 32000]
 
-Last line: ``RESULT setup_peak_ratio=<sharded/whole>`` (peak RSS, max over workers; goal <= 0.6).
+Last line: ``RESULT setup_peak_ratio=<sharded/whole>`` (random init; peak RSS, max over workers; goal
+<= 0.6); the line before it, the same ratio for the pretrained load.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def setup_worker(loop_config: dict) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from orchestration.train.fsdp import data_parallel_mesh, mixed_precision, shard_model
-    from orchestration.train.weights import load_pretrained, local_tensor
+    from orchestration.train.weights import init_by_name, load_pretrained, local_tensor
 
     torch.set_num_threads(1)
     path, variant = loop_config["path"], loop_config["variant"]
@@ -57,14 +62,21 @@ def setup_worker(loop_config: dict) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
     before = rss_kib("VmRSS")
     t0 = time.perf_counter()
-    if variant == "whole":
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if variant == "whole-random":  # the old trainer: the whole model built (and initialized) on every rank
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    elif variant == "whole-pretrained":  # the old trainer with model.lm_path: from_pretrained on every rank
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
     else:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+            model = AutoModelForCausalLM.from_config(config)
     mesh = data_parallel_mesh(device)
     model = shard_model(model, list(model.model.layers), mesh, mixed_precision(device))
-    if variant == "sharded":
+    if variant == "sharded-random":
+        model.to_empty(device=device)
+        init_by_name(model, seed=0)
+    elif variant == "sharded-pretrained":
         model.to_empty(device=device)
         load_pretrained(model, path, seed=0)
     gc.collect()
@@ -134,20 +146,24 @@ def main() -> None:
         print(f"LLaMA-shaped model: {size:.2f} GB in fp32, {files} safetensors files", flush=True)
         ray.init(address="local", num_cpus=8, include_dashboard=False)
         results = {}
-        for variant in ("whole", "sharded"):
+        for variant in ("whole-random", "sharded-random", "whole-pretrained", "sharded-pretrained"):
             results[variant] = run_variant(path, variant, f"{work}/ray")
             for r in results[variant]:
-                print(f"{variant:8s} rank {r['rank']}: RSS before {r['rss_before_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB, "
+                print(f"{variant:18s} rank {r['rank']}: RSS before {r['rss_before_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB, "
                       f"after {r['after_gib']:.2f} GiB, setup {r['seconds']:.1f} s", flush=True)
-        for a, b in zip(results["whole"], results["sharded"]):
+        for a, b in zip(results["whole-pretrained"], results["sharded-pretrained"]):
             assert abs(a["checksum"] - b["checksum"]) <= 1e-6 * max(1.0, abs(a["checksum"])), (a, b)
-        whole = max(r["peak_gib"] for r in results["whole"])
-        sharded = max(r["peak_gib"] for r in results["sharded"])
-        growth = [max(r["peak_gib"] - r["rss_before_gib"] for r in results[v]) for v in ("whole", "sharded")]
-        print(f"peak RSS per worker during setup (max over 2 workers): whole-then-shard {whole:.2f} GiB, "
-              f"meta + shard-wise {sharded:.2f} GiB; growth over the pre-setup RSS {growth[0]:.2f} vs {growth[1]:.2f} GiB "
-              f"(ratio {growth[1] / growth[0]:.3f}); same shards on both paths")
-        print(f"RESULT setup_peak_ratio={sharded / whole:.3f}")
+        peak = {v: max(r["peak_gib"] for r in rs) for v, rs in results.items()}
+        growth = {v: max(r["peak_gib"] - r["rss_before_gib"] for r in rs) for v, rs in results.items()}
+        for kind in ("random", "pretrained"):
+            whole, sharded = f"whole-{kind}", f"sharded-{kind}"
+            print(f"{kind:10s} init: peak RSS per worker during setup (max over 2 workers) whole-then-shard "
+                  f"{peak[whole]:.2f} GiB, meta + shard-wise {peak[sharded]:.2f} GiB, ratio {peak[sharded] / peak[whole]:.3f}; "
+                  f"growth over the pre-setup RSS {growth[whole]:.2f} vs {growth[sharded]:.2f} GiB, "
+                  f"ratio {growth[sharded] / growth[whole]:.3f}")
+        print("pretrained: both paths end with the same shards (checksums per rank agree)")
+        print(f"RESULT setup_peak_ratio_pretrained={peak['sharded-pretrained'] / peak['whole-pretrained']:.3f}")
+        print(f"RESULT setup_peak_ratio={peak['sharded-random'] / peak['whole-random']:.3f}")
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
