@@ -191,7 +191,7 @@ def main() -> None:
         b, t = one_round(config, batch, args.steps, args.threads, args.block, r)
         bare.append(b)
         ray_times.append(t)
-        print(f"round {r}: bare {bare[-1] * 1000:.1f} ms/step, Ray Train FSDP2 {ray_times[-1] * 1000:.1f} ms/step", flush=True)
+        print(f"round {r}: bare {bare[-1] * 1000:.1f} ms/step, Ray Train loop {ray_times[-1] * 1000:.1f} ms/step", flush=True)
     bare_ms, ray_ms = statistics.median(bare) * 1000, statistics.median(ray_times) * 1000
     ratios = sorted(t / b for b, t in zip(bare, ray_times))
     print(f"\nsteady-state step, tiny tower, batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds: "

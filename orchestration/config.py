@@ -234,8 +234,9 @@ class FaultInjectionSection(Section):
     stage: Literal["tower", "lm"] | None = None
     fail_at_step: PositiveInt | None = None
     rank: NonNegativeInt = 0
-    # "step": exit after the backward pass of that step; "save": exit half-way through that step's
-    # checkpoint save (shards written, save not finished or reported).
+    # "step": exit after the backward pass of that step (a save in flight is let commit first);
+    # "save": exit half-way through that step's asynchronous checkpoint save, in its background thread
+    # while training goes on (shards written, COMPLETE marker not, never registered).
     phase: Literal["step", "save"] = "step"
 
 
