@@ -300,8 +300,9 @@ class FaultInjectionSection(Section):
     stage: Literal["tower", "lm"] | None = None
     fail_at_step: PositiveInt | None = None
     rank: NonNegativeInt = 0
-    # "step": exit after the backward pass of that step; "save": exit half-way through that step's
-    # checkpoint save (shards written, save not finished or reported).
+    # "step": exit after the backward pass of that step (a save in flight is let commit first);
+    # "save": exit half-way through that step's asynchronous checkpoint save, in its background thread
+    # while training goes on (shards written, COMPLETE marker not, never registered).
     phase: Literal["step", "save"] = "step"
 
 
@@ -315,9 +316,20 @@ class ClusterSection(Section):
     cpus_per_worker: PositiveFloat = 1.0
     storage_path: str = "outputs/ray"
     max_failures: NonNegativeInt = 0
+    # HSDP: replicas of the model across node groups, each sharded over num_workers / hsdp_replicas
+    # ranks (a 2-d mesh: shard within a node, replicate across nodes). 1 = plain FSDP.
+    hsdp_replicas: PositiveInt = 1
     fault_injection: FaultInjectionSection = FaultInjectionSection()
 
     _absolute_paths = field_validator("storage_path")(absolute_local_path)
+
+    @model_validator(mode="after")
+    def _replicas_divide_workers(self) -> "ClusterSection":
+        if self.num_workers % self.hsdp_replicas:
+            raise ValueError(
+                f"hsdp_replicas={self.hsdp_replicas} must divide num_workers={self.num_workers}"
+            )
+        return self
 
 
 class TrackingSection(Section):

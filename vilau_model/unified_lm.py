@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from vilau_model.config import LMConfig
 from vilau_model.depth_transformer import DepthTransformer, depth_cross_entropy_sum
@@ -37,6 +37,13 @@ def build_llm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
     """
     # RoPE scaling stretches the pretrained context (LLaMA-2: 4096) to the training row length (8192).
     rope = {"rope_scaling": config.rope_scaling} if config.rope_scaling else {}
+    if config.pretrained_path and torch.empty(0).device.type == "meta":
+        # Meta-device build (sharded training): the pretrained shapes only; the caller loads the weights.
+        pretrained = AutoConfig.from_pretrained(config.pretrained_path, local_files_only=True)
+        pretrained.vocab_size = vocab_size
+        for key, value in rope.items():
+            setattr(pretrained, key, value)
+        return AutoModelForCausalLM.from_config(pretrained, attn_implementation=config.attn_implementation)
     if config.pretrained_path:
         llm = AutoModelForCausalLM.from_pretrained(
             config.pretrained_path, local_files_only=True, attn_implementation=config.attn_implementation, **rope

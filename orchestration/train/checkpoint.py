@@ -1,4 +1,5 @@
-"""Sharded training checkpoints with torch.distributed.checkpoint (DCP).
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP), saved asynchronously straight
+into the run's storage and restored by each rank reading only its own shards from there.
 
 One checkpoint directory holds, from every rank:
 
@@ -7,10 +8,11 @@ One checkpoint directory holds, from every rank:
     train_state.json               (rank 0) step, scheduler, the step history, last metrics
     COMPLETE.rank<r>               written by each rank after all of the above
 
-A checkpoint is *complete* when it has ``.metadata`` and a COMPLETE marker of every rank. Each save
-goes to a fresh directory (Ray Train registers it only once every rank has uploaded), so a save that
-dies half-way leaves at most an incomplete directory beside the previous checkpoints and never touches
-them; loading refuses an incomplete directory and falls back to the newest complete sibling.
+A checkpoint is *complete* when it has ``.metadata`` and a COMPLETE marker of every rank (each rank
+writes its marker last). Each save goes to a fresh directory (Ray Train registers it only once every
+rank has committed it), so a save that dies half-way leaves at most an incomplete directory beside the
+previous checkpoints and never touches them; loading refuses an incomplete directory and falls back to
+the newest complete sibling.
 
 The step history is a list of segments ``[first_step, last_step]``, one per (re)start, so a resumed
 run can show that every step was applied exactly once in the lineage of the final weights.
@@ -18,11 +20,14 @@ run can show that every step was applied exactly once in the lineage of the fina
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import random
 import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -31,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 log = logging.getLogger(__name__)
@@ -92,6 +98,126 @@ def state_dict_options(ignore_frozen: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=ignore_frozen, strict=not ignore_frozen)
 
 
+def _fsspec(filesystem: pafs.FileSystem | None):
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    return ArrowFSWrapper(filesystem or pafs.LocalFileSystem())
+
+
+class StorageWriter(FsspecWriter):
+    """DCP writer onto a pyarrow filesystem (Ray Train's storage: local disk, NFS or S3)."""
+
+    def __init__(self, path: str, filesystem: pafs.FileSystem | None):
+        super().__init__(path, sync_files=False)  # fsspec streams have no fsync; flush() is what there is
+        self.fs.fs = _fsspec(filesystem)
+
+
+class StorageReader(FsspecReader):
+    """DCP reader on a pyarrow filesystem: each rank opens only the files holding its shards and reads
+    only their byte ranges, straight from storage (no download of the whole checkpoint)."""
+
+    def __init__(self, path: str, filesystem: pafs.FileSystem | None):
+        super().__init__(path)
+        self.fs.fs = _fsspec(filesystem)
+
+
+def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+class AsyncSaver:
+    """Asynchronous sharded checkpoints, written straight into the run's storage.
+
+    ``start`` copies this rank's shards to host memory (DCP's staging: training may change the weights
+    right after) and returns; a background thread writes them (``dcp.async_save``), then this rank's RNG
+    and data position, rank 0's train state, and last this rank's COMPLETE marker. A save that is cut
+    off never gets all markers, so loading refuses it and the previous checkpoint stays the one to use.
+    The background DCP collectives run on their own gloo group so they never interleave with FSDP's.
+    """
+
+    def __init__(self, filesystem: pafs.FileSystem | None, root: str):
+        self.fs = filesystem or pafs.LocalFileSystem()
+        self.root = root.rstrip("/")
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.future: Future | None = None
+        self.segment = self._segment_id()
+
+    @staticmethod
+    def _segment_id() -> str:
+        """One id per (re)start, the same on every rank: checkpoint directories of different restarts
+        never collide, even at the same step."""
+        ident = [time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(ident, src=0)
+        return ident[0]
+
+    def directory(self, step: int) -> str:
+        return f"{self.root}/checkpoint_step{step:07d}_{self.segment}"
+
+    def start(self, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer], scheduler,
+              state: TrainState, ignore_frozen: bool = False, before_complete=None) -> str:
+        """Collective: begin saving ``step``; returns the checkpoint directory. Waits for a previous save."""
+        self.wait()
+        rank, world = _rank_world()
+        directory = self.directory(step)
+        model_sd, optim_sd = get_state_dict(model, optimizers, options=state_dict_options(ignore_frozen))
+        per_rank = io.BytesIO()
+        torch.save({"rng": rng_state(), "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+                    "data": state.data}, per_rank)
+        meta = {k: v for k, v in asdict(state).items() if k != "data"} | {"world_size": world, "scheduler": scheduler.state_dict()}
+        written = dcp.async_save(
+            {"model": model_sd, "optim": optim_sd},
+            storage_writer=StorageWriter(directory, self.fs),
+            process_group=self.group,
+        )
+
+        def finish() -> None:
+            written.result()
+            _write_bytes(self.fs, f"{directory}/rank_{rank}.pt", per_rank.getvalue())
+            if rank == 0:
+                # LambdaLR saves None for a plain function: the schedule itself is rebuilt from the config.
+                _write_bytes(self.fs, f"{directory}/{TRAIN_STATE}", json.dumps(meta, indent=1, default=float).encode())
+            if before_complete is not None:
+                before_complete()
+            _write_bytes(self.fs, f"{directory}/COMPLETE.rank{rank}", str(state.step).encode())
+
+        self.future = self.executor.submit(finish)
+        return directory
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed by this rank; re-raise its error."""
+        if self.future is not None:
+            self.future.result()
+
+    def idle(self) -> bool:
+        """No save of this rank is in flight."""
+        return self.future is None or self.future.done()
+
+    def close(self) -> None:
+        self.wait()
+        self.executor.shutdown(wait=True)
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """Collective: True iff ``flag`` is True on every rank (one tiny all-reduce)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t) == 0.0
+
+
 def save_checkpoint(
     directory: str,
     model: nn.Module,
@@ -100,50 +226,35 @@ def save_checkpoint(
     state: TrainState,
     ignore_frozen: bool = False,
     before_complete=None,
+    filesystem: pafs.FileSystem | None = None,
 ) -> None:
-    """Collective: every rank writes its shards and its own state into ``directory``.
+    """Collective, blocking: the same save as :class:`AsyncSaver` into ``directory``, waited for.
 
     ``before_complete`` (tests: fault injection) runs after the shards are written and before this
     rank's COMPLETE marker, i.e. in the middle of the save.
     """
-    rank, world = _rank_world()
-    os.makedirs(directory, exist_ok=True)
-    model_sd, optim_sd = get_state_dict(model, optimizers, options=state_dict_options(ignore_frozen))
-    torch.save(
-        {"rng": rng_state(), "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch, "data": state.data},
-        os.path.join(directory, f"rank_{rank}.pt"),
-    )
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
-    if rank == 0:
-        meta = {k: v for k, v in asdict(state).items() if k != "data"} | {"world_size": world, "scheduler": scheduler.state_dict()}
-        # LambdaLR saves None for a plain function: the schedule itself is rebuilt from the config.
-        _write_json(os.path.join(directory, TRAIN_STATE), meta)
-    if before_complete is not None:
-        before_complete()
-    with open(os.path.join(directory, f"COMPLETE.rank{rank}"), "w") as f:
-        f.write(str(state.step))
+    saver = AsyncSaver(filesystem, os.path.dirname(directory.rstrip("/")))
+    saver.directory = lambda step: directory.rstrip("/")
+    try:
+        saver.start(state.step, model, optimizers, scheduler, state, ignore_frozen=ignore_frozen,
+                    before_complete=before_complete)
+        saver.wait()
+    finally:
+        saver.executor.shutdown(wait=True)
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=float)
-    os.replace(tmp, path)
+def read_train_state(directory: str, filesystem: pafs.FileSystem | None = None) -> dict:
+    return json.loads(_read_bytes(filesystem or pafs.LocalFileSystem(), f"{directory.rstrip('/')}/{TRAIN_STATE}"))
 
 
-def read_train_state(directory: str) -> dict:
-    with open(os.path.join(directory, TRAIN_STATE)) as f:
-        return json.load(f)
-
-
-def check_complete(directory: str) -> dict:
+def check_complete(directory: str, filesystem: pafs.FileSystem | None = None) -> dict:
     """The train state of a complete checkpoint; raises IncompleteCheckpointError otherwise."""
-    if not os.path.isfile(os.path.join(directory, ".metadata")) or not os.path.isfile(
-        os.path.join(directory, TRAIN_STATE)
-    ):
+    fs = filesystem or pafs.LocalFileSystem()
+    directory = directory.rstrip("/")
+    if not _exists(fs, f"{directory}/.metadata") or not _exists(fs, f"{directory}/{TRAIN_STATE}"):
         raise IncompleteCheckpointError(f"{directory}: no DCP metadata or train state (save cut off?)")
-    meta = read_train_state(directory)
-    missing = [r for r in range(meta["world_size"]) if not os.path.isfile(os.path.join(directory, f"COMPLETE.rank{r}"))]
+    meta = read_train_state(directory, fs)
+    missing = [r for r in range(meta["world_size"]) if not _exists(fs, f"{directory}/COMPLETE.rank{r}")]
     if missing:
         raise IncompleteCheckpointError(f"{directory}: ranks {missing} never finished their part of the save")
     return meta
@@ -155,13 +266,17 @@ def load_checkpoint(
     optimizers: list[torch.optim.Optimizer],
     scheduler,
     ignore_frozen: bool = False,
+    filesystem: pafs.FileSystem | None = None,
 ) -> TrainState:
-    """Collective: restore model, optimizer, scheduler, RNG and data position saved by ``save_checkpoint``."""
-    meta = check_complete(directory)
+    """Collective: restore model, optimizer, scheduler, RNG and data position saved by ``save_checkpoint``
+    / :class:`AsyncSaver`, reading only this rank's shards straight from ``filesystem`` (local or S3)."""
+    fs = filesystem or pafs.LocalFileSystem()
+    directory = directory.rstrip("/")
+    meta = check_complete(directory, fs)
     rank, world = _rank_world()
     model_sd, optim_sd = get_state_dict(model, optimizers, options=state_dict_options(ignore_frozen))
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=directory)  # reshards if the world size changed
+    dcp.load(state, storage_reader=StorageReader(directory, fs))  # reshards if the world size changed
     set_state_dict(
         model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"],
         options=state_dict_options(ignore_frozen),
@@ -170,11 +285,11 @@ def load_checkpoint(
     sched.setdefault("lr_lambdas", [None] * len(scheduler.optimizer.param_groups))
     scheduler.load_state_dict(sched)
     # Per-rank state: RNG and data position. On a different world size, start the epoch over.
-    own = os.path.join(directory, f"rank_{rank}.pt")
+    own = f"{directory}/rank_{rank}.pt"
     train = TrainState(**{k: v for k, v in meta.items() if k in TrainState.__dataclass_fields__})
     train.epoch, train.batches_in_epoch = 0, 0
-    if os.path.isfile(own) and meta["world_size"] == world:
-        extra = torch.load(own, weights_only=False)
+    if meta["world_size"] == world and _exists(fs, own):
+        extra = torch.load(io.BytesIO(_read_bytes(fs, own)), weights_only=False)
         set_rng_state(extra["rng"])
         train.epoch, train.batches_in_epoch = extra["epoch"], extra["batches_in_epoch"]
         train.data = extra.get("data", {})
@@ -201,7 +316,9 @@ def newest_complete_sibling(checkpoint_path: str, filesystem: pafs.FileSystem | 
         if i.type == pafs.FileType.Directory and 0 <= checkpoint_step(i.path) < before_step
     )
     for _, path in reversed(candidates):
-        names = {os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path))}
-        if ".metadata" in names and TRAIN_STATE in names:
+        try:
+            check_complete(path, fs)
             return path
+        except IncompleteCheckpointError:
+            continue
     return None

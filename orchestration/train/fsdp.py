@@ -1,4 +1,5 @@
-"""FSDP2 wrapping: one ``fully_shard`` per block, then the root, on a 1-d data-parallel mesh.
+"""FSDP2 wrapping: one ``fully_shard`` per block, then the root, on a 1-d data-parallel mesh (FSDP) or a
+2-d one (HSDP: replicate across nodes, shard within a node); a single rank runs without FSDP.
 
 Ray Train's ``prepare_model(parallel_strategy="fsdp")`` is FSDP1 and GPU-only, so we shard ourselves.
 Ray Train has already created the process group (gloo on CPU, nccl on GPU); the mesh reuses it.
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def training_device(use_gpu: bool) -> torch.device:
@@ -28,9 +29,19 @@ def training_device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def data_parallel_mesh(device: torch.device) -> DeviceMesh:
+def data_parallel_mesh(device: torch.device, replicas: int = 1) -> DeviceMesh | None:
+    """The data-parallel mesh: 1-d (plain FSDP, every rank holds 1/world of each tensor) or, with
+    ``replicas`` > 1, 2-d HSDP: ("replicate", "shard") = (replicas, world / replicas). Ranks are laid
+    out node by node, so the shard dimension stays within a node (fast links) and only gradient
+    all-reduces cross nodes. None with a single rank: no FSDP at all (no collectives to pay for)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    if world == 1:
+        return None
+    if replicas <= 1:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    if world % replicas:
+        raise ValueError(f"cluster.hsdp_replicas={replicas} does not divide the world size {world}")
+    return init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
 
 
 def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
@@ -72,10 +83,14 @@ def match_shapes(state: dict[str, torch.Tensor], reference: nn.Module) -> dict[s
             for k, v in state.items()}
 
 
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
 def shard_model(
     model: nn.Module,
     blocks: Iterable[nn.Module],
-    mesh: DeviceMesh,
+    mesh: DeviceMesh | None,
     mp_policy: MixedPrecisionPolicy,
     ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
@@ -83,9 +98,11 @@ def shard_model(
 
     The last block is not resharded after forward: backward needs it first, so keeping it saves one
     all-gather per step (torchtitan does the same). With a single rank nothing is resharded: there is
-    no memory to free, only copies to make.
+    no memory to free, only copies to make. Without a mesh (one rank) the model stays a plain module.
     """
-    promote_scalar_parameters(model)
+    promote_scalar_parameters(model)  # also without FSDP: checkpoints keep one layout for any world size
+    if mesh is None:
+        return model
     blocks = list(blocks)
     for i, block in enumerate(blocks):
         reshard = mesh.size() > 1 and i < len(blocks) - 1

@@ -1,9 +1,10 @@
 """Stage 2: the unified LM (LLM + projector + depth transformer) over the frozen stage-1 tower.
 
 FSDP units: each LLM decoder layer, each depth-transformer block, and the root (embeddings, LM head,
-projector, depth input/output layers). The frozen tower is left out of FSDP (``ignored_params``): every
-rank keeps it whole, it is never all-gathered, and checkpoints skip it (it comes from the stage-1
-export named in the config).
+projector, depth input/output layers). Of the frozen tower, the training workers hold only the codebook
+(:class:`TowerCodebook`, bf16 on GPU, read alone from the stage-1 export): it is left out of FSDP
+(``ignored_params``), every rank keeps it whole and it is never all-gathered. The LLM is built on the
+meta device and read shard-wise from ``model.lm_path`` (see ``orchestration.train.weights``).
 
 The export is self-contained and Ray-free: ``llm/`` (transformers ``save_pretrained``, with the
 tokenizer), ``vilau_lm.safetensors`` (projector + depth transformer), ``tower.safetensors`` +
@@ -20,13 +21,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from orchestration.config import Config
 from orchestration.train.fsdp import match_shapes
 from orchestration.train.trainer import Task, Trainer
-from vilau_model.config import LMConfig
+from vilau_model.config import LMConfig, VisionTowerConfig
 from vilau_model.sequence import ROW_COLUMNS
 
 LM_WEIGHTS = "vilau_lm.safetensors"
@@ -63,10 +65,88 @@ class LMTask(Task):
         return self.tower_source.load(s3_settings(self.config))
 
     def build_model(self) -> nn.Module:
+        """Under the trainer's meta build: the LM over :class:`TowerCodebook` (all that training needs of
+        the frozen tower). Otherwise (export, generation): over the whole tower from its source."""
         from vilau_model.tokenizer import SpecialIds
         from vilau_model.unified_lm import UnifiedLM
 
-        return UnifiedLM(self.lm_cfg, self._tower(), SpecialIds.from_tokenizer(self.tokenizer))
+        if torch.empty(0).device.type == "meta":
+            tower = TowerCodebook(self.tower_source.config)
+        else:
+            tower = self._tower()
+        return UnifiedLM(self.lm_cfg, tower, SpecialIds.from_tokenizer(self.tokenizer))
+
+    def init_weights(self, model: nn.Module, seed: int) -> None:
+        """LLM, projector and depth transformer: random init per module from (seed, name), the same
+        whatever the world size; with ``model.lm_path`` the LLM is then read shard-wise from its
+        safetensors (modules fully covered by the files are not initialized first). The frozen tower
+        comes from its export (or the seeded preset the tokenization pool also uses)."""
+        from orchestration.train.weights import (
+            clean_name,
+            default_module_init,
+            init_by_name,
+            load_pretrained,
+        )
+
+        path = self.lm_cfg.pretrained_path
+        llm = model.llm
+
+        def init_module(name: str, module: nn.Module) -> None:
+            if name.startswith("llm.") and not hasattr(module, "rope_init_fn"):
+                llm._init_weights(module)  # transformers' own init (N(0, initializer_range), norms at 1)
+            else:
+                default_module_init(name, module)
+
+        def loaded_elsewhere(name: str, module: nn.Module) -> bool:
+            return name.split(".")[0] == "tower" or (bool(path) and name.split(".")[0] == "llm")
+
+        init_by_name(model, seed, init_module=init_module, skip=loaded_elsewhere)
+        if path:
+            embeddings = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}
+            grow = [clean_name(n) for n, p in llm.named_parameters() if any(p is e for e in embeddings)]
+            load_pretrained(llm, path, seed, grow_rows=grow, init_module=lambda n, m: init_module(f"llm.{n}", m))
+        codebook = self._codebook()
+        with torch.no_grad():
+            for name, t in model.tower.named_buffers():
+                t.copy_(codebook[name].to(t.device))
+        if self.config.cluster.use_gpu:
+            model.tower.to(torch.bfloat16)  # frozen code vectors: bf16 is enough for an input embedding
+
+    def _codebook(self) -> dict[str, torch.Tensor]:
+        """The tower's quantizer tensors (``quantizer.*``), read alone from the export's safetensors: the
+        encoders, text tower, decoder and discriminator never load on the training workers. Without an
+        export, the seeded preset (the same one the tokenization pool builds)."""
+        from safetensors import safe_open
+
+        from orchestration.data.sources import s3_settings
+        from orchestration.storage import is_s3
+
+        source, s3 = self.tower_source, s3_settings(self.config)
+        if source.path is None:
+            tower = source.load(s3)
+            return {k: v for k, v in tower.state_dict().items() if k.startswith("quantizer.")}
+        uri = source.safetensors_uri(s3)
+        with tempfile.TemporaryDirectory() as tmp:
+            if is_s3(uri):
+                from orchestration.data.records import read_bytes
+
+                local = os.path.join(tmp, "tower.safetensors")
+                Path(local).write_bytes(read_bytes(uri, s3))
+                uri = local
+            with safe_open(uri, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if k.startswith("quantizer.")}
+
+    loss_sums_over_step = True
+
+    def prepare_step(self, micro_batches: list[dict]) -> None:
+        """The step's supervised text tokens and visual positions over every rank and micro-batch (one
+        all-reduce), so each token weighs the same whichever rank and row it is in."""
+        counts = torch.stack([supervised_counts(b) for b in micro_batches]).sum(dim=0).float()
+        self._world = 1
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+            self._world = dist.get_world_size()
+        self._step_counts = counts.clamp(min=1.0)
 
     def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:
         return [model.llm.get_decoder().layers, model.depth.blocks]
@@ -78,17 +158,25 @@ class LMTask(Task):
         return model.trainable_parameters()
 
     def forward(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """This micro-batch's share of the step's loss: CE sums over the step's global counts. FSDP
+        averages gradients over ranks, hence the factor world (a mean of per-rank means would weigh a
+        token on a sparse rank more than one on a dense rank)."""
         out = model(**batch)
-        # Per-rank means; FSDP averages the gradients over ranks (a mean of rank means).
-        return {k: out[k] for k in ("loss", "loss_text", "loss_image")} | {
+        n_text, n_image = self._step_counts.unbind()
+        loss_text = out["sum_text"] * (self._world / n_text)
+        loss_image = out["sum_image"] * (self._world / (n_image * model.code_depth))
+        return {
+            "loss": loss_text + loss_image,
+            "loss_text": loss_text,
+            "loss_image": loss_image,
             "supervised_text_tokens": out["num_text"].float(),
             "supervised_image_positions": out["num_image"].float(),
         }
 
-    def count(self, batch: dict) -> tuple[int, int]:
+    def count(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         segments = batch["segment_ids"]
-        samples = int(segments.max(dim=1).values.sum())  # segment ids are 1..n per row, 0 = padding
-        return samples, int((segments > 0).sum())
+        samples = segments.max(dim=1).values.sum()  # segment ids are 1..n per row, 0 = padding
+        return samples, (segments > 0).sum()
 
     def flops_per_token(self, model: nn.Module) -> float:
         return 6.0 * sum(p.numel() for p in model.trainable_parameters())
@@ -105,6 +193,7 @@ class LMTask(Task):
         if trainer.rank != 0:
             return
         model = self.build_model()
+        full = {k: v for k, v in full.items() if not k.startswith("tower.")}  # training held a bf16 codebook only
         missing, unexpected = model.load_state_dict(match_shapes(full, model), strict=False)
         missing = [k for k in missing if not k.startswith("tower.")]
         if missing or unexpected:
@@ -122,6 +211,37 @@ class LMTask(Task):
             trainer.logger.log_image(image, f"samples/step_{trainer.state.step:07d}_{i}.png")
         trainer.logger.log_text("\n".join(prompts), f"samples/step_{trainer.state.step:07d}_prompts.txt")
         return {}
+
+
+class TowerCodebook(nn.Module):
+    """What stage-2 training needs of the frozen vision tower: its code vectors. The LLM input of a
+    visual position is projector(sum of its D code vectors) and the depth transformer reads them too;
+    both go through ``quantizer`` (``lookup``) and ``code_embeddings``, as on the whole tower."""
+
+    def __init__(self, config: VisionTowerConfig):
+        from vilau_model.quantizer import ResidualQuantizer
+
+        super().__init__()
+        self.config = config
+        self.quantizer = ResidualQuantizer(
+            dim=config.width, codebook_size=config.codebook_size, depth=config.code_depth,
+            shared_codebook=config.shared_codebook, decay=config.ema_decay, eps=config.ema_eps,
+            dead_code_threshold=config.dead_code_threshold, chunk_size=config.search_chunk_size,
+        )
+
+    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.decode(codes)
+
+
+def supervised_counts(batch: dict) -> torch.Tensor:
+    """[text targets, visual targets] of a micro-batch, counted as ``UnifiedLM.forward`` counts them:
+    position t+1's label is predicted from t, never across a sample boundary."""
+    from vilau_model.sequence import IGNORE_INDEX
+
+    target, segments = batch["labels"][:, 1:], batch["segment_ids"]
+    valid = (target != IGNORE_INDEX) & (segments[:, 1:] == segments[:, :-1])
+    visual = batch["is_visual"][:, 1:].bool()
+    return torch.stack([(valid & ~visual).sum(), (valid & visual).sum()])
 
 
 def lm_worker(loop_config: dict) -> dict:

@@ -1,7 +1,8 @@
 """Step timing, throughput, data-wait share, MFU and the progress line.
 
 Every rank measures its own time; rank 0's numbers are logged (ranks run in lockstep, so they agree).
-Loss terms are averaged over the logging window on each rank and then across ranks.
+Loss terms are averaged over the logging window on each rank and then across ranks. Per-step values
+stay on the device until the log step reads the window's sums back in one copy.
 """
 
 from __future__ import annotations
@@ -38,18 +39,38 @@ class WindowMetrics:
         self.data_wait = 0.0
         self.start = time.perf_counter()
 
-    def add_step(self, scalars: dict[str, float], samples: int, tokens: int) -> None:
+    def add_step(self, scalars: dict, samples, tokens) -> None:
+        """Scalars, samples and tokens may be device tensors: they are summed where they are and read
+        back once, in ``means`` / ``summary`` (one host sync per log step, none per step)."""
         for k, v in scalars.items():
-            self.sums[k] += v
+            self.sums[k] = self.sums[k] + v
         self.steps += 1
-        self.samples += samples
-        self.tokens += tokens
+        self.samples = self.samples + samples
+        self.tokens = self.tokens + tokens
+
+    def read(self) -> None:
+        """Bring the device sums to the host in one copy."""
+        keys = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
+        counts = [x for x in (self.samples, self.tokens) if isinstance(x, torch.Tensor)]
+        if not keys and not counts:
+            return
+        values = torch.stack([self.sums[k].double().reshape(()) for k in keys]
+                             + [c.double().reshape(()) for c in counts]).tolist()
+        for k, v in zip(keys, values):
+            self.sums[k] = v
+        rest = values[len(keys):]
+        if isinstance(self.samples, torch.Tensor):
+            self.samples = rest.pop(0)
+        if isinstance(self.tokens, torch.Tensor):
+            self.tokens = rest.pop(0)
 
     def means(self) -> dict[str, float]:
+        self.read()
         return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
 
     def summary(self, world: int, flops_per_token: float | None, peak: float | None) -> dict[str, float]:
         """Window metrics; samples and tokens are per rank here and scaled to the whole job."""
+        self.read()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         out = {
             "step_time_s": elapsed / max(self.steps, 1),

@@ -156,7 +156,9 @@ class TowerTask(Task):
         """Outside forward, FSDP2 leaves the root's parameters sharded: gather them for eval calls
         (the blocks gather themselves in their own forward). Collective: every rank enters."""
         model = trainer.model
-        model.unshard()
+        sharded = hasattr(model, "unshard")  # a single rank runs without FSDP
+        if sharded:
+            model.unshard()
         try:
             if trainer.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -164,7 +166,8 @@ class TowerTask(Task):
             else:
                 yield model
         finally:
-            model.reshard()
+            if sharded:
+                model.reshard()
 
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:

@@ -3,10 +3,13 @@
 A stage is a :class:`Task` (how to build the model, which blocks to shard, the loss, evaluation and
 export); the :class:`Trainer` does everything else the same way for both:
 
-    build (same seed on every rank) -> activation checkpointing -> FSDP2 -> AdamW + warmup/cosine
-    -> resume from ray.train.get_checkpoint() -> steps: grad accumulation, clipping, non-finite guard
+    build on the meta device -> activation checkpointing -> FSDP2 (HSDP with cluster.hsdp_replicas;
+    nothing with one rank) -> this rank's shards only, filled by the task (seeded init, pretrained
+    weights read shard-wise) -> AdamW + warmup/cosine -> resume (each rank reads its own shards from
+    storage) -> steps: grad accumulation, clipping, non-finite guard, no host sync per micro-batch
     -> every log_every: metrics to MLflow (rank 0) + progress line + ray.train.report
-    -> every checkpoint_every and at the end: sharded DCP checkpoint reported to Ray Train
+    -> every checkpoint_every and at the end: asynchronous sharded DCP save straight to storage,
+       registered with Ray Train once every rank has committed it
     -> at the end: consolidated export loadable without Ray.
 
 ``ray.train.report`` is a barrier, so every rank reports at the same steps (the schedule depends on the
@@ -16,14 +19,12 @@ step only).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import shutil
 import tempfile
 import threading
 import time
-from collections import defaultdict
 
 import pyarrow.fs as pafs
 import ray.train
@@ -33,7 +34,15 @@ from torch import nn
 
 from orchestration.config import Config, StageSection
 from orchestration.train import checkpoint as ckpt
-from orchestration.train.fsdp import checkpoint_blocks, data_parallel_mesh, mixed_precision, shard_model, training_device
+from orchestration.train.fsdp import (
+    checkpoint_blocks,
+    data_parallel_mesh,
+    is_sharded,
+    mixed_precision,
+    promote_scalar_parameters,
+    shard_model,
+    training_device,
+)
 from orchestration.train.metrics import WindowMetrics, mean_across_ranks, peak_flops, progress_line
 from orchestration.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from orchestration.train.tracking import RunInfo, RunLogger
@@ -82,7 +91,26 @@ class Task:
         self.config, self.section = config, section
 
     def build_model(self) -> nn.Module:
+        """The model; the trainer calls this under ``torch.device("meta")`` (shapes only)."""
         raise NotImplementedError
+
+    def init_weights(self, model: nn.Module, seed: int) -> None:
+        """Fill a materialized (``to_empty``) model: default, rank 0 builds the model eagerly from the
+        seed and every rank receives its shards (see ``weights.broadcast_from_rank0``)."""
+        from orchestration.train.fsdp import match_shapes
+        from orchestration.train.weights import broadcast_from_rank0
+
+        def reference() -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.build_model()
+
+        broadcast_from_rank0(model, reference, adapt=match_shapes)
+
+    loss_sums_over_step: bool = False  # forward's loss is this rank's share of the step's total (see LMTask)
+
+    def prepare_step(self, micro_batches: list[dict]) -> None:
+        """Called with the step's micro-batches before their forward passes (e.g. global token counts)."""
 
     def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:
         """Repeated blocks: activation-checkpointed (if on) and sharded one by one."""
@@ -101,8 +129,8 @@ class Task:
     def forward(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def count(self, batch: dict) -> tuple[int, int]:
-        """(samples, tokens) in a micro-batch."""
+    def count(self, batch: dict) -> tuple[int | torch.Tensor, int | torch.Tensor]:
+        """(samples, tokens) in a micro-batch: ints or device tensors (never read back per batch)."""
         raise NotImplementedError
 
     def flops_per_token(self, model: nn.Module) -> float | None:
@@ -367,45 +395,53 @@ class Trainer:
     # -- setup ------------------------------------------------------------------------------------
 
     def build(self) -> None:
-        torch.manual_seed(self.config.seed)  # identical init on every rank (codebook buffers included)
-        model = self.task.build_model()
-        if self.device.type == "cuda":
-            model.to(self.device)  # buffers and ignored (frozen) params; fully_shard moves the rest too
+        """Meta-device build -> activation checkpointing -> FSDP2 (or nothing with one rank) -> storage
+        for this rank's shards only (``to_empty``) -> the task fills it (random init reproducible from
+        the seed whatever the world size, pretrained weights read shard-wise)."""
+        torch.manual_seed(self.config.seed)
+        with torch.device("meta"):
+            model = self.task.build_model()
         lists = self.task.block_lists(model)
         if self.section.activation_checkpointing:
             for container in lists:
                 checkpoint_blocks(container)
         blocks = [b for c in lists for b in c] + self.task.extra_units(model)
-        mesh = data_parallel_mesh(self.device)
-        self.model = shard_model(model, blocks, mesh, mixed_precision(self.device), self.task.ignored_params(model))
+        self.mesh = data_parallel_mesh(self.device, self.config.cluster.hsdp_replicas)
+        promote_scalar_parameters(model)  # before ignored_params: it replaces those parameters
+        model = shard_model(model, blocks, self.mesh, mixed_precision(self.device), self.task.ignored_params(model))
+        model.to_empty(device=self.device)
+        self.task.init_weights(model, self.config.seed)
+        self.model = model
+        self.sharded = is_sharded(model)
         self.params = self.task.trainable_parameters(self.model)
         self.optimizer = build_optimizer(self.params, self.section.optim)
         self.scheduler = build_scheduler(self.optimizer, self.section.optim, self.section.steps)
         self.guard = NonFiniteGuard(self.section.max_nonfinite_in_a_row, self.task.stage)
+        self.saver = ckpt.AsyncSaver(self.storage_fs, self.experiment_path)
         torch.manual_seed(self.config.seed + 1000 + self.rank)  # per-rank randomness from here on
 
     def resume(self) -> None:
-        """Load the latest checkpoint Ray Train knows of; a damaged one falls back to the newest
-        complete checkpoint before it."""
+        """Load the latest checkpoint Ray Train knows of, each rank reading only its own shards straight
+        from storage; a damaged one falls back to the newest complete checkpoint before it."""
         latest = ray.train.get_checkpoint()
         if latest is None:
             return
-        candidates = [latest]
+        candidates = [(latest.path, latest.filesystem)]
         while candidates:
-            checkpoint = candidates.pop()
+            path, fs = candidates.pop()
             try:
-                with checkpoint.as_directory() as d:
-                    self.state = ckpt.load_checkpoint(
-                        d, self.model, [self.optimizer], self.scheduler, ignore_frozen=self.task.ignore_frozen
-                    )
+                self.state = ckpt.load_checkpoint(
+                    path, self.model, [self.optimizer], self.scheduler, ignore_frozen=self.task.ignore_frozen,
+                    filesystem=fs,
+                )
                 self.guard.skipped = self.state.nonfinite_skipped
-                self._print(f"resumed from {checkpoint.path} at step {self.state.step}")
+                self._print(f"resumed from {path} at step {self.state.step}")
                 return
             except ckpt.IncompleteCheckpointError as exc:
                 log.warning("%s; trying an older checkpoint", exc)
-                older = ckpt.newest_complete_sibling(checkpoint.path, checkpoint.filesystem, ckpt.checkpoint_step(checkpoint.path))
+                older = ckpt.newest_complete_sibling(path, fs, ckpt.checkpoint_step(path))
                 if older is not None:
-                    candidates.append(ray.train.Checkpoint(older, filesystem=checkpoint.filesystem))
+                    candidates.append((older, fs))
         raise RuntimeError("no complete checkpoint to resume from; remove the run directory to start over")
 
     # -- data -------------------------------------------------------------------------------------
@@ -445,42 +481,53 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def train_step(self, batches, window: WindowMetrics) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; returns this rank's scalars."""
+    def train_step(self, batches, window: WindowMetrics) -> dict[str, torch.Tensor | float]:
+        """One optimizer step over grad_accum micro-batches; returns this rank's scalars.
+
+        Nothing is read back to the host per micro-batch: loss terms, counts and the grad norm stay on
+        the device and are summed there (read once per log step by ``WindowMetrics``). The one host
+        read per step is the non-finite flag, taken from the global grad norm: a non-finite loss on any
+        rank makes that rank's gradients, hence the all-reduced norm, non-finite, so every rank sees the
+        same flag without a collective of its own. (Reading it one step late would save that sync but
+        would apply a poisoned update first.)
+        """
         model, accum, step = self.model, self.section.grad_accum, self.state.step
         model.train()
-        step_start, wait_before = time.perf_counter(), window.data_wait
-        scalars: dict[str, float] = defaultdict(float)
+        step_start, t0 = time.perf_counter(), time.perf_counter()
+        micro_batches = [next(batches) for _ in range(accum)]
+        wait = time.perf_counter() - t0
+        window.data_wait += wait
+        self.task.prepare_step(micro_batches)
+        # The task's loss is either a mean per micro-batch (averaged over the step here) or already its
+        # share of the step's total (LM: normalized by the step's global token counts).
+        scale = 1.0 if self.task.loss_sums_over_step else 1.0 / accum
+        scalars: dict[str, torch.Tensor] = {}
         samples = tokens = 0
-        for i in range(accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            window.data_wait += time.perf_counter() - t0
-            model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
-            out = self.task.forward(model, batch, step)
-            (out["loss"] / accum).backward()
-            names = [k for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
-            # One device-to-host copy for all scalars (one sync on GPU, not one per loss term).
-            values = torch.stack([out[k].detach().float().reshape(()) for k in names]).tolist()
-            for k, v in zip(names, values):
-                scalars[k] += v / accum
+        autocast = self.device.type == "cuda" and not self.sharded  # FSDP2's policy casts when sharded
+        for i, batch in enumerate(micro_batches):
+            if self.sharded:
+                model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = self.task.forward(model, batch, step)
+            (out["loss"] * scale).backward()
+            for k, v in out.items():
+                if isinstance(v, torch.Tensor) and v.numel() == 1:
+                    term = v.detach().float().reshape(()) * scale
+                    scalars[k] = scalars[k] + term if k in scalars else term
             n_samples, n_tokens = self.task.count(batch)
             samples, tokens = samples + n_samples, tokens + n_tokens
         self.maybe_fail("step", step + 1)
-        grad_norm = float(clip_grad_norm(self.params, self.section.optim.grad_clip))
-        # The grad norm is global already; the loss is per rank, so agree on skipping across ranks.
-        bad = torch.tensor([float(not (math.isfinite(scalars["loss"]) and math.isfinite(grad_norm)))], device=self.device)
-        if self.world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if self.guard.check(float(bad) == 0.0, step + 1, scalars["loss"]):
+        grad_norm = clip_grad_norm(self.params, self.section.optim.grad_clip)
+        finite = bool(torch.isfinite(grad_norm))  # the step's one host sync (see above)
+        if self.guard.check(finite, step + 1, scalars["loss"] if finite else float(scalars["loss"])):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         scalars["lr"] = self.scheduler.get_last_lr()[0]
-        scalars["grad_norm"] = grad_norm
+        scalars["grad_norm"] = grad_norm.detach().float()
         self.scheduler.step()
         self.state.advance()
         window.add_step(scalars, samples, tokens)
-        self.step_timings.append((window.data_wait - wait_before, time.perf_counter() - step_start, step_start))
+        self.step_timings.append((wait, time.perf_counter() - step_start, step_start))
         return scalars
 
     def fit(self) -> dict:
@@ -527,7 +574,7 @@ class Trainer:
         if do_ckpt:
             self.save_and_report(report)
         else:
-            ray.train.report(report)
+            self.report_metrics(report)
 
     def log(self, step: int, total: int) -> None:
         window = self.window
@@ -543,6 +590,8 @@ class Trainer:
         window.reset()
 
     def end(self) -> dict:
+        self.wait_for_checkpoints()  # the final checkpoint is registered before the run ends
+        self.saver.close()
         self.state.metrics.update(self.data_wait_shares())
         return self.finish()
 
@@ -564,22 +613,49 @@ class Trainer:
     # -- checkpoints, faults, export --------------------------------------------------------------
 
     def save_and_report(self, metrics: dict[str, float]) -> None:
+        """Start an asynchronous sharded save of this step and report it (every rank, same calls).
+
+        The save runs in the background (``ckpt.AsyncSaver``: shards straight into the run's storage,
+        each rank's COMPLETE marker last) while training goes on; a new save first waits for the
+        previous one. The report is made now, in Ray Train's asynchronous mode: Ray's upload thread
+        waits for this rank's save to commit (``checkpoint_upload_fn``; nothing is copied) and then
+        registers it, so the checkpoint counts from the moment every rank has committed it, whatever
+        the training loop is doing by then.
+        """
         step = self.state.step
-        local = tempfile.mkdtemp(prefix=f"vilau-{self.task.stage}-step{step}-rank{self.rank}-")
-        try:
-            self.state.nonfinite_skipped = self.guard.skipped
-            ckpt.save_checkpoint(
-                local, self.model, [self.optimizer], self.scheduler, self.state,
-                ignore_frozen=self.task.ignore_frozen, before_complete=lambda: self.maybe_fail("save", step),
-            )
-            # Every rank uploads its part into the same directory; rank 0's name is used by all.
-            name = f"checkpoint_step{step:07d}_{time.strftime('%Y%m%d-%H%M%S')}"
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
-            # report() returns once uploaded; the controller registers the checkpoint a little later. Wait
-            # for that, so a worker lost right after a save still resumes from this checkpoint.
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
+        self.state.nonfinite_skipped = self.guard.skipped
+        if self.saver.future is not None:
+            # A new save waits for the previous one to be committed and registered: a save cut off
+            # later always leaves the previous checkpoint as the one to resume from.
+            self.wait_for_checkpoints()
+        directory = self.saver.start(
+            step, self.model, [self.optimizer], self.scheduler, self.state,
+            ignore_frozen=self.task.ignore_frozen, before_complete=lambda: self.maybe_fail("save", step),
+        )
+        written = self.saver.future
+
+        def committed(checkpoint: ray.train.Checkpoint, _name: str) -> ray.train.Checkpoint:
+            written.result()  # re-raises a failed save in the training thread (via Ray)
+            return checkpoint
+
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint(directory, filesystem=self.storage_fs),
+            checkpoint_dir_name=directory.rsplit("/", 1)[-1],
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=committed,
+        )
+
+    def report_metrics(self, metrics: dict[str, float]) -> None:
+        """A report without checkpoint (Tune reads these). Ray Train keeps reports in order, so one made
+        while a save is in flight would wait for that save: such a log step skips its Ray report instead
+        (its metrics still go to MLflow). Collective: the ranks agree on it with one tiny all-reduce."""
+        if ckpt.all_ranks_agree(self.saver.idle(), self.device):
+            ray.train.report(metrics)
+
+    def wait_for_checkpoints(self) -> None:
+        """Until the last save is committed by this rank and registered by Ray Train."""
+        self.saver.wait()
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     def maybe_fail(self, phase: str, step: int) -> None:
         """Fault injection (config.cluster.fault_injection): the chosen rank exits hard, once per run.
@@ -590,6 +666,10 @@ class Trainer:
         fault = self.config.cluster.fault_injection
         if (fault.stage, fault.fail_at_step, fault.rank, fault.phase) != (self.task.stage, step, self.rank, phase):
             return
+        if phase == "step":
+            # A crash between saves: let the save in flight commit and register first, so where the
+            # run resumes does not depend on timing. (phase "save" kills a save in flight instead.)
+            self.wait_for_checkpoints()
         marker = f"{self.experiment_path}/fault_injected_{self.task.stage}_{phase}_step{step}"
         if self.storage_fs.get_file_info(marker).type != pafs.FileType.NotFound:
             return
