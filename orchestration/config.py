@@ -237,6 +237,8 @@ class FaultInjectionSection(Section):
     # "step": exit after the backward pass of that step; "save": exit half-way through that step's
     # checkpoint save (shards written, save not finished or reported).
     phase: Literal["step", "save"] = "step"
+    # Seconds the end-of-run export waits before it starts (a slow export at scale, in small).
+    export_delay_s: NonNegativeFloat = 0.0
 
 
 class ClusterSection(Section):
@@ -249,6 +251,8 @@ class ClusterSection(Section):
     cpus_per_worker: PositiveFloat = 1.0
     storage_path: str = "outputs/ray"
     max_failures: NonNegativeInt = 0
+    # Ray Train's process-group timeout (TorchConfig.timeout_s): how long a rank waits in a collective.
+    process_group_timeout_s: PositiveInt = 1800
     fault_injection: FaultInjectionSection = FaultInjectionSection()
 
     _absolute_paths = field_validator("storage_path")(absolute_local_path)
