@@ -24,6 +24,7 @@ import os
 import struct
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -84,11 +85,15 @@ class CheckpointTensors:
         import torch.distributed.checkpoint as dcp
 
         tensors = {n: torch.empty(self.specs[n][1], dtype=self.specs[n][0]) for n in names}
-        dcp.load({"model": tensors}, storage_reader=self._reader(), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": tensors}, storage_reader=self._reader(), no_dist=True)
         return tensors
 
-    def stream(self, names: list[str], group_bytes: int = READ_GROUP_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) in the order given, read in groups of at most ``group_bytes`` (or one tensor)."""
+    def stream(self, names: list[str], group_bytes: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in the order given, read in groups of at most ``group_bytes`` (default
+        READ_GROUP_BYTES), or one tensor when it alone is larger."""
+        group_bytes = READ_GROUP_BYTES if group_bytes is None else group_bytes
         group: list[str] = []
         size = 0
         for name in names:
