@@ -74,6 +74,7 @@ def _optimizer_steps(checkpoint_dir: str, tmp_path: Path) -> set[int]:
 
 
 @pytest.mark.e2e
+@pytest.mark.e2e
 def test_killed_worker_is_restarted_and_the_run_resumes_without_repeating_a_step(killed_run, tmp_path):
     config, result = killed_run
     assert result.steps_done == STEPS
@@ -102,6 +103,7 @@ def test_a_slow_export_runs_after_the_worker_group_under_a_short_process_group_t
 
 
 @pytest.mark.e2e
+@pytest.mark.e2e
 def test_tower_loss_falls_on_two_fsdp_workers_and_the_export_loads_without_ray(killed_run):
     config, result = killed_run
     history = {m.step: m.value for m in _mlflow(config).get_metric_history(result.mlflow_run_id, "loss")}
@@ -120,6 +122,7 @@ def test_tower_loss_falls_on_two_fsdp_workers_and_the_export_loads_without_ray(k
     assert tower.decode_codes(codes).shape == images.shape
 
 
+@pytest.mark.e2e
 @pytest.mark.e2e
 def test_mlflow_run_holds_params_metrics_images_and_no_credentials(killed_run, tmp_path):
     config, result = killed_run
@@ -154,6 +157,7 @@ def test_mlflow_run_holds_params_metrics_images_and_no_credentials(killed_run, t
         assert not any(secret.encode() in b for b in blobs), secret
 
 
+@pytest.mark.e2e
 @pytest.mark.e2e
 def test_rerun_of_finished_run_resumes_past_a_damaged_latest_checkpoint(killed_run, synthetic_data, s3_overrides):
     """The latest checkpoint loses one rank's part (as if its save was cut off): the rerun refuses it,

@@ -116,7 +116,14 @@ class TowerTask(Task):
         return [model.decoder]
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return model.trainable_parameters()
+        params = model.trainable_parameters()
+        if self.config.tower_train.contrastive == "softmax":
+            # The softmax loss never uses the sigmoid loss's bias. A parameter without gradients gets no
+            # optimizer state, so checkpoints would lack it and a resume (which initialises the state
+            # of every optimized parameter) would refuse them: leave it out of the optimizer.
+            bias = getattr(model.clip, "logit_bias", None)
+            params = [p for p in params if p is not bias]
+        return params
 
     def forward(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         images = batch["pixels"].float().div_(255.0)
