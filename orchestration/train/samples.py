@@ -15,12 +15,15 @@ It runs after the worker group has finished, from the Ray-free stage-2 export, w
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 
 import torch
 
 from orchestration.config import Config
 from orchestration.storage import filesystem, is_s3, join
+
+log = logging.getLogger(__name__)
 
 
 def class_names(config: Config) -> list[str]:
@@ -78,6 +81,11 @@ def run_generation_eval(config: Config, export_uri: str, tracking_uri: str, run_
     per_class = config.lm_train.generate_samples
     if per_class == 0:
         return {}
+    try:
+        names = class_names(config)
+    except Exception as exc:  # no labelled eval split: a finished run is not failed over its samples
+        log.warning("no generation score: the eval split's classes.json could not be read (%s)", exc)
+        return {}
     torch.manual_seed(config.seed)
     local, tmp = _local_export(export_uri, s3_settings(config))
     try:
@@ -87,7 +95,6 @@ def run_generation_eval(config: Config, export_uri: str, tracking_uri: str, run_
             tmp.cleanup()
     device = torch.device("cuda") if config.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
-    names = class_names(config)
     result = generation_score(model, tokenizer, names, per_class, seed=config.seed)
     metrics = {"eval/generation_score": result["score"], "eval/generation_chance": result["chance"]}
     logger = RunLogger(tracking_uri, run_id, active=True)
