@@ -212,8 +212,11 @@ def export_tower_from_checkpoint(config: Config, checkpoint_uri: str, export_uri
     s3 = s3_settings(config)
     checkpoint = CheckpointTensors(checkpoint_uri, s3)
     tower_cfg, loss_cfg = tower_config(config), tower_loss_config(config)
-    with torch.device("meta"):  # the names and shapes the tower expects, without allocating it
-        expected = {k: tuple(v.shape) for k, v in UnifiedVisionTower(tower_cfg, loss_cfg).state_dict().items()
+    # The names and shapes the tower expects, without allocating it or reading pretrained/VGG weights.
+    meta_cfg = dataclasses.replace(tower_cfg, pretrained=None)
+    meta_loss = dataclasses.replace(loss_cfg, perceptual_weight=0.0, perceptual_weights_path=None)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UnifiedVisionTower(meta_cfg, meta_loss).state_dict().items()
                     if not k.startswith("perceptual.")}
     names = [n for n in checkpoint.specs if not n.startswith("perceptual.")]
     missing, unexpected = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
