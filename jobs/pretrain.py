@@ -5,7 +5,8 @@
 With no arguments this is the embedded default (jobs/configs/tiny.yaml): it writes generated shards
 under data/synthetic if they are missing, trains the tiny tower briefly, tokenizes the stage-2 data
 through the actor pool, trains the tiny LM on 2 FSDP2 workers, all on a local Ray instance with MLflow
-on SQLite under outputs/, then prints where the checkpoints and runs are.
+on SQLite under outputs/, then prints a summary: losses, evaluation against chance, where the
+checkpoints, exports and runs are. The terminal shows progress only; the full log goes to outputs/logs/.
 """
 
 import sys
@@ -13,15 +14,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
+from orchestration.console import JobConsole
 from orchestration.launch import job_parser, load_job_config, pretrain, pretrain_summary, where_things_are, write_summary
 
 
 def main(argv=None) -> None:
     args = job_parser(__doc__).parse_args(argv)
     config = load_job_config(args)
-    tower, lm = pretrain(config)
-    write_summary(args.summary_json, pretrain_summary(config, tower, lm))
-    print(where_things_are(config, [tower, lm]))
+    with JobConsole(config, "pretrain") as console:
+        tower, lm = pretrain(config, console=console)
+        write_summary(args.summary_json, pretrain_summary(config, tower, lm))
+        console.print(where_things_are(config, [tower, lm]))
+        console.print(f"done in {console.elapsed():.0f} s; full log: {console.log_path}")
 
 
 if __name__ == "__main__":

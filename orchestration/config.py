@@ -304,6 +304,8 @@ class FaultInjectionSection(Section):
     # "save": exit half-way through that step's asynchronous checkpoint save, in its background thread
     # while training goes on (shards written, COMPLETE marker not, never registered).
     phase: Literal["step", "save"] = "step"
+    # Seconds the end-of-run export waits before it starts (a slow export at scale, in small).
+    export_delay_s: NonNegativeFloat = 0.0
 
 
 class ClusterSection(Section):
@@ -319,6 +321,8 @@ class ClusterSection(Section):
     # HSDP: replicas of the model across node groups, each sharded over num_workers / hsdp_replicas
     # ranks (a 2-d mesh: shard within a node, replicate across nodes). 1 = plain FSDP.
     hsdp_replicas: PositiveInt = 1
+    # Ray Train's process-group timeout (TorchConfig.timeout_s): how long a rank waits in a collective.
+    process_group_timeout_s: PositiveInt = 1800
     fault_injection: FaultInjectionSection = FaultInjectionSection()
 
     _absolute_paths = field_validator("storage_path")(absolute_local_path)

@@ -7,12 +7,18 @@
 
 Each stage is one Ray Train run named ``<run_name>-<stage>`` under ``cluster.storage_path``; running
 it again with the same name resumes from its latest checkpoint (a finished run just re-exports).
+
+The end of a stage runs outside its worker group: once every worker has returned, a Ray task writes the
+consolidated export from the final sharded checkpoint (orchestration/train/export.py), and for stage 2
+another task, with its own resources, generates samples and the generation score
+(orchestration/train/samples.py). No training rank waits for either.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -39,6 +45,9 @@ class StageResult:
     rows_skipped: dict[str, int] = field(default_factory=dict)
     history: list[list[int]] = field(default_factory=list)  # [[first_step, last_step]] per (re)start
     reports: list[dict[str, Any]] = field(default_factory=list)  # rank 0's reports since the last (re)start
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: fit, first report, end of run
+    workers_finished_at: float | None = None  # time.time() when rank 0 left the training function
+    end_of_run_started_at: float | None = None  # time.time() when the export task started
 
     @property
     def loss_terms(self) -> dict[str, float]:
@@ -99,7 +108,7 @@ def build_trainer(
 ):
     """The TorchTrainer of one stage, from the cluster section of the config."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     cluster = config.cluster
     resources = {"CPU": cluster.cpus_per_worker}
@@ -109,6 +118,7 @@ def build_trainer(
     return TorchTrainer(
         train_fn,
         train_loop_config={"config": config, "run": run, **(loop_config or {})},
+        torch_config=TorchConfig(timeout_s=cluster.process_group_timeout_s),
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run.run_name,
@@ -133,34 +143,106 @@ def run_stage(
     callbacks: list | None = None,
     stats_group: str | None = None,
     loop_config: dict | None = None,
+    end_of_run: Callable[["StageResult", RunInfo], dict[str, float]] | None = None,
+    console=None,
 ) -> StageResult:
-    """Open (or reopen) the MLflow run, fit the TorchTrainer, close the run, collect the result."""
+    """Open (or reopen) the MLflow run, fit the TorchTrainer, run the end of the stage (export,
+    samples) as Ray tasks once the worker group has finished, close the run, collect the result."""
     init_ray(config)
     run_name = run_name or stage_run_name(config, stage)
     mlflow_run_id = open_run(config, stage, run_name)
-    trainer = build_trainer(
-        config, section, train_fn, datasets, RunInfo(run_name, config.tracking_uri, mlflow_run_id), callbacks,
-        loop_config,
-    )
+    run = RunInfo(run_name, config.tracking_uri, mlflow_run_id)
+    progress = console.progress(stage, section.steps) if console is not None else None
+    if progress is not None:
+        callbacks = [*(callbacks or []), progress.callback()]
+    trainer = build_trainer(config, section, train_fn, datasets, run, callbacks, loop_config)
+    started = time.perf_counter()
     try:
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        finally:
+            if progress is not None:
+                progress.close()
+        fit_s = time.perf_counter() - started
+        summary = result.return_value or {}
+        storage_path, _ = _storage(config)
+        stage_result = StageResult(
+            run_name=run_name,
+            stage=stage,
+            steps_done=summary.get("steps_done", 0),
+            metrics=summary.get("final_metrics", dict(result.metrics or {})),
+            checkpoint_path=_uri(config, result.checkpoint.path) if result.checkpoint else None,
+            export_path=_uri(config, f"{storage_path}/{run_name}/export"),
+            mlflow_run_id=mlflow_run_id,
+            rows_skipped=_rows_skipped(summary.get("final_metrics", {}), stats_group),
+            history=summary.get("history", []),
+            reports=summary.get("reports", []),
+            timings={"fit_s": fit_s},
+        )
+        if progress is not None and progress.first_report_s is not None:
+            stage_result.timings["first_report_s"] = progress.first_report_s
+        stage_result.workers_finished_at = summary.get("finished_at")
+        if end_of_run is not None:
+            if stage_result.checkpoint_path is None:
+                raise RuntimeError(f"[{stage}] the run finished without a checkpoint to export")
+            started = time.perf_counter()
+            stage_result.metrics.update(end_of_run(stage_result, run))
+            stage_result.timings["end_of_run_s"] = time.perf_counter() - started
     except BaseException:
         close_run(config, mlflow_run_id, failed=True)
         raise
     close_run(config, mlflow_run_id)
-    summary = result.return_value or {}
-    return StageResult(
-        run_name=run_name,
-        stage=stage,
-        steps_done=summary.get("steps_done", 0),
-        metrics=summary.get("final_metrics", dict(result.metrics or {})),
-        checkpoint_path=_uri(config, result.checkpoint.path) if result.checkpoint else None,
-        export_path=_uri(config, summary.get("export_fs_path", "")),
-        mlflow_run_id=mlflow_run_id,
-        rows_skipped=_rows_skipped(summary.get("final_metrics", {}), stats_group),
-        history=summary.get("history", []),
-        reports=summary.get("reports", []),
-    )
+    for what, seconds in stage_result.timings.items():
+        log.info("timing: %s %s %.1f s", stage, what, seconds)
+    return stage_result
+
+
+def _remote(fn: Callable, **resources):
+    import ray
+
+    return ray.remote(fn).options(**resources)
+
+
+def tower_end_of_run(config: Config) -> Callable[[StageResult, RunInfo], dict[str, float]]:
+    """Stage 1's end, as a Ray task after the worker group: export from the checkpoint, codebook plot."""
+    from orchestration.train.export import finish_tower_stage
+
+    def end(result: StageResult, run: RunInfo) -> dict[str, float]:
+        import ray
+
+        task = _remote(finish_tower_stage, num_cpus=1)
+        out = ray.get(task.remote(config, result.checkpoint_path, result.export_path, run, result.steps_done))
+        result.end_of_run_started_at = out["started_at"]
+        return out["metrics"]
+
+    return end
+
+
+def lm_end_of_run(config: Config, tokenizer_files: dict[str, bytes]) -> Callable[[StageResult, RunInfo], dict[str, float]]:
+    """Stage 2's end: the export (a Ray task), then samples and the generation score (another Ray task,
+    with a GPU when the cluster trains on GPUs)."""
+    from orchestration.train.export import finish_lm_export
+    from orchestration.train.samples import generation_resources, run_generation_eval
+
+    def end(result: StageResult, run: RunInfo) -> dict[str, float]:
+        import ray
+
+        started = time.perf_counter()
+        export = _remote(finish_lm_export, num_cpus=1)
+        out = ray.get(export.remote(config, result.checkpoint_path, result.export_path, tokenizer_files,
+                                    config.model.tower_checkpoint))
+        result.end_of_run_started_at = out["started_at"]
+        result.timings["export_s"] = time.perf_counter() - started
+        if config.lm_train.generate_samples == 0:
+            return out["metrics"]
+        started = time.perf_counter()
+        generation = _remote(run_generation_eval, **generation_resources(config))
+        metrics = ray.get(generation.remote(config, result.export_path, run.tracking_uri, run.mlflow_run_id,
+                                            result.steps_done))
+        result.timings["generation_s"] = time.perf_counter() - started
+        return {**out["metrics"], **metrics}
+
+    return end
 
 
 def _rows_skipped(metrics: dict, group: str | None) -> dict[str, int]:
@@ -203,6 +285,7 @@ def fit_tower(
     datasets: dict | None = None,
     run_name: str | None = None,
     callbacks: list | None = None,
+    console=None,
 ) -> StageResult:
     """Stage 1: train the vision tower on ``data.tower_sources`` (or the given ``{"train": Dataset}``).
 
@@ -219,7 +302,8 @@ def fit_tower(
         datasets = {}
     return run_stage(
         config, TOWER, config.tower_train, tower_worker, datasets,
-        run_name=run_name, callbacks=callbacks, stats_group="tower",
+        run_name=run_name, callbacks=callbacks, stats_group="tower", end_of_run=tower_end_of_run(config),
+        console=console,
     )
 
 
@@ -230,6 +314,7 @@ def fit_lm(
     datasets: dict | None = None,
     run_name: str | None = None,
     callbacks: list | None = None,
+    console=None,
 ) -> StageResult:
     """Stage 2: train the LLM + projector + depth transformer over the frozen tower exported at
     ``tower_path`` (default: ``model.tower_checkpoint``)."""
@@ -252,20 +337,46 @@ def fit_lm(
     return run_stage(
         config, LM, config.lm_train, lm_worker, datasets, run_name=run_name, callbacks=callbacks,
         stats_group="lm", loop_config={"tokenizer_files": tokenizer_files},
+        end_of_run=lm_end_of_run(config, tokenizer_files), console=console,
     )
 
 
-def pretrain(config: Config) -> tuple[StageResult, StageResult]:
-    """The whole pipeline: shards if missing, stage 1, tokenization through the actor pool, stage 2."""
+def pretrain(config: Config, console=None) -> tuple[StageResult, StageResult]:
+    """The whole pipeline: shards if missing, stage 1, tokenization through the actor pool, stage 2.
+    With a ``JobConsole``, each stage shows its progress and a line about its data."""
     from orchestration.data.synthetic import ensure_synthetic_dataset
 
+    started = time.perf_counter()
     if config.data.synthetic.make_if_missing and "://" not in config.data.root:
         s = config.data.synthetic
         ensure_synthetic_dataset(config.data.root, samples=s.samples, seed=s.seed,
                                  corrupt_fraction=s.corrupt_fraction, eval_samples=s.eval_samples)
-    tower = fit_tower(config)
-    lm = fit_lm(config, tower.export_path)
+        log.info("timing: synthetic data %.1f s", time.perf_counter() - started)
+    started = time.perf_counter()
+    init_ray(config)
+    log.info("timing: ray init %.1f s", time.perf_counter() - started)
+    tower = fit_tower(config, console=console)
+    if console is not None:
+        console.print(data_line(TOWER, "tower"))
+    lm = fit_lm(config, tower.export_path, console=console)
+    if console is not None:
+        console.print(data_line(LM, "lm"))
     return tower, lm
+
+
+def data_line(stage: str, group: str) -> str:
+    """One line about what the data pipeline delivered to a stage (from the data-stats actor)."""
+    from orchestration.data.stats import data_stats
+
+    stats = data_stats(group)
+    samples = stats.get("samples", {})
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(samples.items()))
+    line = f"[{stage} data] {sum(samples.values())} samples ({parts})"
+    if stats.get("tokens"):
+        line += f", {sum(stats['tokens'].values())} tokens"
+    skipped = stats.get("skipped", {})
+    line += f", {sum(skipped.values())} skipped" + (f" {dict(skipped)}" if skipped else "")
+    return line
 
 
 def pretrain_summary(config: Config, tower: StageResult, lm: StageResult) -> dict[str, Any]:
@@ -280,6 +391,8 @@ def pretrain_summary(config: Config, tower: StageResult, lm: StageResult) -> dic
         "data_wait_share": {
             "tower": tower.metrics.get("data_wait_share_steady"), "lm": lm.metrics.get("data_wait_share_steady"),
         },
+        "evaluation": {r.stage: {k: v for k, v in r.metrics.items() if k.startswith("eval/")} for r in (tower, lm)},
+        "timings": {"tower": tower.timings, "lm": lm.timings},
         "tracking_uri": config.tracking_uri,
         "stages": {"tower": tower.summary(), "lm": lm.summary()},
     }
@@ -326,18 +439,60 @@ def write_summary(path: str | None, summary: dict[str, Any]) -> None:
         json.dump(summary, f, indent=1, default=str)
 
 
+def _loss_cell(r: StageResult) -> str:
+    terms = r.loss_terms
+    if "loss" not in terms:
+        return "-"
+    shown = {"tower": ("loss_contrastive", "loss_recon"), "lm": ("loss_text", "loss_image")}.get(r.stage, ())
+    parts = [f"{k[len('loss_'):]} {terms[k]:.3f}" for k in shown if k in terms]
+    return f"{terms['loss']:.3f}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _eval_cell(r: StageResult, chance: float | None) -> str:
+    m, cells = r.metrics, []
+    of_chance = f" (chance {chance:.3f})" if chance else ""
+    if "eval/zero_shot_acc" in m:
+        cells.append(f"zero-shot acc {m['eval/zero_shot_acc']:.3f}{of_chance}")
+    if "eval/psnr" in m:
+        cells.append(f"PSNR {m['eval/psnr']:.1f} dB")
+    if "eval/generation_score" in m:
+        cells.append(f"generation score {m['eval/generation_score']:.3f} (chance {m['eval/generation_chance']:.3f})")
+    return ", ".join(cells) or "-"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
 def where_things_are(config: Config, results: list[StageResult]) -> str:
-    """What a user reads at the end of a job: checkpoints, exports, MLflow runs and how to view them."""
-    lines = []
+    """The summary a user reads at the end of a job: per stage its steps, final losses and evaluation
+    (with chance levels), then where the checkpoints, exports and MLflow runs are and what to run next."""
+    try:
+        from orchestration.train.samples import class_names
+
+        chance = 1.0 / len(class_names(config))
+    except Exception:  # no labelled eval split: no chance level to show
+        chance = None
+    steps = {TOWER: config.tower_train.steps, LM: config.lm_train.steps}
+    rows = [["stage", "steps", "final loss", "evaluation"]]
+    rows += [[r.stage, f"{r.steps_done}/{steps.get(r.stage, r.steps_done)}", _loss_cell(r), _eval_cell(r, chance)]
+             for r in results]
+    lines = _table(rows) + [""]
+    places = []
+    for label, attr in (("checkpoint", "checkpoint_path"), ("export", "export_path")):
+        for r in results:
+            places.append([label, r.stage, str(getattr(r, attr))])
+    if config.tracking.enabled:
+        for r in results:
+            places.append(["MLflow run", r.stage, f"{r.mlflow_run_id} (experiment {config.tracking.experiment!r})"])
     for r in results:
-        lines += [
-            f"{r.stage}: {r.steps_done} steps, final " + ", ".join(f"{k}={v:.4f}" for k, v in r.loss_terms.items()),
-            f"  checkpoint  {r.checkpoint_path}",
-            f"  export      {r.export_path}",
-            f"  MLflow run  {r.mlflow_run_id} (experiment {config.tracking.experiment!r})",
-        ]
         if r.rows_skipped:
-            lines.append(f"  rows skipped {r.rows_skipped}")
+            places.append(["rows skipped", r.stage, str(r.rows_skipped)])
+    lines += _table(places)
     if config.tracking.enabled:
         lines += [f"MLflow store: {config.tracking_uri}", f"view the runs: {mlflow_ui_command(config)}"]
+    lm = next((r for r in results if r.stage == LM), None)
+    if lm is not None:
+        lines.append(f'generate: python jobs/generate.py --checkpoint {lm.export_path} --prompt "a photo of a red circle" --out generated')
     return "\n".join(lines)

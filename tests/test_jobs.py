@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,6 +22,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.e2e
 def test_pretrain_with_no_arguments_then_generate(tmp_path):
     from mlflow import MlflowClient
 
@@ -35,6 +38,17 @@ def test_pretrain_with_no_arguments_then_generate(tmp_path):
     outputs = tmp_path / "outputs"
     uri = f"sqlite:///{(outputs / 'mlflow.db').resolve()}"
     assert f"mlflow ui --backend-store-uri {uri}" in done.stdout
+    # A readable console: progress, one data line per stage, the summary; Ray's chatter is in the log.
+    console = done.stdout + done.stderr
+    assert len(console.splitlines()) <= 150, console
+    assert "Reporting training result" not in console and "(RayTrainWorker" not in console
+    logs = list((outputs / "logs").glob("tiny-pretrain-*.log"))
+    assert len(logs) == 1 and str(logs[0].resolve()) in done.stdout
+    assert "Reporting training result" in logs[0].read_text(errors="replace")
+    for stage in ("tower", "lm"):
+        assert f"[{stage}] step" in done.stdout and f"[{stage} data]" in done.stdout
+    assert "zero-shot acc" in done.stdout and "(chance 0.062)" in done.stdout
+    assert "generation score" in done.stdout
     assert (tmp_path / "data" / "synthetic" / "manifest.json").is_file()
     assert (outputs / "ray" / "tiny-tower" / "export" / "tower.safetensors").is_file()
     assert (outputs / "ray" / "tiny-lm" / "export" / "llm" / "config.json").is_file()
@@ -46,6 +60,8 @@ def test_pretrain_with_no_arguments_then_generate(tmp_path):
     for stage, run in runs.items():
         loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
         assert loss[-1] < loss[0], (stage, loss)
+    assert "eval/generation_score" in runs["lm"].data.metrics
+    assert "eval/zero_shot_acc" in runs["tower"].data.metrics
 
     summary = tmp_path / "generate.json"
     gen = subprocess.run(

@@ -13,6 +13,7 @@ that reason; both kinds are checked for correctness in test_tower_losses.py.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +48,7 @@ def _evaluate(tower, images, labels, prompt_tokens) -> tuple[float, float]:
     return mse, accuracy
 
 
+@pytest.mark.e2e
 def test_tiny_tower_learns_reconstruction_and_zero_shot():
     torch.manual_seed(0)
     cfg = get_tower_config("tiny")

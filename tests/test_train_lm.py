@@ -26,6 +26,7 @@ def tower_export(tmp_path_factory) -> str:
     return str(directory)
 
 
+@pytest.mark.e2e
 def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
     ray_session, tiny_config, tower_export, s3_overrides, s3_server, tmp_path
 ):
@@ -88,8 +89,12 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
     run = client.get_run(result.mlflow_run_id)
     assert run.data.tags["vilau.stage"] == "lm" and run.info.status == "FINISHED"
     assert {"loss_text", "loss_image", "tokens_per_s", "samples_per_s", "grad_norm", "lr"} <= set(run.data.metrics)
+    # The generation score (one image per class prompt, classified by the tower) and its sample grid.
+    assert run.data.metrics["eval/generation_chance"] == pytest.approx(1 / 16)
+    assert 0.0 <= run.data.metrics["eval/generation_score"] <= 1.0
+    assert result.metrics["eval/generation_score"] == run.data.metrics["eval/generation_score"]
     samples = [a.path for a in client.list_artifacts(result.mlflow_run_id, "samples")]
-    assert f"samples/step_{STEPS:07d}_0.png" in samples
+    assert f"samples/generation_step_{STEPS:07d}.png" in samples
 
     # The export (on S3) loads and generates without Ray.
     assert result.export_path.startswith(f"{storage}/t-lm/")

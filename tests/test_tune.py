@@ -64,6 +64,7 @@ def _finished_trials(sweep_dir: str) -> dict[str, str]:
     return done
 
 
+@pytest.mark.e2e
 def test_interrupted_sweep_resumes_and_completes(ray_session, tiny_config, tmp_path):
     config = tiny_config()
     address = ray_session.get_runtime_context().gcs_address

@@ -23,17 +23,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from orchestration.config import Config
-from orchestration.train.fsdp import match_shapes
 from orchestration.train.trainer import Task, Trainer
 from vilau_model.config import LMConfig, VisionTowerConfig
 from vilau_model.sequence import ROW_COLUMNS
 
 LM_WEIGHTS = "vilau_lm.safetensors"
 LM_META = "vilau_lm.json"
-SAMPLE_PROMPTS = ("a red circle in the top left", "a blue square in the center", "a green triangle in the bottom right")
 
 
 def _write_files(files: dict[str, bytes]) -> str:
@@ -57,7 +54,6 @@ class LMTask(Task):
         self.tokenizer = load_tokenizer(_write_files(tokenizer_files))
         self.lm_cfg: LMConfig = lm_config(config)
         self.tower_source = tower_source(config, config.model.tower_checkpoint)
-        self._exported = None
 
     def _tower(self) -> nn.Module:
         from orchestration.data.sources import s3_settings
@@ -185,32 +181,6 @@ class LMTask(Task):
         from orchestration.data.stats import skip_counts
 
         return skip_counts("lm")
-
-    # -- export -----------------------------------------------------------------------------------
-
-    def export(self, trainer: Trainer, directory: str) -> None:
-        full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if trainer.rank != 0:
-            return
-        model = self.build_model()
-        full = {k: v for k, v in full.items() if not k.startswith("tower.")}  # training held a bf16 codebook only
-        missing, unexpected = model.load_state_dict(match_shapes(full, model), strict=False)
-        missing = [k for k in missing if not k.startswith("tower.")]
-        if missing or unexpected:
-            raise RuntimeError(f"export: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        save_lm_export(model, self.tokenizer, directory)
-        self._exported = model
-
-    def final_artifacts(self, trainer: Trainer, export_dir: str) -> dict[str, float]:
-        n = self.config.lm_train.generate_samples
-        if n == 0:
-            return {}
-        prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(n)]
-        images = generate(self._exported, self.tokenizer, prompts, seed=self.config.seed)
-        for i, (prompt, image) in enumerate(zip(prompts, images)):
-            trainer.logger.log_image(image, f"samples/step_{trainer.state.step:07d}_{i}.png")
-        trainer.logger.log_text("\n".join(prompts), f"samples/step_{trainer.state.step:07d}_prompts.txt")
-        return {}
 
 
 class TowerCodebook(nn.Module):

@@ -17,11 +17,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from orchestration.config import Config
-from orchestration.train.artifacts import codebook_usage_figure, image_grid
-from orchestration.train.fsdp import match_shapes
+from orchestration.train.artifacts import image_grid
 from orchestration.train.trainer import Task, Trainer
 from vilau_model.config import VisionTowerConfig, get_tower_config
 from vilau_model.losses import TowerLossConfig
@@ -99,7 +97,6 @@ class TowerTask(Task):
             )
         self.tower_cfg = tower_config(config)
         self._eval: EvalSplit | None = None
-        self._exported: UnifiedVisionTower | None = None
 
     def build_model(self) -> nn.Module:
         return UnifiedVisionTower(self.tower_cfg, tower_loss_config(self.config))
@@ -113,7 +110,14 @@ class TowerTask(Task):
         return [model.decoder]
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return model.trainable_parameters()
+        params = model.trainable_parameters()
+        if self.config.tower_train.contrastive == "softmax":
+            # The softmax loss never uses the sigmoid loss's bias. A parameter without gradients gets no
+            # optimizer state, so checkpoints would lack it and a resume (which initialises the state
+            # of every optimized parameter) would refuse them: leave it out of the optimizer.
+            bias = getattr(model.clip, "logit_bias", None)
+            params = [p for p in params if p is not bias]
+        return params
 
     def forward(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         images = batch["pixels"].float().div_(255.0)
@@ -190,28 +194,6 @@ class TowerTask(Task):
             grid = image_grid([originals, reconstructions])
             trainer.logger.log_image(grid, f"reconstructions/step_{step:07d}.png")
         return {f"eval/{k}": float(v) for k, v in metrics.items()}
-
-    # -- export -----------------------------------------------------------------------------------
-
-    def export(self, trainer: Trainer, directory: str) -> None:
-        full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if trainer.rank == 0:
-            tower = self.build_model()
-            missing, unexpected = tower.load_state_dict(match_shapes(full, tower), strict=False)
-            missing = [k for k in missing if not k.startswith("perceptual.")]
-            if missing or unexpected:
-                raise RuntimeError(f"export: missing {missing[:5]}, unexpected {unexpected[:5]}")
-            save_tower_export(tower, directory)
-            self._exported = tower
-
-    def final_artifacts(self, trainer: Trainer, export_dir: str) -> dict[str, float]:
-        tower = self._exported
-        fig = codebook_usage_figure(tower.quantizer.ema_count, f"{self.tower_cfg.name} tower")
-        trainer.logger.log_figure(fig, "codebook_usage.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        return {"codebook_dead_codes": float((tower.quantizer.ema_count < 1.0).sum())}
 
 
 def tower_worker(loop_config: dict) -> dict:

@@ -1,7 +1,7 @@
 """The one training loop both stages share, run by every Ray Train worker.
 
 A stage is a :class:`Task` (how to build the model, which blocks to shard, the loss, evaluation and
-export); the :class:`Trainer` does everything else the same way for both:
+checkpoint contents); the :class:`Trainer` does everything else the same way for both:
 
     build on the meta device -> activation checkpointing -> FSDP2 (HSDP with cluster.hsdp_replicas;
     nothing with one rank) -> this rank's shards only, filled by the task (seeded init, pretrained
@@ -10,7 +10,8 @@ export); the :class:`Trainer` does everything else the same way for both:
     -> every log_every: metrics to MLflow (rank 0) + progress line + ray.train.report
     -> every checkpoint_every and at the end: asynchronous sharded DCP save straight to storage,
        registered with Ray Train once every rank has committed it
-    -> at the end: consolidated export loadable without Ray.
+    -> at the end: nothing collective; the driver exports from the final checkpoint
+       (orchestration/train/export.py) once the worker group has finished.
 
 ``ray.train.report`` is a barrier, so every rank reports at the same steps (the schedule depends on the
 step only).
@@ -21,10 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
+from collections import defaultdict
 
 import pyarrow.fs as pafs
 import ray.train
@@ -150,13 +150,6 @@ class Task:
 
     def wants_eval(self, step: int, total: int) -> bool:
         return False
-
-    def export(self, trainer: "Trainer", directory: str) -> None:
-        """Collective; rank 0 writes the consolidated, Ray-free export into ``directory``."""
-
-    def final_artifacts(self, trainer: "Trainer", export_dir: str) -> dict[str, float]:
-        """Rank 0 only, after the export: samples, plots. Returns extra summary metrics."""
-        return {}
 
 
 class BatchStream:
@@ -678,31 +671,19 @@ class Trainer:
         print(f"[fault injection] rank {self.rank} exits hard at step {step} ({phase})", flush=True)
         os._exit(1)  # like a lost node: no exception, no cleanup, no report
 
-    @property
-    def export_path(self) -> str:
-        return f"{self.experiment_path}/export"
-
     def finish(self) -> dict:
-        local = tempfile.mkdtemp(prefix=f"vilau-{self.task.stage}-export-")
-        extra: dict[str, float] = {}
-        try:
-            self.task.export(self, local)
-            if self.rank == 0:
-                extra = self.task.final_artifacts(self, local)
-                self.storage_fs.create_dir(self.export_path, recursive=True)
-                pafs.copy_files(local, self.export_path, destination_filesystem=self.storage_fs)
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
-        if dist.is_initialized():
-            dist.barrier()
+        """The end of a run on every rank: no collective, no export. The last step always saves a
+        checkpoint, and the driver writes the consolidated export from it (and generates samples) in
+        Ray tasks of their own after the worker group has finished, so no rank ever waits on rank 0
+        in a collective while it exports (at 7B that outlasts the process-group timeout)."""
         return {
             "stage": self.task.stage,
             "steps_done": self.state.step,
             "history": self.state.history,
             "nonfinite_skipped": self.guard.skipped,
-            "final_metrics": {**self.state.metrics, **self.last_eval, **extra},
-            "export_fs_path": self.export_path,
+            "final_metrics": {**self.state.metrics, **self.last_eval},
             "reports": self.reports,
+            "finished_at": time.time(),
         }
 
     def _print(self, message: str) -> None:

@@ -1,0 +1,113 @@
+"""Stage 2's end-of-run samples and generation score, run as a Ray task of their own.
+
+The *generation score* is a GenEval-style check of text-to-image generation: one prompt per class of
+the labelled eval split (``zero_shot_prompt(class)``, the same prompts as the tower's zero-shot
+evaluation; at real scale the class list is the user's ``classes.json``), ``per_class`` images each,
+every image classified by the trained tower's zero-shot head (image embedding vs the class prompts'
+text embeddings). The score is the share of images classified as the class they were prompted with;
+chance is 1 / number of classes. Both go to the stage-2 MLflow run as ``eval/generation_score`` and
+``eval/generation_chance``, with the grid of samples (one column per class) beside them.
+
+It runs after the worker group has finished, from the Ray-free stage-2 export, with its own resources
+(a GPU when the cluster trains on GPUs), so no training rank ever waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+
+import torch
+
+from orchestration.config import Config
+from orchestration.storage import filesystem, is_s3, join
+
+log = logging.getLogger(__name__)
+
+
+def class_names(config: Config) -> list[str]:
+    """The eval split's class names (index = label)."""
+    from orchestration.data.records import read_bytes
+    from orchestration.data.sources import s3_settings
+
+    return json.loads(read_bytes(join(config.resolve_path(config.data.eval_path), "classes.json"), s3_settings(config)))
+
+
+@torch.no_grad()
+def generation_score(model, tokenizer, names: list[str], per_class: int, seed: int = 0) -> dict:
+    """Generate ``per_class`` images per class prompt and classify them with ``model.tower``.
+
+    Returns {"score", "chance", "images" [per_class*C, 3, S, S] (class-major), "labels", "predicted"}.
+    """
+    from orchestration.data.scenes import zero_shot_prompt
+    from orchestration.train.lm import generate
+
+    prompts = [zero_shot_prompt(name) for name in names]
+    labels = torch.arange(len(names)).repeat_interleave(per_class)
+    images = generate(model, tokenizer, [prompts[i] for i in labels.tolist()], seed=seed)
+    import numpy as np
+
+    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+    pixels = pixels.float().div_(255.0)
+    tower = model.tower.eval()
+    class_emb = tower.encode_text(tower.tokenize(prompts)).float()
+    predicted = (tower.encode_image(pixels).float() @ class_emb.T).argmax(dim=1)
+    return {
+        "score": float((predicted == labels).float().mean()),
+        "chance": 1.0 / len(names),
+        "images": pixels,
+        "labels": labels,
+        "predicted": predicted,
+    }
+
+
+def _local_export(export_uri: str, s3) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    if not is_s3(export_uri):
+        return export_uri, None
+    tmp = tempfile.TemporaryDirectory(prefix="vilau-lm-export-")
+    fs, path = filesystem(export_uri, s3)
+    fs.get(path.rstrip("/") + "/", tmp.name, recursive=True)
+    return tmp.name, tmp
+
+
+def run_generation_eval(config: Config, export_uri: str, tracking_uri: str, run_id: str | None, step: int) -> dict:
+    """Load the stage-2 export, compute the generation score, log it and the sample grid to MLflow."""
+    from orchestration.data.sources import s3_settings
+    from orchestration.train.artifacts import image_grid
+    from orchestration.train.lm import load_lm_export
+    from orchestration.train.tracking import RunLogger
+
+    per_class = config.lm_train.generate_samples
+    if per_class == 0:
+        return {}
+    try:
+        names = class_names(config)
+    except Exception as exc:  # no labelled eval split: a finished run is not failed over its samples
+        log.warning("no generation score: the eval split's classes.json could not be read (%s)", exc)
+        return {}
+    torch.manual_seed(config.seed)
+    local, tmp = _local_export(export_uri, s3_settings(config))
+    try:
+        model, tokenizer = load_lm_export(local)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    device = torch.device("cuda") if config.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    result = generation_score(model, tokenizer, names, per_class, seed=config.seed)
+    metrics = {"eval/generation_score": result["score"], "eval/generation_chance": result["chance"]}
+    logger = RunLogger(tracking_uri, run_id, active=True)
+    logger.log_metrics(metrics, step)
+    rows = result["images"].view(len(names), per_class, *result["images"].shape[1:]).transpose(0, 1)
+    logger.log_image(image_grid(list(rows)), f"samples/generation_step_{step:07d}.png")
+    predicted = result["predicted"].tolist()
+    lines = [f"{names[label]}\t{names[p]}" for label, p in zip(result["labels"].tolist(), predicted)]
+    logger.log_text("prompted class\tclassified as\n" + "\n".join(lines) + "\n", f"samples/generation_step_{step:07d}.tsv")
+    return metrics
+
+
+def generation_resources(config: Config) -> dict:
+    """Ray resources of the generation task: one GPU when the cluster trains on GPUs."""
+    return {"num_cpus": 1, "num_gpus": 1 if config.cluster.use_gpu else 0}
+
