@@ -248,6 +248,9 @@ class ClusterSection(Section):
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     storage_path: str = "outputs/ray"
+    # Local paths (data.root, storage_path, output_dir, ...) are on a filesystem that every node mounts
+    # (NFS, EFS, FSx). Without it, a job that joins a multi-node cluster refuses node-local paths.
+    shared_filesystem: bool = False
     max_failures: NonNegativeInt = 0
     fault_injection: FaultInjectionSection = FaultInjectionSection()
 
@@ -323,6 +326,15 @@ class Config(Section):
             return path
         root = self.data.root
         return f"{root.rstrip('/')}/{path}" if "://" in root else str(Path(root) / path)
+
+    @model_validator(mode="after")
+    def _tracking_store_reachable(self) -> "Config":
+        if self.tracking.enabled and not self.tracking.uri and "://" in self.output_dir:
+            raise ValueError(
+                f"tracking.uri: unset means SQLite under output_dir, but output_dir is {self.output_dir!r}; "
+                "set tracking.uri to an MLflow server (http://host:5000)"
+            )
+        return self
 
     @property
     def tracking_uri(self) -> str:
@@ -400,7 +412,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
-    return build_config(raw, overrides)
+    config = build_config(raw, overrides)
+    from orchestration.cluster_checks import check_placeholders, check_working_dir_outputs  # (imports us)
+
+    check_placeholders(config)
+    check_working_dir_outputs(config)
+    return config
 
 
 def config_to_dict(config: Config, redact: bool = True) -> dict[str, Any]:

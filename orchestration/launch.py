@@ -55,15 +55,23 @@ class StageResult:
 
 
 def init_ray(config: Config) -> None:
-    """Join the configured cluster, the cluster a `ray job submit` runs in, or start a local one."""
+    """Join the configured cluster, the cluster a `ray job submit` runs in (``RAY_ADDRESS``), or start a
+    local instance. On a cluster whose nodes do not share a disk, node-local paths are refused here,
+    before any worker starts."""
     import ray
 
     if ray.is_initialized():
         return
-    if config.cluster.address:
-        ray.init(address=config.cluster.address)
-    elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or a user-exported cluster address
-        ray.init()
+    if config.cluster.address or os.environ.get("RAY_ADDRESS"):
+        # cluster.address wins; else Ray reads RAY_ADDRESS (set inside `ray job submit`, or exported).
+        ray.init(address=config.cluster.address) if config.cluster.address else ray.init()
+        from orchestration.cluster_checks import check_cluster_paths, cluster_shape
+
+        try:
+            check_cluster_paths(config, cluster_shape())
+        except Exception:
+            ray.shutdown()
+            raise
     else:
         # A new local instance ("local": not a `ray start` cluster that may run here). More logical
         # CPUs than cores: Ray Data and Ray Train deadlock on a 2-core machine otherwise.
