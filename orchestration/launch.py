@@ -155,8 +155,9 @@ def run_stage(
     except BaseException:
         close_run(config, mlflow_run_id, failed=True)
         raise
-    close_run(config, mlflow_run_id)
     summary = result.return_value or {}
+    record_step_history(config, mlflow_run_id, summary.get("history", []))
+    close_run(config, mlflow_run_id)
     return StageResult(
         run_name=run_name,
         stage=stage,
@@ -169,6 +170,19 @@ def run_stage(
         history=summary.get("history", []),
         reports=summary.get("reports", []),
     )
+
+
+def record_step_history(config: Config, run_id: str | None, history: list[list[int]]) -> None:
+    """Show (re)starts in the MLflow run: tag ``vilau.step_history`` ("1-3,4-12": the steps each
+    start of the worker group applied, in the lineage of the final weights) and metric ``restarts``
+    (starts that resumed from a checkpoint: after a lost node or worker, or a rerun of the job)."""
+    if run_id is None or not history:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    client.set_tag(run_id, "vilau.step_history", ",".join(f"{first}-{last}" for first, last in history))
+    client.log_metric(run_id, "restarts", len(history) - 1, step=history[-1][1])
 
 
 def _rows_skipped(group: str | None) -> dict[str, int]:

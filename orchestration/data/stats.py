@@ -21,7 +21,9 @@ ACTOR_NAME = "vilau-data-stats"
 MAX_KEYS_PER_REASON = 10_000  # skipped record keys kept for inspection (counts are never capped)
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+# Restartable: if the node it runs on is lost, the counts start again rather than every later
+# call failing (the driver pins it to its own node, which a cluster never loses mid-job).
+@ray.remote(num_cpus=0, max_restarts=-1)
 class DataStats:
     def __init__(self) -> None:
         self._groups: dict[str, dict] = {}
@@ -76,7 +78,12 @@ def stats_actor():
         try:
             _handles[job] = ray.get_actor(ACTOR_NAME)
         except ValueError:
-            _handles[job] = DataStats.options(name=ACTOR_NAME, get_if_exists=True).remote()
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # On the creator's node (the driver's: the head on a cluster), not on a worker node that
+            # a spot reclaim may take away. Soft: a UDF creating it runs wherever it can.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            _handles[job] = DataStats.options(name=ACTOR_NAME, get_if_exists=True, scheduling_strategy=here).remote()
     return _handles[job]
 
 
