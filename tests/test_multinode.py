@@ -23,6 +23,7 @@ Teardown stops exactly the processes this test started (their process groups), n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -42,6 +43,7 @@ import pytest
 from conftest import S3_BUCKET, S3_TEST_KEY, S3_TEST_SECRET
 
 pytestmark = pytest.mark.e2e
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's access log
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -97,6 +99,8 @@ class LocalCluster:
         self.token = secrets.token_hex(16)
         self.port, self.dashboard_port = free_port(), free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        self.started = time.time()
+        self.submitted: list[str] = []
         self.logs: dict[str, Path] = {}
 
     @property
@@ -114,6 +118,9 @@ class LocalCluster:
             RAY_health_check_timeout_ms="1000",
             RAY_health_check_failure_threshold="3",
             RAY_DEDUP_LOGS="0",
+            # Ray's OOM killer watches the whole machine's memory; on a shared machine it would kill this
+            # test's actors for other processes' use. The test's own footprint is small (tiny models).
+            RAY_memory_monitor_refresh_ms="0",
         )
         return env
 
@@ -215,12 +222,19 @@ class LocalCluster:
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
         )
         assert out.returncode == 0, out.stdout + out.stderr
+        self.submitted.append(submission_id)
 
     def job(self, submission_id: str) -> dict:
         return self.api(f"/api/jobs/{submission_id}")
 
     def job_logs(self, submission_id: str) -> str:
-        return self.api(f"/api/jobs/{submission_id}/logs")["logs"]
+        logs = self.api(f"/api/jobs/{submission_id}/logs")["logs"]
+        (self.base / f"job-{submission_id}.log").write_text(logs)
+        return logs
+
+    def note(self, event: str) -> None:
+        """A timestamped line in the test's output (shown on failure): where the minutes went."""
+        print(f"[multinode +{time.time() - self.started:6.1f}s] {event}", flush=True)
 
     def wait_job(self, submission_id: str, timeout: float) -> dict:
         deadline = time.time() + timeout
@@ -260,6 +274,14 @@ class LocalCluster:
         proc.wait(timeout=30)
 
     def stop_all(self) -> None:
+        # Job drivers run in sessions of their own (Ray starts them so): stop the ones of our jobs first.
+        for submission_id in self.submitted:
+            try:
+                pid = (self.job(submission_id).get("driver_info") or {}).get("pid")
+            except OSError:
+                pid = None
+            if pid and Path(f"/proc/{pid}/cmdline").is_file() and b"jobs/" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.killpg(os.getpgid(int(pid)), signal.SIGKILL)  # the job's own process group
         for name in list(self.procs):
             self.stop(name)
 
@@ -282,6 +304,14 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.stop_all()
+        keep = os.environ.get("VILAU_MULTINODE_LOGS")  # a folder to keep the nodes' and jobs' logs in
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            for log in base.glob("*.log"):
+                shutil.copy(log, keep)
+            for node in base.glob("w*"):
+                shutil.copytree(node / "session_latest" / "logs", Path(keep) / node.name, dirs_exist_ok=True,
+                                ignore_dangling_symlinks=True)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -365,7 +395,7 @@ def job_env(s3_server) -> dict[str, str]:
             "AWS_ENDPOINT_URL_S3": s3_server.endpoint_url}
 
 
-def wait_for_progress(cluster: LocalCluster, submission_id: str, stage: str, step: int, timeout: float = 240) -> str:
+def wait_for_progress(cluster: LocalCluster, submission_id: str, stage: str, step: int, timeout: float = 400) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
         logs = cluster.job_logs(submission_id)
@@ -399,15 +429,19 @@ def test_training_survives_losing_a_worker_node_in_each_stage(cluster, mlflow_se
         "--summary-json", str(summary_path),
     ), job_env(s3_server))
 
+    cluster.note("training job submitted")
     replacement = 3
     for stage in ("tower", "lm"):
         wait_for_progress(cluster, submission, stage, KILL_AFTER_STEP)
         victim = node_of_a_training_worker(cluster, cluster.job(submission)["job_id"])
         cluster.kill_node(victim)
+        cluster.note(f"{stage}: killed {victim}")
         cluster.wait_for_nodes([cluster.start_worker(replacement)])  # capacity comes back
+        cluster.note(f"{stage}: worker{replacement} joined")
         replacement += 1
 
     info = cluster.wait_job(submission, timeout=400)
+    cluster.note(f"training job {info['status']}")
     logs = cluster.job_logs(submission)
     assert info["status"] == "SUCCEEDED", logs[-8000:]
     summary = json.loads(summary_path.read_text())
