@@ -309,7 +309,7 @@ def cluster(tmp_path_factory):
             os.makedirs(keep, exist_ok=True)
             for log in base.glob("*.log"):
                 shutil.copy(log, keep)
-            for node in base.glob("w*"):
+            for node in (p for p in base.glob("w[0-9]*") if p.is_dir()):
                 shutil.copytree(node / "session_latest" / "logs", Path(keep) / node.name, dirs_exist_ok=True,
                                 ignore_dangling_symlinks=True)
         shutil.rmtree(base, ignore_errors=True)
@@ -337,7 +337,7 @@ def mlflow_server(s3_server, tmp_path_factory):
         )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # creating its tables takes a while on a busy machine
         while True:
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
@@ -491,6 +491,13 @@ def test_node_local_paths_are_refused_before_any_worker_starts(cluster, mlflow_s
         f"cluster.storage_path={local}/ray", f"output_dir={local}/outputs", f"tracking.uri=sqlite:///{local}/mlflow.db",
     ), job_env(s3_server))
 
+    # The tokenize job joins the cluster it was submitted to as well (a private instance would see one node).
+    cluster.submit("vilau-multinode-tokenize", [
+        "python", "jobs/tokenize_data.py", "--config", "jobs/configs/cluster-smoke.yaml",
+        f"data.root={local}/data", f"data.cache_dir={local}/tokenized", f"cluster.storage_path=s3://{S3_BUCKET}/x/ray",
+        f"output_dir=s3://{S3_BUCKET}/x/outputs", f"tracking.uri={mlflow_server}",
+    ], job_env(s3_server))
+
     relative = cluster.wait_job("vilau-multinode-relative", timeout=180)
     logs = cluster.job_logs("vilau-multinode-relative")
     assert relative["status"] == "FAILED", logs
@@ -510,3 +517,11 @@ def test_node_local_paths_are_refused_before_any_worker_starts(cluster, mlflow_s
     assert job_id and cluster.state("actors", job_id=job_id) == []
     assert cluster.state("tasks", job_id=job_id) == []
     assert not local.exists()
+
+    tokenize = cluster.wait_job("vilau-multinode-tokenize", timeout=180)
+    logs = cluster.job_logs("vilau-multinode-tokenize")
+    assert tokenize["status"] == "FAILED", logs
+    assert re.search(r"a Ray cluster of [34] node\(s\) whose head runs no tasks \(CPU 0\)", logs), logs
+    assert f"data.root='{local}/data' is a path on one node's disk" in logs
+    assert f"data.cache_dir='{local}/tokenized' is a path on one node's disk" in logs
+    assert "Traceback" not in logs  # the job's own error line, not a crash
