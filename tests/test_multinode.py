@@ -113,11 +113,15 @@ class LocalCluster:
             PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # as with the venv activated: `python` is ours
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN=self.token,
-            # Notice a dead node in ~3 s rather than ~30 s.
+            # A killed raylet refuses the health check at once: 5 checks 1 s apart notice it in ~5 s
+            # (default ~15 s). A slow but live node has 10 s per check, so a busy machine loses none.
             RAY_health_check_period_ms="1000",
-            RAY_health_check_timeout_ms="1000",
-            RAY_health_check_failure_threshold="3",
+            RAY_health_check_timeout_ms="10000",
+            RAY_health_check_failure_threshold="5",
             RAY_DEDUP_LOGS="0",
+            # Ray's own helpers that look a cluster up with address "auto" (e.g. Train's placement group
+            # cleaner) must find this one, not another Ray instance running on the machine.
+            RAY_ADDRESS=f"127.0.0.1:{self.port}",
             # Ray's OOM killer watches the whole machine's memory; on a shared machine it would kill this
             # test's actors for other processes' use. The test's own footprint is small (tiny models).
             RAY_memory_monitor_refresh_ms="0",
