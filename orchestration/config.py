@@ -240,7 +240,8 @@ class FaultInjectionSection(Section):
 
 
 class ClusterSection(Section):
-    # None starts a local Ray instance; "auto" or ray://... joins an existing cluster.
+    # None: join the cluster in RAY_ADDRESS (set inside `ray job submit`), else start a local Ray
+    # instance; "auto" or ray://... joins that cluster.
     address: str | None = None
     # Logical CPUs for a local instance; Data and Train deadlock on few cores without oversubscription.
     local_num_cpus: PositiveInt = 8

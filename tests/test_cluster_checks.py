@@ -145,3 +145,27 @@ def test_absolute_and_s3_outputs_pass_under_working_dir(in_working_dir_copy, tmp
     shared = load_config(None, [f"output_dir={tmp_path}/out", f"cluster.storage_path={tmp_path}/ray",
                                 f"data.root={tmp_path}/data"])
     assert not shared.output_dir.startswith(os.getcwd())
+
+
+# ---------------------------------------------------------------- output_dir on S3
+
+
+def test_lm_tokenizer_trained_once_into_an_s3_output_dir(s3_server, s3_synthetic_data, s3_overrides):
+    """With output_dir on S3 (a cluster), the driver's trained LM tokenizer is kept there, so a rerun or
+    another job (tokenize_data, pretrain) gets the same one, from any machine."""
+    import boto3
+
+    from orchestration.data.lm_data import directory_files, ensure_lm_tokenizer
+    from conftest import S3_BUCKET
+
+    data_uri, _ = s3_synthetic_data
+    config = load_config(None, [f"data.root={data_uri}", f"output_dir=s3://{S3_BUCKET}/tok-test/outputs",
+                                "tracking.uri=http://127.0.0.1:1", *s3_overrides])
+    first = ensure_lm_tokenizer(config)
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+                          aws_access_key_id=s3_server.access_key_id, aws_secret_access_key=s3_server.secret_access_key)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=S3_BUCKET, Prefix="tok-test/outputs/lm_tokenizer/")["Contents"]]
+    assert "tok-test/outputs/lm_tokenizer/tokenizer.json" in keys
+    second = ensure_lm_tokenizer(config)  # downloaded, not trained again
+    assert second != first
+    assert directory_files(second) == directory_files(first)
