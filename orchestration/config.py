@@ -309,7 +309,8 @@ class FaultInjectionSection(Section):
 
 
 class ClusterSection(Section):
-    # None starts a local Ray instance; "auto" or ray://... joins an existing cluster.
+    # None: join the cluster in RAY_ADDRESS (set inside `ray job submit`), else start a local Ray
+    # instance; "auto" or ray://... joins that cluster.
     address: str | None = None
     # Logical CPUs for a local instance; Data and Train deadlock on few cores without oversubscription.
     local_num_cpus: PositiveInt = 8
@@ -317,6 +318,9 @@ class ClusterSection(Section):
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     storage_path: str = "outputs/ray"
+    # Local paths (data.root, storage_path, output_dir, ...) are on a filesystem that every node mounts
+    # (NFS, EFS, FSx). Without it, a job that joins a multi-node cluster refuses node-local paths.
+    shared_filesystem: bool = False
     max_failures: NonNegativeInt = 0
     # HSDP: replicas of the model across node groups, each sharded over num_workers / hsdp_replicas
     # ranks (a 2-d mesh: shard within a node, replicate across nodes). 1 = plain FSDP.
@@ -419,6 +423,15 @@ class Config(Section):
         root = self.data.root
         return f"{root.rstrip('/')}/{path}" if "://" in root else str(Path(root) / path)
 
+    @model_validator(mode="after")
+    def _tracking_store_reachable(self) -> "Config":
+        if self.tracking.enabled and not self.tracking.uri and "://" in self.output_dir:
+            raise ValueError(
+                f"tracking.uri: unset means SQLite under output_dir, but output_dir is {self.output_dir!r}; "
+                "set tracking.uri to an MLflow server (http://host:5000)"
+            )
+        return self
+
     @property
     def tracking_uri(self) -> str:
         if self.tracking.uri:
@@ -498,7 +511,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
-    return build_config(raw, overrides)
+    config = build_config(raw, overrides)
+    from orchestration.cluster_checks import check_placeholders, check_working_dir_outputs  # (imports us)
+
+    check_placeholders(config)
+    check_working_dir_outputs(config)
+    return config
 
 
 def config_to_dict(config: Config, redact: bool = True) -> dict[str, Any]:

@@ -64,15 +64,23 @@ class StageResult:
 
 
 def init_ray(config: Config) -> None:
-    """Join the configured cluster, the cluster a `ray job submit` runs in, or start a local one."""
+    """Join the configured cluster, the cluster a `ray job submit` runs in (``RAY_ADDRESS``), or start a
+    local instance. On a cluster whose nodes do not share a disk, node-local paths are refused here,
+    before any worker starts."""
     import ray
 
     if ray.is_initialized():
         return
-    if config.cluster.address:
-        ray.init(address=config.cluster.address)
-    elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or a user-exported cluster address
-        ray.init()
+    if config.cluster.address or os.environ.get("RAY_ADDRESS"):
+        # cluster.address wins; else Ray reads RAY_ADDRESS (set inside `ray job submit`, or exported).
+        ray.init(address=config.cluster.address) if config.cluster.address else ray.init()
+        from orchestration.cluster_checks import check_cluster_paths, cluster_shape
+
+        try:
+            check_cluster_paths(config, cluster_shape())
+        except Exception:
+            ray.shutdown()
+            raise
     else:
         # A new local instance ("local": not a `ray start` cluster that may run here). More logical
         # CPUs than cores: Ray Data and Ray Train deadlock on a 2-core machine otherwise.
@@ -191,6 +199,7 @@ def run_stage(
     except BaseException:
         close_run(config, mlflow_run_id, failed=True)
         raise
+    record_step_history(config, mlflow_run_id, stage_result.history)
     close_run(config, mlflow_run_id)
     for what, seconds in stage_result.timings.items():
         log.info("timing: %s %s %.1f s", stage, what, seconds)
@@ -243,6 +252,19 @@ def lm_end_of_run(config: Config, tokenizer_files: dict[str, bytes]) -> Callable
         return {**out["metrics"], **metrics}
 
     return end
+
+
+def record_step_history(config: Config, run_id: str | None, history: list[list[int]]) -> None:
+    """Show (re)starts in the MLflow run: tag ``vilau.step_history`` ("1-3,4-12": the steps each
+    start of the worker group applied, in the lineage of the final weights) and metric ``restarts``
+    (starts that resumed from a checkpoint: after a lost node or worker, or a rerun of the job)."""
+    if run_id is None or not history:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    client.set_tag(run_id, "vilau.step_history", ",".join(f"{first}-{last}" for first, last in history))
+    client.log_metric(run_id, "restarts", len(history) - 1, step=history[-1][1])
 
 
 def _rows_skipped(metrics: dict, group: str | None) -> dict[str, int]:

@@ -100,7 +100,7 @@ def test_setup_installs_the_project_at_the_pinned_ray_version(prepared, pyprojec
     images = [docker["image"], docker["head_image"]] + [
         spec["docker"]["worker_image"]
         for spec in prepared["available_node_types"].values()
-        if "docker" in spec
+        if "worker_image" in spec.get("docker", {})
     ]
     python_ok = SpecifierSet(pyproject["project"]["requires-python"])
     for image in images:
@@ -155,3 +155,35 @@ def test_dashboard_not_opened_to_the_internet(prepared):
     assert "ray dashboard cluster.yaml" in CLUSTER_YAML.read_text()
     for spec in prepared["available_node_types"].values():
         assert "SecurityGroupIds" not in spec["node_config"]  # no hand-picked, possibly open group
+
+
+def _gpu_type(prepared) -> dict:
+    return next(s for s in prepared["available_node_types"].values() if s["resources"].get("GPU", 0) > 0)
+
+
+def test_gpu_workers_in_one_zone_with_efa_for_64_gpus(prepared):
+    gpu = _gpu_type(prepared)
+    assert gpu["max_workers"] * gpu["resources"]["GPU"] >= 64
+    assert "," not in prepared["provider"]["availability_zone"]  # one AZ
+    node = gpu["node_config"]
+    assert node["Placement"]["GroupName"]  # a cluster placement group
+    cards = {"p4d.24xlarge": 4, "p4de.24xlarge": 4, "p5.48xlarge": 32, "p5e.48xlarge": 32}[node["InstanceType"]]
+    interfaces = node["NetworkInterfaces"]
+    assert sorted(i["NetworkCardIndex"] for i in interfaces) == list(range(cards))
+    assert all(i["InterfaceType"] == "efa" for i in interfaces)
+    assert [i["DeviceIndex"] for i in interfaces if i["NetworkCardIndex"] == 0] == [0]
+    assert len({i["SubnetId"] for i in interfaces}) == 1  # one subnet, so one AZ
+    assert "--device=/dev/infiniband" in gpu["docker"]["worker_run_options"]
+    starts = " ".join(prepared["worker_start_ray_commands"])
+    for setting in ("FI_PROVIDER=efa", "NCCL_NET=ofi", "FI_EFA_USE_DEVICE_RDMA=1"):
+        assert setting in starts
+
+
+def test_mlflow_server_on_the_head_private_address_artifacts_on_s3(prepared):
+    head_start = " ".join(prepared["head_start_ray_commands"])
+    server = re.search(r"mlflow server (.*)", head_start).group(1)
+    assert "--host \"$(hostname -I" in server  # the private address, not 0.0.0.0
+    assert "0.0.0.0" not in server
+    assert re.search(r"--artifacts-destination s3://", server)
+    rules = prepared["provider"].get("security_group", {}).get("IpPermissions", [])
+    assert _world_open_rules_on((5000,), rules) == []

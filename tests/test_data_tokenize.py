@@ -120,15 +120,14 @@ def test_cache_round_trip_and_mismatched_manifest(one_actor_rows, make_config, s
         build_lm_dataset(config, str(tower_path))
     message = str(err.value)
     assert cache_dir in message and "tower.checkpoint_sha256: cache has (absent)" in message
-    assert "tower.init" in message and "jobs/tokenize.py" in message
+    assert "tower.init" in message and "jobs/tokenize_data.py" in message
 
     with pytest.raises(CacheMismatchError):  # writing over a mismatched cache needs --force
         write_lm_cache(config, str(tower_path))
 
 
 def test_tokenize_job_parses_its_arguments():
-    # The job shares its name with the standard library's tokenize module; it must still start.
-    result = subprocess.run([sys.executable, str(REPO / "jobs" / "tokenize.py"), "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "tokenize_data.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "data.cache_dir" in result.stdout
 

@@ -12,7 +12,7 @@
     tower_data.py stage 1: pixels + tower text tokens (CPU map_batches); the labelled eval split
     lm_data.py    stage 2: decode, then the tokenization actor pool (frozen tower codes, LLM tokenizer,
                   sequence builder, packing into vilau_model.sequence's row format)
-    cache.py      the tokenized-shard cache and its manifest (written by jobs/tokenize.py)
+    cache.py      the tokenized-shard cache and its manifest (written by jobs/tokenize_data.py)
     pipeline.py   the public API the training loops and jobs use (start here)
     synthetic.py  generated shards in the real formats (tests, the embedded default)
 """

@@ -113,7 +113,7 @@ def check_manifest(manifest: dict, expected: dict, cache_dir: str) -> None:
     if differences:
         raise CacheMismatchError(
             f"the tokenized cache at {cache_dir} was made with different settings than this run, so it is "
-            "not used:\n  " + "\n  ".join(differences) + "\nre-run jobs/tokenize.py with this config (--force to "
+            "not used:\n  " + "\n  ".join(differences) + "\nre-run jobs/tokenize_data.py with this config (--force to "
             "overwrite), or point data.cache_dir elsewhere"
         )
 
@@ -258,7 +258,7 @@ def build_lm_dataset(config: Config, tower_path: str | None = None, *, stats_gro
         if manifest is not None:
             check_manifest(manifest, fingerprint(config, tower, tokenizer_path), cache_dir)
             return read_cache(config, manifest)
-        log.warning("no tokenized cache at %s yet (jobs/tokenize.py writes one); tokenizing on the fly", cache_dir)
+        log.warning("no tokenized cache at %s yet (jobs/tokenize_data.py writes one); tokenizing on the fly", cache_dir)
     return tokenize_dataset(config, tower, tokenizer_path, stats_group)
 
 

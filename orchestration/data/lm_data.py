@@ -85,9 +85,34 @@ def ensure_lm_tokenizer(config: Config) -> str:
     """
     if config.model.lm_path:
         return config.model.lm_path
+    if is_s3(config.output_dir):
+        return _lm_tokenizer_on_s3(config)
     out = Path(config.output_dir) / "lm_tokenizer"
     if (out / "tokenizer.json").is_file():
         return str(out)
+    return _train_lm_tokenizer(config, out)
+
+
+def _lm_tokenizer_on_s3(config: Config) -> str:
+    """output_dir on S3 (a cluster): the tokenizer lives at <output_dir>/lm_tokenizer; this returns a
+    local copy of it, trained and uploaded first if missing, so every run of the job uses the same one."""
+    from orchestration.storage import filesystem, join, upload_dir
+
+    uri = join(config.output_dir, "lm_tokenizer")
+    s3 = s3_settings(config)
+    fs, path = filesystem(uri, s3)
+    local = Path(tempfile.mkdtemp(prefix="vilau-lm-tokenizer-")) / "lm_tokenizer"
+    if fs.exists(f"{path}/tokenizer.json"):
+        local.mkdir()
+        fs.get(f"{path}/", f"{local}/", recursive=True)
+        return str(local)
+    _train_lm_tokenizer(config, local)
+    upload_dir(str(local), uri, s3)
+    log.info("uploaded the LM tokenizer to %s", uri)
+    return str(local)
+
+
+def _train_lm_tokenizer(config: Config, out: Path) -> str:
     from vilau_model.sequence import VICUNA_SYSTEM
     from vilau_model.tokenizer import train_bpe_tokenizer
 

@@ -12,7 +12,7 @@ Stage 2 (LLM)
     build_lm_dataset(config, tower_path) -> ray.data.Dataset of packed rows (vilau_model.sequence
         ROW_SCHEMA: input_ids/labels/position_ids/segment_ids int32 [L], codes int16 [L, D],
         is_visual bool [L]); read from data.cache_dir when it holds a matching cache
-    write_lm_cache(config, tower_path) -> manifest   (what jobs/tokenize.py runs)
+    write_lm_cache(config, tower_path) -> manifest   (what jobs/tokenize_data.py runs)
 
 Training (exactly once per epoch, see epochs.py)
     training_plan(config, stage, tower_path) -> EpochPlan     on the driver: list + size the units once
@@ -153,13 +153,9 @@ def mixture_shares(config: Config, stage: str = "lm", group: str | None = None) 
 
 
 def run_tokenize_job(config: Config, tower_path: str | None = None, force: bool = False) -> dict:
-    """jobs/tokenize.py: connect to (or start) Ray, write the tokenized cache, return its manifest."""
-    import ray
+    """jobs/tokenize_data.py: join the cluster (or start a local Ray), write the tokenized cache, return
+    its manifest."""
+    from orchestration.launch import init_ray  # the one way every job joins Ray (RAY_ADDRESS included)
 
-    if not ray.is_initialized():
-        if config.cluster.address:
-            ray.init(address=config.cluster.address)
-        else:
-            # "local": a new instance even when `ray start` left one running on this machine.
-            ray.init(address="local", num_cpus=config.cluster.local_num_cpus, include_dashboard=False)
+    init_ray(config)
     return write_lm_cache(config, tower_path, force=force)

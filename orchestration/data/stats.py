@@ -158,7 +158,14 @@ def stats_actor():
         except ValueError:
             if _actor_cls is None:
                 _actor_cls = _actor_class()
-            _handles[job] = _actor_cls.options(name=ACTOR_NAME, get_if_exists=True, lifetime=None).remote()
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # On the creator's node (the driver's: the head on a cluster), not on a worker node that
+            # a spot reclaim may take away. Soft: a UDF creating it runs wherever it can.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            _handles[job] = _actor_cls.options(
+                name=ACTOR_NAME, get_if_exists=True, lifetime=None, scheduling_strategy=here
+            ).remote()
     return _handles[job]
 
 

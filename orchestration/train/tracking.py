@@ -113,7 +113,8 @@ def open_run(config: Config, stage: str, run_name: str) -> str | None:
         return None
     from mlflow.entities import Param, RunTag
 
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    if "://" not in config.output_dir:  # an S3 output_dir needs no directory made
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     client = _client(config.tracking_uri)
     experiment_id = _experiment_id(client, config)
     secrets = secret_values(config)
