@@ -14,8 +14,10 @@ The training submission runs jobs/configs/cluster-smoke.yaml; the test kills the
 a training worker (its raylet, SIGKILL) once in stage 1 and once in stage 2, picking the moment from the
 job's own progress lines, and each time starts a replacement node. The job must finish both stages at
 the exact step count, every step applied once in the lineage of the final weights, with both stages'
-runs, metrics and images on the MLflow server and checkpoints and exports on S3. Two more submissions
-with node-local paths are refused, naming the fields, before any task or actor of theirs starts.
+runs, metrics and images on the MLflow server and checkpoints and exports on S3. (One submission does
+both: on this 2-core machine each run of the pipeline costs minutes.) Three more submissions with
+node-local paths (relative ones in Ray's working-dir copy; the head's disk, for pretraining and for the
+tokenize job) are refused, naming the fields, before any task or actor of theirs starts.
 
 Teardown stops exactly the processes this test started (their process groups), never `ray stop`.
 """
