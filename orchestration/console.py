@@ -36,7 +36,9 @@ TIMING = logging.getLogger("orchestration.timing")
 POLL_S = 0.5
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+# Restartable and placed on the driver's node (the head on a cluster): losing a worker node must not take
+# the progress display, or the controller's callback, with it.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ProgressBoard:
     """The latest report of each stage, written by the Train controller, read by the driver."""
 
@@ -59,7 +61,10 @@ class ProgressCallback(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if metrics:
             keep = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}
-            self.board.update.remote(self.stage, keep)
+            try:
+                self.board.update.remote(self.stage, keep)
+            except Exception:  # best effort: the display must never fail the run
+                pass
 
 
 def format_duration(seconds: float) -> str:
@@ -188,7 +193,10 @@ class JobConsole:
     @property
     def board(self):
         if self._board is None:
-            self._board = ProgressBoard.remote()
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            self._board = ProgressBoard.options(scheduling_strategy=here).remote()
         return self._board
 
     def progress(self, stage: str, total: int) -> StageProgress:
