@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -31,6 +32,7 @@ import ray
 from ray.train import UserCallback
 
 from orchestration.config import Config
+from orchestration.storage import is_s3
 
 TIMING = logging.getLogger("orchestration.timing")
 POLL_S = 0.5
@@ -135,7 +137,10 @@ class JobConsole:
     def __init__(self, config: Config, job: str):
         self.config, self.job = config, job
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.log_path = os.path.abspath(os.path.join(config.output_dir, "logs", f"{config.run_name}-{job}-{stamp}.log"))
+        # The log is written as the job runs, so it lives on a local disk: beside the outputs when they
+        # are local, in the temp dir when they are on object storage.
+        log_dir = tempfile.gettempdir() if is_s3(config.output_dir) else config.output_dir
+        self.log_path = os.path.abspath(os.path.join(log_dir, "logs", f"{config.run_name}-{job}-{stamp}.log"))
         self.started = time.perf_counter()
         self._board = None
         self._saved_fds: tuple[int, int] | None = None
