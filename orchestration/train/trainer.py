@@ -583,6 +583,8 @@ class Trainer:
         window.reset()
 
     def end(self) -> dict:
+        if self.stream is not None:
+            self.stream.close()  # no read-ahead past the last step
         self.wait_for_checkpoints()  # the final checkpoint is registered before the run ends
         self.saver.close()
         self.state.metrics.update(self.data_wait_shares())
