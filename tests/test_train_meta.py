@@ -132,3 +132,12 @@ def test_two_fsdp_workers_build_on_meta_and_load_a_multi_file_llama_checkpoint_s
         assert f["init_mismatched"] == [], f
         assert f["hsdp_mesh"] == ((2, 1), ("replicate", "shard"))
         assert "Replicate()" in f["hsdp_placements"] and "Shard(dim=0)" in f["hsdp_placements"]
+
+
+def test_hsdp_replicas_must_divide_the_workers_and_fail_before_any_cluster_work():
+    from orchestration.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"hsdp_replicas=3 must divide num_workers=4"):
+        load_config(None, ["cluster.num_workers=4", "cluster.hsdp_replicas=3"])
+    assert load_config(None, ["cluster.num_workers=4", "cluster.hsdp_replicas=2"]).cluster.hsdp_replicas == 2
+    assert load_config(None, []).cluster.hsdp_replicas == 1  # plain FSDP by default
