@@ -3,7 +3,8 @@
 - one local Ray instance (logical CPUs oversubscribed: Data and Train deadlock on 2 cores otherwise);
 - a real S3-protocol server (moto) on 127.0.0.1 with a bucket;
 - an MLflow SQLite tracking URI in a temp dir;
-- the synthetic shards, clean and with corrupt records, made once.
+- the synthetic shards, clean and with corrupt records, made once;
+- for tiny-model tests: one torch thread per module, and the tiny vision tower (seed 0, eval mode).
 
 Ray, S3 and the shards are only started for tests that ask for them, so model tests stay fast.
 """
@@ -128,3 +129,38 @@ def tiny_config(tmp_path, synthetic_data):
 
     return make
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are dominated by per-op overhead; extra threads only contend on a shared 2-core box.
+    A module opts in for all its tests with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_tower():
+    """The tiny-preset vision tower, random init from seed 0, in eval mode (one per test module)."""
+    import torch
+
+    from vilau_model.config import get_tower_config
+    from vilau_model.vision_tower import UnifiedVisionTower
+
+    torch.manual_seed(0)
+    return UnifiedVisionTower(get_tower_config("tiny")).eval()
+
+
+@pytest.fixture()
+def sharegpt_two_turns() -> list[dict]:
+    """A ShareGPT conversation with an image and two question/answer turns."""
+    return [
+        {"from": "human", "value": "<image>\nwhat is in the image?"},
+        {"from": "gpt", "value": "a red circle."},
+        {"from": "human", "value": "where is it?"},
+        {"from": "gpt", "value": "at the top left"},
+    ]

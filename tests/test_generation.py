@@ -8,32 +8,22 @@ import pytest
 import torch
 from PIL import Image
 
-from vilau_model.config import get_lm_config, get_tower_config
+from vilau_model.config import get_lm_config
 from vilau_model.generation import cfg_logits, filter_logits
 from vilau_model.sequence import BuiltSequence, SequenceBuilder
 from vilau_model.tokenizer import train_bpe_tokenizer
 from vilau_model.unified_lm import UnifiedLM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are dominated by per-op overhead; extra threads only contend on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from vilau_model.vision_tower import UnifiedVisionTower
-
-    torch.manual_seed(0)
-    tower = UnifiedVisionTower(get_tower_config("tiny")).eval()
+def setup(tiny_tower, tmp_path_factory):
     tok = train_bpe_tokenizer(["a photo of a red circle at the top left", "a blue square moving right"] * 10,
                               tmp_path_factory.mktemp("tok"), vocab_size=300)
-    builder = SequenceBuilder(tok, code_depth=tower.config.code_depth)
-    model = UnifiedLM(get_lm_config("tiny"), tower, builder.ids).eval()
+    builder = SequenceBuilder(tok, code_depth=tiny_tower.config.code_depth)
+    model = UnifiedLM(get_lm_config("tiny"), tiny_tower, builder.ids).eval()
     return model, builder
 
 

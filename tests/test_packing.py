@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vilau_model.config import get_lm_config, get_tower_config
+from vilau_model.config import get_lm_config
 from vilau_model.sequence import (
     IGNORE_INDEX,
     ROW_SCHEMA,
@@ -29,27 +29,17 @@ from vilau_model.tokenizer import train_bpe_tokenizer
 from vilau_model.unified_lm import UnifiedLM, segment_attention_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are dominated by per-op overhead; extra threads only contend on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    from vilau_model.vision_tower import UnifiedVisionTower
-
-    torch.manual_seed(0)
-    tower = UnifiedVisionTower(get_tower_config("tiny"))
+def parts(tiny_tower, tmp_path_factory):
     tok = train_bpe_tokenizer(
         ["a photo of a red circle at the top left", "a blue square moving right", "what is it? it is a cross."] * 10,
         tmp_path_factory.mktemp("tok"),
         vocab_size=300,
     )
-    return tower, tok
+    return tiny_tower, tok
 
 
 def mixed_sequences(builder: SequenceBuilder, rng: np.random.Generator) -> list[BuiltSequence]:

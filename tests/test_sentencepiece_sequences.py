@@ -85,17 +85,9 @@ def test_llama2_layout_has_the_spurious_prefix_when_pieces_are_tokenized_alone(t
     assert "▁" not in tok.convert_ids_to_tokens(tok("ASSISTANT: a red circle.", add_special_tokens=False).input_ids)
 
 
-def test_sharegpt4v_ids_are_the_tokenization_of_the_joined_text(tokenizer):
+def test_sharegpt4v_ids_are_the_tokenization_of_the_joined_text(tokenizer, sharegpt_two_turns):
     b = SequenceBuilder(tokenizer, code_depth=D, system_prompt="A chat.")
-    sample = ConversationSample.from_sharegpt(
-        [
-            {"from": "human", "value": "<image>\nwhat is in the image?"},
-            {"from": "gpt", "value": "a red circle."},
-            {"from": "human", "value": "where is it?"},
-            {"from": "gpt", "value": "at the top left"},
-        ],
-        codes=grid(2, 2),
-    )
+    sample = ConversationSample.from_sharegpt(sharegpt_two_turns, codes=grid(2, 2))
     seq = b.build(sample)
     joined = ("A chat. USER: \nwhat is in the image? ASSISTANT: a red circle.</s>"
               "USER: where is it? ASSISTANT: at the top left</s>")

@@ -154,17 +154,9 @@ def test_interleaved_doc_places_images_before_their_sentence_at_most_six(tokeniz
     assert b.stats["images_left_out"] == 2
 
 
-def test_conversation_supervises_assistant_turns_only(tokenizer):
+def test_conversation_supervises_assistant_turns_only(tokenizer, sharegpt_two_turns):
     b = SequenceBuilder(tokenizer, code_depth=D, system_prompt="SYS")
-    sample = ConversationSample.from_sharegpt(
-        [
-            {"from": "human", "value": "<image>\nwhat is in the image?"},
-            {"from": "gpt", "value": "a red circle."},
-            {"from": "human", "value": "where is it?"},
-            {"from": "gpt", "value": "at the top left"},
-        ],
-        codes=grid(2, 2),
-    )
+    sample = ConversationSample.from_sharegpt(sharegpt_two_turns, codes=grid(2, 2))
     seq = b.build(sample)
     assert render(tokenizer, seq) == (
         "<s>SYS USER: <im_start>####<im_end>\nwhat is in the image? ASSISTANT:{ a red circle.</s>}"

@@ -28,21 +28,7 @@ from vilau_model.unified_lm import UnifiedLM
 LLAMA2_7B_PARAMETERS = 6_738_415_616  # LLaMA-2-7B as published (vocabulary 32000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are dominated by per-op overhead; extra threads only contend on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tower():
-    from vilau_model.vision_tower import UnifiedVisionTower
-
-    torch.manual_seed(0)
-    return UnifiedVisionTower(get_tower_config("tiny")).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -51,35 +37,35 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tower, tmp_path_factory):
+def synthetic(tiny_tower, tmp_path_factory):
     """Scenes and clips at the tower's size, their codes from the (random-init) tower, and a tokenizer."""
     rng = np.random.default_rng(0)
-    size = tower.config.image_size
+    size = tiny_tower.config.image_size
     scenes = [render_scene(rng, size=size) for _ in range(96)]
     clips = [render_clip(rng, num_frames=8, size=size) for _ in range(8)]
-    image_codes = tower.encode_codes(to_pixels(np.stack([s[0] for s in scenes]))).numpy()
-    clip_codes = tower.encode_codes(to_pixels(np.concatenate([c[0] for c in clips]))).numpy()
+    image_codes = tiny_tower.encode_codes(to_pixels(np.stack([s[0] for s in scenes]))).numpy()
+    clip_codes = tiny_tower.encode_codes(to_pixels(np.concatenate([c[0] for c in clips]))).numpy()
     clip_codes = clip_codes.reshape(len(clips), 8, *clip_codes.shape[1:])
     captions = [s[1] for s in scenes] + [c[1] for c in clips]
     tok = train_bpe_tokenizer(captions, tmp_path_factory.mktemp("tok"), vocab_size=400)
     return {"scenes": scenes, "clips": clips, "image_codes": image_codes, "clip_codes": clip_codes, "tokenizer": tok}
 
 
-def test_vocabulary_markers_and_visual_embedding(tower, synthetic):
+def test_vocabulary_markers_and_visual_embedding(tiny_tower, synthetic):
     tok = synthetic["tokenizer"]
     ids = SpecialIds.from_tokenizer(tok)
-    model = UnifiedLM(get_lm_config("tiny"), tower, ids)
+    model = UnifiedLM(get_lm_config("tiny"), tiny_tower, ids)
     # the embedding table covers the text vocabulary plus the four markers
     assert model.llm.get_input_embeddings().weight.shape == (len(tok), 64)
     assert model.llm.get_output_embeddings().weight.shape[0] == len(tok)
     assert all(tok.convert_tokens_to_ids(m) < len(tok) for m in MARKERS)
     # a visual position's input = projector(sum of the D code vectors of the tower)
     codes = torch.from_numpy(synthetic["image_codes"][:2])  # [2, 8, 8, 4]
-    expected = model.projector(tower.quantizer.lookup(codes).sum(dim=-2))
+    expected = model.projector(tiny_tower.quantizer.lookup(codes).sum(dim=-2))
     torch.testing.assert_close(model.visual_embeddings(codes), expected, rtol=1e-5, atol=1e-6)
     # the tower is frozen and stays in eval mode
     model.train()
-    assert not tower.training and not any(p.requires_grad for p in tower.parameters())
+    assert not tiny_tower.training and not any(p.requires_grad for p in tiny_tower.parameters())
     trainable = {id(p) for p in model.trainable_parameters()}
     assert all(id(p) in trainable for p in model.projector.parameters())
     assert all(id(p) in trainable for p in model.depth.parameters())
@@ -123,7 +109,7 @@ def test_vilau_7b_builds_on_meta_with_llama2_shapes():
     assert all(p.is_meta for p in model.parameters())
 
 
-def test_pretrained_llm_and_tokenizer_load_from_a_local_path(tower, tmp_path):
+def test_pretrained_llm_and_tokenizer_load_from_a_local_path(tiny_tower, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     # A stand-in for the LLaMA-2 directory: a small causal LM and a tokenizer without markers, saved.
@@ -136,7 +122,7 @@ def test_pretrained_llm_and_tokenizer_load_from_a_local_path(tower, tmp_path):
 
     config = dataclasses.replace(get_lm_config("tiny"), pretrained_path=str(tmp_path / "llm"))
     loaded_tok = load_tokenizer(config.pretrained_path)
-    model = UnifiedLM(config, tower, SpecialIds.from_tokenizer(loaded_tok))
+    model = UnifiedLM(config, tiny_tower, SpecialIds.from_tokenizer(loaded_tok))
     weight = model.llm.get_input_embeddings().weight
     assert weight.shape[0] == len(loaded_tok)
     torch.testing.assert_close(weight[:plain], llm.get_input_embeddings().weight)  # loaded, not re-initialised
@@ -151,10 +137,10 @@ def test_model_package_imports_no_orchestration_ray_or_mlflow():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_tiny_lm_learns_text_and_images_on_synthetic_data(tower, synthetic):
+def test_tiny_lm_learns_text_and_images_on_synthetic_data(tiny_tower, synthetic):
     """~200 CPU steps on caption, generation and video samples: both losses fall clearly."""
     tok = synthetic["tokenizer"]
-    builder = SequenceBuilder(tok, code_depth=tower.config.code_depth, max_len=1024)
+    builder = SequenceBuilder(tok, code_depth=tiny_tower.config.code_depth, max_len=1024)
     seqs = []
     for (_, caption, _), codes in zip(synthetic["scenes"], synthetic["image_codes"]):
         seqs.append(builder.build(CaptionSample(codes, caption)))
@@ -162,7 +148,7 @@ def test_tiny_lm_learns_text_and_images_on_synthetic_data(tower, synthetic):
     videos = [builder.build(VideoSample(c[1], codes)) for c, codes in zip(synthetic["clips"], synthetic["clip_codes"])]
 
     torch.manual_seed(0)
-    model = UnifiedLM(get_lm_config("tiny"), tower, builder.ids)
+    model = UnifiedLM(get_lm_config("tiny"), tiny_tower, builder.ids)
     optim = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3, weight_decay=0.0)
     rng = np.random.default_rng(0)
     history, start = [], time.perf_counter()
