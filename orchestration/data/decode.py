@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Callable
 
 import av
@@ -37,7 +38,10 @@ from orchestration.data.stats import (  # the vocabulary of reasons lives with t
     TRUNCATED_IMAGE,
     UNDECODABLE_VIDEO,
     ZERO_FRAMES,
+    Tally,
 )
+
+log = logging.getLogger(__name__)
 FRAMES_PER_VIDEO = 8  # VILA-U: a video is 8 frames
 
 
@@ -192,3 +196,21 @@ def decode_record(record: dict, size: int, fetch: Callable[[str], bytes], num_fr
     if not media:  # a text-only conversation
         return np.zeros((0, 3, size, size), dtype=np.uint8)
     return np.stack([decode_image(m, size) for m in media])
+
+
+def decode_counted(record: dict, size: int, fetch: Callable[[str], bytes], tally: Tally,
+                   num_frames: int = FRAMES_PER_VIDEO) -> np.ndarray | None:
+    """decode_record for the Ray decode stages: the pixels, counted as a sample of the record's source;
+    or None for a bad record, counted as skipped under its reason (any other error as decode_error,
+    logged: one bad record must not stop the epoch)."""
+    try:
+        pixels = decode_record(record, size, fetch, num_frames)
+    except SkipRecord as skip:
+        tally.skip(skip.reason, record["key"], record["source"])
+        return None
+    except Exception:
+        log.exception("record %s of source %s failed to decode", record["key"], record["source"])
+        tally.skip(DECODE_ERROR, record["key"], record["source"])
+        return None
+    tally.samples[record["source"]] += 1
+    return pixels

@@ -27,7 +27,7 @@ import pyarrow as pa
 import ray
 
 from orchestration.config import Config
-from orchestration.data.decode import DECODE_ERROR, TOO_LONG, SkipRecord, decode_record
+from orchestration.data.decode import DECODE_ERROR, TOO_LONG, decode_counted
 from orchestration.data.records import (
     KIND_CONVERSATION,
     KIND_IMAGE_TEXT,
@@ -232,16 +232,9 @@ def decode_lm_block(block: pa.Table, *, rows: int, group: str | None, size: int,
     for start in range(0, block.num_rows, rows):
         out = []
         for record in block.slice(start, rows).to_pylist():
-            try:
-                pixels = decode_record(record, size, lambda uri: read_bytes(uri, s3), frames)
-            except SkipRecord as skip:
-                tally.skip(skip.reason, record["key"], record["source"])
+            pixels = decode_counted(record, size, lambda uri: read_bytes(uri, s3), tally, frames)
+            if pixels is None:
                 continue
-            except Exception:  # one bad record must not stop the epoch
-                log.exception("record %s of source %s failed to decode", record["key"], record["source"])
-                tally.skip(DECODE_ERROR, record["key"], record["source"])
-                continue
-            tally.samples[record["source"]] += 1
             out.append(
                 {
                     "key": record["key"],

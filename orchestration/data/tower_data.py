@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 
 from orchestration.config import Config
-from orchestration.data.decode import DECODE_ERROR, SkipRecord, decode_image, decode_record
+from orchestration.data.decode import SkipRecord, decode_counted, decode_image
 from orchestration.data.records import KIND_IMAGE_TEXT, fs_and_path, read_bytes
 from orchestration.data.epochs import DataPosition, EpochPlan, part_id
 from orchestration.data.sources import ensure_data, plan_sources, rank_windows, read_dataset, s3_settings
@@ -76,21 +76,15 @@ def decode_tower_block(block: pa.Table, *, rows: int, group: str | None, tower: 
 def _decode_tower_slice(table: pa.Table, tally: Tally, tower, s3, with_keys: bool, track: bool) -> dict | None:
     pixels, captions, keys, sources, ids, skipped = [], [], [], [], [], []
     for record in table.to_pylist():
-        try:
-            pixels.append(decode_record(record, tower.image_size, lambda uri: read_bytes(uri, s3))[0])
-        except SkipRecord as skip:
-            tally.skip(skip.reason, record["key"], record["source"])
+        decoded = decode_counted(record, tower.image_size, lambda uri: read_bytes(uri, s3), tally)
+        if decoded is None:
             continue
-        except Exception:  # one bad record must not stop the epoch
-            log.exception("record %s of source %s failed to decode", record["key"], record["source"])
-            tally.skip(DECODE_ERROR, record["key"], record["source"])
-            continue
+        pixels.append(decoded[0])
         captions.append(record["text"])
         keys.append(record["key"])
         sources.append(record["source"])
         ids.append(record.get("sample_id", -1))
         skipped.append(tally.take_skipped() if track else [])
-        tally.samples[record["source"]] += 1
     if not pixels:
         return None  # nothing to emit: an empty batch has no shapes for the tensor columns
     out = {"pixels": np.stack(pixels), "text_tokens": tokenize_captions(tower, captions)}
