@@ -1,15 +1,8 @@
 """Decoding: image bytes to RGB pixels at the tower's size, mp4 clips to 8 frames, records to samples.
 
-Every way a record can be bad raises `SkipRecord(reason)`; the Ray stages catch it, drop the record
-and count it under that reason (the vocabulary is stats.py's; the synthetic writer uses it too):
-
-    not_an_image       the bytes are not an image PIL recognizes (an HTML error page, random bytes)
-    truncated_image    a recognized image whose pixel data cannot be decoded (cut short or damaged)
-    empty_caption      no text to learn from (blank caption, all-empty sentences or answers)
-    missing_file       a referenced image/video file is not there, or the record has no image
-    zero_frames        a video container that holds no video frames
-    undecodable_video  bytes that are not a video container, or a stream that fails to decode
-    decode_error       anything else that goes wrong on one record (logged with the record key)
+Every way a record can be bad raises `SkipRecord(reason)`, the reason a name from stats.py's
+vocabulary (listed and explained there; the synthetic writer uses it too). The Ray decode stages call
+`decode_counted`, which drops the record and counts it under that reason.
 """
 
 from __future__ import annotations
