@@ -137,9 +137,11 @@ class JobConsole:
     def __init__(self, config: Config, job: str):
         self.config, self.job = config, job
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        # The log is written as the job runs, so it lives on a local disk: beside the outputs when they
-        # are local, in the temp dir when they are on object storage.
-        log_dir = tempfile.gettempdir() if is_s3(config.output_dir) else config.output_dir
+        # The log is written as the job runs, so it lives on a local disk: beside the outputs of a local
+        # run; in the temp dir when the outputs are on object storage or the job joins a cluster (where
+        # nothing may be written under output_dir before the cluster checks have passed).
+        joins_cluster = bool(config.cluster.address or os.environ.get("RAY_ADDRESS"))
+        log_dir = tempfile.gettempdir() if is_s3(config.output_dir) or joins_cluster else config.output_dir
         self.log_path = os.path.abspath(os.path.join(log_dir, "logs", f"{config.run_name}-{job}-{stamp}.log"))
         self.started = time.perf_counter()
         self._board = None
