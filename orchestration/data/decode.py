@@ -27,7 +27,6 @@ from orchestration.data.stats import (  # the vocabulary of reasons lives with t
     EMPTY_CAPTION,
     MISSING_FILE,
     NOT_AN_IMAGE,
-    TOO_LONG,
     TRUNCATED_IMAGE,
     UNDECODABLE_VIDEO,
     ZERO_FRAMES,

@@ -12,7 +12,6 @@ one is faster: 1 actor and 2 actors give the same rows.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -27,7 +26,7 @@ import pyarrow as pa
 import ray
 
 from orchestration.config import Config
-from orchestration.data.decode import DECODE_ERROR, TOO_LONG, decode_counted
+from orchestration.data.decode import decode_counted
 from orchestration.data.records import (
     KIND_CONVERSATION,
     KIND_IMAGE_TEXT,
@@ -42,7 +41,7 @@ from orchestration.data.records import (
 )
 from orchestration.data.sources import ensure_data, plan_sources, rank_windows, read_dataset, resolve_sources, s3_settings
 from orchestration.data.epochs import DataPosition, EpochPlan, part_id
-from orchestration.data.stats import Tally, stats_actor
+from orchestration.data.stats import DECODE_ERROR, TOO_LONG, Tally, stats_actor
 from orchestration.data.tower_data import tower_config, track_columns
 from orchestration.storage import S3Settings, is_s3
 from vilau_model.config import LMConfig, VisionTowerConfig, get_lm_config
@@ -351,7 +350,7 @@ class TokenizePool:
         raise ValueError(f"unknown record kind {kind!r}")
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        from vilau_model.sequence import ROW_COLUMNS, StreamingPacker, empty_row
+        from vilau_model.sequence import ROW_COLUMNS, empty_row
 
         records = [r for r in batch.to_pylist()]
         carried = [entry for r in records for entry in (r.get("skipped") or [])]
