@@ -379,25 +379,23 @@ def pretrain(config: Config, console=None) -> tuple[StageResult, StageResult]:
     log.info("timing: ray init %.1f s", time.perf_counter() - started)
     tower = fit_tower(config, console=console)
     if console is not None:
-        console.print(data_line(TOWER, "tower"))
+        console.print(data_line(TOWER, tower))
     lm = fit_lm(config, tower.export_path, console=console)
     if console is not None:
-        console.print(data_line(LM, "lm"))
+        console.print(data_line(LM, lm))
     return tower, lm
 
 
-def data_line(stage: str, group: str) -> str:
-    """One line about what the data pipeline delivered to a stage (from the data-stats actor)."""
-    from orchestration.data.stats import data_stats
-
-    stats = data_stats(group)
-    samples = stats.get("samples", {})
-    parts = ", ".join(f"{k} {v}" for k, v in sorted(samples.items()))
-    line = f"[{stage} data] {sum(samples.values())} samples ({parts})"
-    if stats.get("tokens"):
-        line += f", {sum(stats['tokens'].values())} tokens"
-    skipped = stats.get("skipped", {})
-    line += f", {sum(skipped.values())} skipped" + (f" {dict(skipped)}" if skipped else "")
+def data_line(stage: str, result: StageResult) -> str:
+    """One line about what the data pipeline delivered to a stage, from the training loop's own counts:
+    samples trained, each source's realized share, distinct records dropped by reason."""
+    metrics = result.metrics
+    shares = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("mixture_share/")}
+    line = f"[{stage} data] {int(metrics.get('samples_trained', 0))} samples trained"
+    if shares:
+        line += " (" + ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items())) + ")"
+    skipped = result.rows_skipped
+    line += f", {sum(skipped.values())} distinct records skipped" + (f" {dict(sorted(skipped.items()))}" if skipped else "")
     return line
 
 

@@ -323,8 +323,9 @@ class BatchStream:
                 samples[source] += n
         out: dict[str, float] = {f"rows_skipped/{k}": v for k, v in run.counts().items()}
         out.update({f"rows_skipped_epoch/{k}": v for k, v in epoch.counts().items()})
-        total = sum(samples.values()) or 1
-        out.update({f"mixture_share/{k}": round(n / total, 4) for k, n in samples.items()})
+        total = sum(samples.values())
+        out["samples_trained"] = total
+        out.update({f"mixture_share/{k}": round(n / max(total, 1), 4) for k, n in samples.items()})
         return out
 
 
