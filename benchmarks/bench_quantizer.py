@@ -98,6 +98,7 @@ def main() -> None:
     c, n = results["chunked"], results["naive"]
     print(f"naive / chunked: memory x{n['extra_bytes'] / max(c['extra_bytes'], 1):.1f}, "
           f"time x{n['seconds'] / c['seconds']:.2f}")
+    print(f"RESULT quantizer_memory_ratio={n['extra_bytes'] / max(c['extra_bytes'], 1):.2f}")
 
 
 if __name__ == "__main__":
