@@ -83,19 +83,10 @@ class BareLoop:
 
 
 class BenchTowerTask(TowerTask):
-    """Stage 1 exactly, minus evaluation, export and the data plane's counters (not part of a step)."""
+    """Stage 1 exactly, minus evaluation (not part of a step)."""
 
     def wants_eval(self, step: int, total: int) -> bool:
         return False
-
-    def rows_skipped(self) -> dict[str, int]:
-        return {}
-
-    def export(self, trainer, directory: str) -> None:
-        pass
-
-    def final_artifacts(self, trainer, export_dir: str) -> dict[str, float]:
-        return {}
 
 
 def bench_worker(loop_config: dict) -> dict:

@@ -177,11 +177,6 @@ class LMTask(Task):
     def flops_per_token(self, model: nn.Module) -> float:
         return 6.0 * sum(p.numel() for p in model.trainable_parameters())
 
-    def rows_skipped(self) -> dict[str, int]:
-        from orchestration.data.stats import skip_counts
-
-        return skip_counts("lm")
-
 
 class TowerCodebook(nn.Module):
     """What stage-2 training needs of the frozen vision tower: its code vectors. The LLM input of a

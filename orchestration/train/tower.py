@@ -132,11 +132,6 @@ class TowerTask(Task):
         params = sum(p.numel() for p in model.clip.visual.parameters()) + sum(p.numel() for p in model.decoder.parameters())
         return 6.0 * params
 
-    def rows_skipped(self) -> dict[str, int]:
-        from orchestration.data.stats import skip_counts
-
-        return skip_counts("tower")
-
     @torch.no_grad()
     def replica_checks(self, model: nn.Module) -> dict[str, float]:
         """The EMA codebook is a buffer FSDP2 leaves whole on every rank; the quantizer all-reduces its

@@ -136,9 +136,6 @@ class Task:
     def flops_per_token(self, model: nn.Module) -> float | None:
         return None
 
-    def rows_skipped(self) -> dict[str, int]:
-        return {}
-
     def replica_checks(self, model: nn.Module) -> dict[str, float]:
         """Collective, at log steps: how far state that every rank must hold identically (not sharded
         by FSDP, e.g. EMA buffers) has drifted apart across ranks. 0 = identical."""
