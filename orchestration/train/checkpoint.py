@@ -166,11 +166,12 @@ class AsyncSaver:
         return f"{self.root}/checkpoint_step{step:07d}_{self.segment}"
 
     def start(self, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer], scheduler,
-              state: TrainState, ignore_frozen: bool = False, before_complete=None) -> str:
-        """Collective: begin saving ``step``; returns the checkpoint directory. Waits for a previous save."""
+              state: TrainState, ignore_frozen: bool = False, before_complete=None, directory: str | None = None) -> str:
+        """Collective: begin saving ``step`` (into ``directory``, by default the step's own under the
+        root); returns the checkpoint directory. Waits for a previous save."""
         self.wait()
         rank, world = _rank_world()
-        directory = self.directory(step)
+        directory = directory.rstrip("/") if directory else self.directory(step)
         model_sd, optim_sd = get_state_dict(model, optimizers, options=state_dict_options(ignore_frozen))
         per_rank = io.BytesIO()
         torch.save({"rng": rng_state(), "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
@@ -234,10 +235,9 @@ def save_checkpoint(
     rank's COMPLETE marker, i.e. in the middle of the save.
     """
     saver = AsyncSaver(filesystem, os.path.dirname(directory.rstrip("/")))
-    saver.directory = lambda step: directory.rstrip("/")
     try:
         saver.start(state.step, model, optimizers, scheduler, state, ignore_frozen=ignore_frozen,
-                    before_complete=before_complete)
+                    before_complete=before_complete, directory=directory)
         saver.wait()
     finally:
         saver.executor.shutdown(wait=True)
