@@ -149,15 +149,70 @@ class Task:
         return False
 
 
+class EpochFeed:
+    """One epoch's dataset, read by a thread of its own into a small queue of chunks.
+
+    Building and iterating a Ray Dataset starts its execution (read tasks, a fresh pool of tokenizer
+    actors that load the tower); a feed lets that happen while the previous epoch is still being
+    trained on. ``close`` stops the thread, which drops the dataset iterator and so its execution.
+    """
+
+    def __init__(self, make_dataset, epoch: int, position, batch_size: int, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.closed = False
+        self.thread = threading.Thread(
+            target=self._run, args=(make_dataset, epoch, position, batch_size), daemon=True, name=f"epoch-{epoch}",
+        )
+        self.thread.start()
+
+    def _run(self, make_dataset, epoch: int, position, batch_size: int) -> None:
+        chunks = None
+        try:
+            dataset = make_dataset(epoch, position)
+            chunks = iter(dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2))
+            for chunk in chunks:
+                if not self._put(("chunk", chunk)):
+                    return
+            self._put(("done", None))
+        except BaseException as exc:  # raised in the reader that iterates this feed
+            self._put(("error", exc))
+        finally:
+            if chunks is not None:
+                chunks.close()  # shuts the execution down now, not whenever the iterator is collected
+
+    def _put(self, item) -> bool:
+        while not self.closed:
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        while True:
+            kind, payload = self.queue.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise payload
+            yield payload
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class BatchStream:
     """Micro-batches forever, epoch after epoch, each trained sample exactly once per epoch.
 
     Every rank builds its own share of each epoch (``make_dataset(epoch, position)``, see
     orchestration/data/epochs.py), starting from the position saved in ``state.data``: the resumed
     dataset leaves out what this rank already trained before anything is decoded. A background thread
-    reads ``depth`` batches ahead, also across epoch boundaries, so the start of the next epoch's
-    pipeline overlaps with training. The position in ``state.data`` advances only when the loop takes
-    a batch, so a checkpoint records what was trained on.
+    reads ``depth`` batches ahead; the next epoch's pipeline is started (`EpochFeed`) as soon as the
+    current one delivers, so its start-up (read tasks, tokenizer actors loading the tower) overlaps
+    with training instead of stalling every rank at the epoch boundary. The position in
+    ``state.data`` advances only when the loop takes a batch, so a checkpoint records what was
+    trained on.
 
     Ranks take the same number of batches per epoch (``report`` is a barrier): before each batch the
     ranks agree (one all-reduce of a flag) that every one of them has one; when one rank's share runs
@@ -194,12 +249,15 @@ class BatchStream:
     # -- reading (background thread) ----------------------------------------------------------------
 
     def _read(self, make_dataset, epoch: int, position) -> None:
+        feed = EpochFeed(make_dataset, epoch, position, self.batch_size)
+        upcoming: EpochFeed | None = None
         try:
             while True:
                 pending: list[dict] = []
                 rows = 0
-                dataset = make_dataset(epoch, position)
-                for chunk in dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2):
+                for chunk in feed:
+                    if upcoming is None:  # this epoch flows: start the next one's pipeline
+                        upcoming = EpochFeed(make_dataset, epoch + 1, None, self.batch_size)
                     if self.closed:
                         return
                     if self.min_epoch > epoch:
@@ -210,11 +268,18 @@ class BatchStream:
                         batch, pending = _take_rows(pending, self.batch_size)
                         rows = _real_rows(pending)
                         self.queue.put(("batch", epoch, batch))
+                feed.close()
                 leftover = [entry for c in pending for row in c["skipped"] for entry in row]
                 self.queue.put(("end", epoch, leftover))
-                epoch, position = epoch + 1, None
+                epoch += 1
+                feed = upcoming or EpochFeed(make_dataset, epoch, None, self.batch_size)
+                upcoming = None
         except BaseException as exc:  # handed to the training loop, which raises it
             self.queue.put(("error", -1, exc))
+        finally:
+            for f in (feed, upcoming):
+                if f is not None:
+                    f.close()
 
     def close(self) -> None:
         """Stop reading ahead (the reader leaves at its next batch)."""
