@@ -2,9 +2,10 @@
 
 1. Steady-state step time of the Ray Train loop (orchestration.train.trainer, 1 worker, the real loop:
    meta build, no FSDP with one rank, grad clipping, non-finite guard, metrics read once per log step,
-   MLflow every log_every, reports, an asynchronous checkpoint at the end) vs a
-   bare PyTorch loop (the same tiny tower, AdamW, schedule and clipping, no FSDP, no Ray Train, no Ray
-   Data) on the same batch, with the same number of threads. Both run in the same Ray Train worker
+   MLflow every log_every, reports, an asynchronous checkpoint at the end; batches from the real data
+   path: the rank's Ray Data pipeline over the synthetic shards, epoch after epoch) vs a bare PyTorch
+   loop (the same tiny tower, AdamW, schedule and clipping, no FSDP, no Ray Train, no Ray Data) on one
+   fixed batch of the same shapes, with the same number of threads. Both run in the same Ray Train worker
    process, in alternating blocks of steps, so they see the same process (priority, threads,
    allocator) and, on a shared machine, nearly the same load; medians per step, several rounds.
    Goal: ratio <= 1.03. The batch is sized so that a bare step takes >= 0.3 s here.
@@ -96,7 +97,8 @@ def bench_worker(loop_config: dict) -> dict:
 
     The Ray loop's reader thread works ahead while the bare loop runs, so the first steps of each Ray
     block find their batches ready; those steps (the read-ahead depth) are left out, so that the cost
-    of reading batches stays with the Ray loop.
+    of reading batches stays with the Ray loop. Each block starts after ``settle`` idle seconds: on 2
+    cores the pipeline filling its buffers after a Ray block would otherwise slow the bare block.
     """
     import torch
 
@@ -111,11 +113,13 @@ def bench_worker(loop_config: dict) -> dict:
     bare_times, ray_times, done = [], [], 0
     while done < steps:
         n = min(block, steps - done)
+        time.sleep(loop_config["settle"])
         for i in range(n):
             t0 = time.perf_counter()
             bare.step(done + i)
             if done + i >= WARMUP:
                 bare_times.append(time.perf_counter() - t0)
+        time.sleep(loop_config["settle"])
         for i in range(n):
             t0 = time.perf_counter()
             trainer.step()
@@ -127,17 +131,17 @@ def bench_worker(loop_config: dict) -> dict:
     return summary
 
 
-def one_round(config, batch: dict[str, np.ndarray], steps: int, threads: int, block: int, round_index: int) -> tuple[float, float]:
-    """(bare, Ray) median seconds per step in one Ray Train worker (1 worker), fed the same batch."""
-    import ray
+def one_round(config, batch: dict[str, np.ndarray], steps: int, threads: int, block: int, settle: float,
+              round_index: int) -> tuple[float, float]:
+    """(bare, Ray) median seconds per step in one Ray Train worker (1 worker): the bare loop on the
+    fixed batch, the Ray loop on the stage's real data plan."""
+    from orchestration.data.pipeline import training_plan
+    from orchestration.launch import TOWER, publish_data_plan, run_stage, stage_run_name
 
-    from orchestration.launch import run_stage
-
-    rows = [{"pixels": p, "text_tokens": t} for p, t in zip(batch["pixels"], batch["text_tokens"])]
-    dataset = ray.data.from_items(rows * (steps + 2))
     run_config = config.model_copy(update={"run_name": f"{config.run_name}-r{round_index}"})
-    result = run_stage(run_config, "tower", config.tower_train, bench_worker, {"train": dataset},
-                       loop_config={"threads": threads, "steps": steps, "batch": batch, "block": block})
+    publish_data_plan(run_config, stage_run_name(run_config, TOWER), training_plan(run_config, TOWER))
+    result = run_stage(run_config, TOWER, config.tower_train, bench_worker,
+                       loop_config={"threads": threads, "steps": steps, "batch": batch, "block": block, "settle": settle})
     return result.metrics["bare_median_s"], result.metrics["ray_median_s"]
 
 
@@ -162,24 +166,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--block", type=int, default=20, help="steps per block of each loop")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in both loops")
+    parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before each block")
     parser.add_argument("--pretrain-summary", default=None)
     parser.add_argument("--skip-pretrain", action="store_true")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench_train_step-")
     config = load_config(None, [
-        "run_name=bench", f"output_dir={work}/outputs", f"cluster.storage_path={work}/outputs/ray",
+        "run_name=bench", f"data.root={work}/data", f"output_dir={work}/outputs", f"cluster.storage_path={work}/outputs/ray",
         f"tower_train.steps={args.steps}", f"tower_train.batch_size_per_worker={args.batch}",
         f"tower_train.checkpoint_every={args.steps}", "tower_train.log_every=10",
         "cluster.num_workers=1", f"cluster.cpus_per_worker={args.threads}",
     ])
+    from orchestration.data.synthetic import ensure_synthetic_dataset
+
+    ensure_synthetic_dataset(config.data.root, samples=config.data.synthetic.samples, seed=config.data.synthetic.seed,
+                             eval_samples=config.data.synthetic.eval_samples)
     batch = fixed_batch(config, args.batch)
     bare, ray_times = [], []
     from orchestration.launch import init_ray
 
     init_ray(config)  # before any Ray Data call, which would start a default (too small) instance
     for r in range(args.rounds):
-        b, t = one_round(config, batch, args.steps, args.threads, args.block, r)
+        b, t = one_round(config, batch, args.steps, args.threads, args.block, args.settle, r)
         bare.append(b)
         ray_times.append(t)
         print(f"round {r}: bare {bare[-1] * 1000:.1f} ms/step, Ray Train loop {ray_times[-1] * 1000:.1f} ms/step", flush=True)

@@ -109,7 +109,6 @@ def build_trainer(
     config: Config,
     section: StageSection,
     train_fn: Callable[[dict], Any],
-    datasets: dict,
     run: RunInfo,
     callbacks: list | None = None,
     loop_config: dict | None = None,
@@ -136,7 +135,6 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
             callbacks=callbacks,
         ),
-        datasets=datasets or None,
     )
 
 
@@ -145,11 +143,9 @@ def run_stage(
     stage: str,
     section: StageSection,
     train_fn: Callable[[dict], Any],
-    datasets: dict,
     *,
     run_name: str | None = None,
     callbacks: list | None = None,
-    stats_group: str | None = None,
     loop_config: dict | None = None,
     end_of_run: Callable[["StageResult", RunInfo], dict[str, float]] | None = None,
     console=None,
@@ -163,7 +159,7 @@ def run_stage(
     progress = console.progress(stage, section.steps) if console is not None else None
     if progress is not None:
         callbacks = [*(callbacks or []), progress.callback()]
-    trainer = build_trainer(config, section, train_fn, datasets, run, callbacks, loop_config)
+    trainer = build_trainer(config, section, train_fn, run, callbacks, loop_config)
     started = time.perf_counter()
     try:
         try:
@@ -182,7 +178,7 @@ def run_stage(
             checkpoint_path=_uri(config, result.checkpoint.path) if result.checkpoint else None,
             export_path=_uri(config, f"{storage_path}/{run_name}/export"),
             mlflow_run_id=mlflow_run_id,
-            rows_skipped=_rows_skipped(summary.get("final_metrics", {}), stats_group),
+            rows_skipped=_rows_skipped(summary.get("final_metrics", {})),
             history=summary.get("history", []),
             reports=summary.get("reports", []),
             timings={"fit_s": fit_s},
@@ -267,15 +263,9 @@ def record_step_history(config: Config, run_id: str | None, history: list[list[i
     client.log_metric(run_id, "restarts", len(history) - 1, step=history[-1][1])
 
 
-def _rows_skipped(metrics: dict, group: str | None) -> dict[str, int]:
-    """Distinct records the run dropped, by reason: counted by the training loop (``rows_skipped/*``),
-    or, for datasets built on the driver and passed in, by the data-stats actor's group."""
-    counted = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("rows_skipped/")}
-    if counted or group is None:
-        return counted
-    from orchestration.data.stats import skip_counts
-
-    return skip_counts(group)
+def _rows_skipped(metrics: dict) -> dict[str, int]:
+    """Distinct records the run dropped, by reason, as the training loop counted them (``rows_skipped/*``)."""
+    return {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("rows_skipped/")}
 
 
 DATA_PLAN = "data_plan.json"
@@ -304,28 +294,25 @@ def publish_data_plan(config: Config, run_name: str, plan) -> None:
 def fit_tower(
     config: Config,
     *,
-    datasets: dict | None = None,
     run_name: str | None = None,
     callbacks: list | None = None,
     console=None,
 ) -> StageResult:
-    """Stage 1: train the vision tower on ``data.tower_sources`` (or the given ``{"train": Dataset}``).
+    """Stage 1: train the vision tower on ``data.tower_sources``.
 
     ``result.reports`` holds every report of rank 0 (loss terms at each log step, ``eval/*`` metrics at
     each eval step); ``callbacks`` are Ray Train callbacks (e.g. Tune's TuneReportCallback).
     """
     from orchestration.train.tower import tower_worker
 
-    init_ray(config)
-    if datasets is None:  # the workers build their own shares of each epoch from the plan
-        from orchestration.data.pipeline import training_plan
+    from orchestration.data.pipeline import training_plan
 
-        publish_data_plan(config, run_name or stage_run_name(config, TOWER), training_plan(config, TOWER))
-        datasets = {}
+    init_ray(config)
+    # The workers build their own shares of each epoch from this plan.
+    publish_data_plan(config, run_name or stage_run_name(config, TOWER), training_plan(config, TOWER))
     return run_stage(
-        config, TOWER, config.tower_train, tower_worker, datasets,
-        run_name=run_name, callbacks=callbacks, stats_group="tower", end_of_run=tower_end_of_run(config),
-        console=console,
+        config, TOWER, config.tower_train, tower_worker,
+        run_name=run_name, callbacks=callbacks, end_of_run=tower_end_of_run(config), console=console,
     )
 
 
@@ -333,7 +320,6 @@ def fit_lm(
     config: Config,
     tower_path: str | None = None,
     *,
-    datasets: dict | None = None,
     run_name: str | None = None,
     callbacks: list | None = None,
     console=None,
@@ -351,14 +337,13 @@ def fit_lm(
 
     # The tokenizer travels to the workers as bytes (they may run on machines without output_dir).
     tokenizer_files = directory_files(ensure_lm_tokenizer(config))
-    if datasets is None:  # the workers build their own shares of each epoch from the plan
-        from orchestration.data.pipeline import training_plan
+    from orchestration.data.pipeline import training_plan
 
-        publish_data_plan(config, run_name or stage_run_name(config, LM), training_plan(config, LM, tower_path))
-        datasets = {}
+    # The workers build their own shares of each epoch from this plan.
+    publish_data_plan(config, run_name or stage_run_name(config, LM), training_plan(config, LM, tower_path))
     return run_stage(
-        config, LM, config.lm_train, lm_worker, datasets, run_name=run_name, callbacks=callbacks,
-        stats_group="lm", loop_config={"tokenizer_files": tokenizer_files},
+        config, LM, config.lm_train, lm_worker, run_name=run_name, callbacks=callbacks,
+        loop_config={"tokenizer_files": tokenizer_files},
         end_of_run=lm_end_of_run(config, tokenizer_files), console=console,
     )
 
