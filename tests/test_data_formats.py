@@ -20,7 +20,10 @@ SOURCES = {
 
 
 def _config(root, tmp_path, overrides=(), sources=SOURCES):
-    lm_sources = [f"data.lm_sources={{{', '.join(f'{n}: {{format: {n}, path: {p}}}' for n, p in sources.items())}}}"]
+    # Weights are shares of trained samples and a COYO pair gives two (both ways): weight 2 reads
+    # every record of every source once.
+    entries = [f"{n}: {{format: {n}, path: {p}, weight: {2 if n.startswith('coyo') else 1}}}" for n, p in sources.items()]
+    lm_sources = [f"data.lm_sources={{{', '.join(entries)}}}"]
     return load_config(None, [f"data.root={root}", f"output_dir={tmp_path}", *lm_sources, *overrides])
 
 
@@ -84,8 +87,11 @@ def test_weights_set_the_realized_shares(ray_session, synthetic_data, tmp_path):
     rows = decoded_dataset(config, stats_group="weights").take_all()
     shares = mixture_shares(config, "lm", group="weights")
     assert shares["coyo_parquet"]["target_share"] == 0.75
+    # Shares of trained samples: a COYO pair trains both ways in stage 2 (two samples per record).
     assert abs(shares["coyo_parquet"]["share"] - 0.75) < 0.06  # a seeded subset/repeat, not exact
-    assert sum(s["samples"] for s in shares.values()) == len(rows)
+    coyo_records = sum(r["source"] == "coyo_parquet" for r in rows)
+    assert shares["coyo_parquet"]["samples"] == 2 * coyo_records
+    assert shares["sharegpt4v"]["samples"] == len(rows) - coyo_records
     # Up-weighted COYO repeats records; down-weighted ShareGPT4V gives a subset without repeats.
     coyo = [r["key"] for r in rows if r["source"] == "coyo_parquet"]
     share = [r["key"] for r in rows if r["source"] == "sharegpt4v"]

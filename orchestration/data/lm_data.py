@@ -28,6 +28,7 @@ import ray
 from orchestration.config import Config
 from orchestration.data.decode import decode_counted
 from orchestration.data.records import (
+    FORMAT_KIND,
     KIND_CONVERSATION,
     KIND_IMAGE_TEXT,
     KIND_INTERLEAVED,
@@ -434,7 +435,16 @@ class _TrackingPacker:
 def plan_lm_data(config: Config) -> EpochPlan:
     """Stage 2's epoch plan over data.lm_sources (lists the index shards; run once on the driver)."""
     ensure_data(config)
-    return plan_sources(config, config.data.lm_sources, "lm_sources")
+    return plan_sources(config, config.data.lm_sources, "lm_sources", samples_per_record=lm_samples_per_record(config))
+
+
+def lm_samples_per_record(config: Config) -> dict[str, int]:
+    """Samples a record of each stage-2 source gives: 2 for an image-text pair trained both ways
+    (understanding and generation, ``image_text_task: both``), else 1."""
+    return {
+        name: 2 if FORMAT_KIND[s.format] == KIND_IMAGE_TEXT and s.image_text_task == "both" else 1
+        for name, s in config.data.lm_sources.items()
+    }
 
 
 def decoded_dataset(

@@ -1,9 +1,10 @@
 """Mixing sources by weight: the read plan's units and how often each record is taken; realized shares.
 
 Weights are shares: with weights {coyo: 2, mmc4: 1, ...} coyo makes up 2/(2+1+...) of the samples of
-an epoch. An epoch has as many samples as the sources have records together (N); source i gives
-share_i * N of them, so a small source with a big weight repeats its records and a big source with a
-small weight gives a seeded subset (`records.copies` decides per record key, so the choice does not
+an epoch. An epoch has as many samples as the sources' records give together (N; a source whose
+records give several samples each, e.g. a COYO pair trained both ways in stage 2, counts them all);
+source i gives share_i * N of them, so a small source with a big weight repeats its records and a big
+source with a small weight gives a seeded subset (`records.copies` decides per record key, so the choice does not
 depend on scheduling). With one source, or weights proportional to the sizes, every record is read
 once and nothing is counted up front.
 
@@ -66,8 +67,8 @@ def split_row_groups(groups: list[int], target_rows: int) -> list[tuple[tuple[in
 
 
 def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int, unit_rows: int = PARQUET_UNIT_ROWS) -> list[ReadUnit]:
-    """The read units of ``sources``: {name: {"format", "path" (resolved), "weight", "media_root"}},
-    in a fixed order (epochs.py permutes them per epoch). Sources with weight 0 are left out."""
+    """The read units of ``sources``: {name: {"format", "path" (resolved), "weight", "media_root",
+    optional "samples_per_record" (default 1)}}, in a fixed order (epochs.py permutes them per epoch). Sources with weight 0 are left out."""
     sources = {name: s for name, s in sources.items() if s["weight"] > 0}
     if not sources:
         raise ValueError("no source with a positive weight")
@@ -100,11 +101,12 @@ def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int, unit_
     repeat = {name: 1.0 for name in sources}
     if len(sources) > 1:
         records = {name: sum(n for _, _, n in p) for name, p in pieces.items()}
-        total = sum(records.values())
+        samples = {name: records[name] * sources[name].get("samples_per_record", 1) for name in records}
+        total = sum(samples.values())
         for name in sources:
             # Rounded so that equal shares of equal sizes give exactly 1 (no float fuzz in `copies`);
             # within the estimates' accuracy of 1, every record is read once.
-            factor = round(shares[name] * total / records[name], 9)
+            factor = round(shares[name] * total / samples[name], 9)
             repeat[name] = 1.0 if abs(factor - 1.0) <= ESTIMATE_TOLERANCE and density else factor
         log.info("mixture: records (parquet exact, others estimated) %s, repeat factors %s", records, repeat)
     return [

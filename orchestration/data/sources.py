@@ -112,9 +112,14 @@ def read_dataset(windows: list[Window], s3: S3Settings | None, rows_per_block: i
     return ds
 
 
-def plan_sources(config: Config, sources: dict[str, SourceSection], field: str, kinds=None) -> EpochPlan:
-    """The epoch plan of a stage's sources (the units listed and sized once, on the driver)."""
+def plan_sources(config: Config, sources: dict[str, SourceSection], field: str, kinds=None,
+                 samples_per_record: dict[str, int] | None = None) -> EpochPlan:
+    """The epoch plan of a stage's sources (the units listed and sized once, on the driver).
+    ``samples_per_record``: how many trained samples a record of each source gives (default 1), so
+    that the weights are shares of samples (stage 2 trains a COYO pair both ways)."""
     resolved = resolve_sources(config, sources, field, kinds)
+    for name, n in (samples_per_record or {}).items():
+        resolved[name]["samples_per_record"] = n
     units = plan_reads(resolved, s3_settings(config), config.data.shuffle_seed)
     return epoch_plan(config, units)
 
