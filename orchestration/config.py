@@ -173,6 +173,8 @@ class SourceSection(Section):
     format: SourceFormat
     # A directory or URI; relative paths are taken under data.root.
     path: str
+    # This source's share of the trained samples (relative to the other sources' weights; a stage-2
+    # image-text pair trained both ways is two samples); records repeat or are subsampled to match.
     weight: NonNegativeFloat = 1.0
     # Where referenced images/videos live (MMC4, OpenVid, ShareGPT4V); None = the dataset's own layout
     # beside the index files (<path>/images, <path>/videos, <path>). Relative paths are under data.root.
