@@ -95,7 +95,7 @@ def stage_run_name(config: Config, stage: str) -> str:
     return f"{config.run_name}-{stage}"
 
 
-def _storage(config: Config) -> tuple[str, Any]:
+def run_storage(config: Config) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) for RunConfig; S3 honours data.s3 (endpoint, keys)."""
     path = config.cluster.storage_path
     if is_s3(path):
@@ -104,7 +104,7 @@ def _storage(config: Config) -> tuple[str, Any]:
     return os.path.abspath(path), None
 
 
-def _uri(config: Config, fs_path: str) -> str:
+def storage_uri(config: Config, fs_path: str) -> str:
     """A path on the storage filesystem as the user writes it (s3://... or a local path)."""
     return f"s3://{fs_path}" if is_s3(config.cluster.storage_path) else fs_path
 
@@ -125,7 +125,7 @@ def build_trainer(
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = 1
-    storage_path, storage_fs = _storage(config)
+    storage_path, storage_fs = run_storage(config)
     return TorchTrainer(
         train_fn,
         train_loop_config={"config": config, "run": run, **(loop_config or {})},
@@ -173,14 +173,14 @@ def run_stage(
                 progress.close()
         fit_s = time.perf_counter() - started
         summary = result.return_value or {}
-        storage_path, _ = _storage(config)
+        storage_path, _ = run_storage(config)
         stage_result = StageResult(
             run_name=run_name,
             stage=stage,
             steps_done=summary.get("steps_done", 0),
             metrics=summary.get("final_metrics", dict(result.metrics or {})),
-            checkpoint_path=_uri(config, result.checkpoint.path) if result.checkpoint else None,
-            export_path=_uri(config, f"{storage_path}/{run_name}/export"),
+            checkpoint_path=storage_uri(config, result.checkpoint.path) if result.checkpoint else None,
+            export_path=storage_uri(config, f"{storage_path}/{run_name}/export"),
             mlflow_run_id=mlflow_run_id,
             rows_skipped=_rows_skipped(summary.get("final_metrics", {})),
             history=summary.get("history", []),
@@ -281,7 +281,7 @@ def publish_data_plan(config: Config, run_name: str, plan) -> None:
     the same epochs even if shards were added meanwhile."""
     import pyarrow.fs as pafs
 
-    storage_path, storage_fs = _storage(config)
+    storage_path, storage_fs = run_storage(config)
     fs = storage_fs or pafs.LocalFileSystem()
     path = f"{storage_path.rstrip('/')}/{run_name}/{DATA_PLAN}"
     if fs.get_file_info(path).type != pafs.FileType.NotFound:

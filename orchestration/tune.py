@@ -181,18 +181,22 @@ def _summarise(result_grid, max_evaluations: int) -> list[TrialSummary]:
 
 
 def _parent_run(config: Config) -> str | None:
-    """The sweep's MLflow parent run, created once and reused when the sweep resumes."""
+    """The sweep's MLflow parent run, created once and found again by its tags when the sweep resumes
+    (MLflow itself is the record: nothing is kept on the driver's disk, which a cluster job may not
+    have again)."""
     if not config.tracking.enabled:
         return None
     import mlflow
 
-    state_dir = os.path.join(config.output_dir, "sweeps", sweep_name(config))
-    id_file = os.path.join(state_dir, "mlflow_parent_run_id")
     client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
-    if os.path.isfile(id_file):
-        return open(id_file).read().strip()
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+    earlier = client.search_runs(
+        [experiment_id], filter_string=f"tags.stage = 'tune' and tags.sweep = '{sweep_name(config)}'",
+        order_by=["attributes.start_time ASC"], max_results=1,
+    )
+    if earlier:
+        return earlier[0].info.run_id
     run = client.create_run(experiment_id, run_name=sweep_name(config), tags={"stage": "tune", "sweep": sweep_name(config)})
     client.log_text(run.info.run_id, config_to_yaml(config), "config.yaml")
     for key, value in {
@@ -203,9 +207,6 @@ def _parent_run(config: Config) -> str | None:
         "eval_every": config.tower_train.eval_every,
     }.items():
         client.log_param(run.info.run_id, key, value)
-    os.makedirs(state_dir, exist_ok=True)
-    with open(id_file, "w") as f:
-        f.write(run.info.run_id)
     return run.info.run_id
 
 
@@ -243,7 +244,7 @@ def run_sweep(config: Config) -> SweepSummary:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from orchestration.launch import init_ray
+    from orchestration.launch import init_ray, run_storage, storage_uri
 
     init_ray(config)
     # The data-stats actor is created (and so owned) by this driver: owned by a trial, it would die
@@ -252,8 +253,8 @@ def run_sweep(config: Config) -> SweepSummary:
 
     stats_actor()
     name = sweep_name(config)
-    storage = os.path.abspath(config.cluster.storage_path) if "://" not in config.cluster.storage_path else config.cluster.storage_path
-    sweep_dir = os.path.join(storage, name)
+    storage, storage_fs = run_storage(config)  # local, or S3 with data.s3's endpoint and keys
+    sweep_dir = f"{storage.rstrip('/')}/{name}"
     parent_run_id = _parent_run(config)
     base = config_to_dict(config, redact=False)
     trainable = tune.with_parameters(_run_trial, base=base, parent_run_id=parent_run_id)
@@ -261,9 +262,10 @@ def run_sweep(config: Config) -> SweepSummary:
     trainable = tune.with_resources(trainable, {"CPU": 0.1})
 
     evaluations = max(1, config.tower_train.steps // config.tower_train.eval_every)
-    if tune.Tuner.can_restore(sweep_dir):
-        logger.info("resuming sweep %s from %s", name, sweep_dir)
-        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if tune.Tuner.can_restore(sweep_dir, storage_filesystem=storage_fs):
+        logger.info("resuming sweep %s from %s", name, storage_uri(config, sweep_dir))
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=storage_fs)
     else:
         space, search_alg, num_samples = _search(config)
         tuner = tune.Tuner(
@@ -282,13 +284,13 @@ def run_sweep(config: Config) -> SweepSummary:
                 num_samples=num_samples,
                 max_concurrent_trials=config.tune.max_concurrent_trials,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage),
+            run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=storage_fs),
         )
     result_grid = tuner.fit()
     trials = _summarise(result_grid, evaluations)
     scored = [t for t in trials if t.objective is not None]
     best = max(scored, key=lambda t: t.objective) if scored else None
-    summary = SweepSummary(name=name, path=sweep_dir, parent_run_id=parent_run_id, best=best, trials=trials)
+    summary = SweepSummary(name=name, path=storage_uri(config, sweep_dir), parent_run_id=parent_run_id, best=best, trials=trials)
     if parent_run_id:
         _log_sweep_result(config, parent_run_id, summary)
     return summary
