@@ -30,6 +30,10 @@ class VisionTowerConfig:
     context_length: int = 32
     text_vocab_size: int = 49408
     embed_dim: int = 64
+    # Initial contrastive temperature (logit scale) of randomly initialised encoders; pretrained ones
+    # bring their own. A frozen random text tower maps captions to near-parallel embeddings (same-colour
+    # prompts of the tiny tower have cosine ~0.9), so the softmax needs a sharper scale to see them apart.
+    init_logit_scale: float = 10.0
     # Residual quantizer
     codebook_size: int = 16384
     code_depth: int = 4
@@ -114,6 +118,10 @@ TOWER_PRESETS: dict[str, VisionTowerConfig] = {
         codebook_size=256,
         code_depth=4,
         search_chunk_size=1024,
+        # Stage 1 runs 150 steps: a 10-step EMA time constant lets the codebook follow the encoder (0.99's
+        # 100 steps lag it for most of the run).
+        ema_decay=0.9,
+        init_logit_scale=30.0,
     ),
     # For trying the method on one 24-80 GB GPU before the paper scale: SigLIP-B/16 at 256 px, 16x16 grid,
     # D=4, 16384 codes (initialise it from the ViT-B-16-SigLIP-256 weights).

@@ -196,12 +196,13 @@ def build_clip(config: VisionTowerConfig, source: ClipSource | None = None) -> n
             heads=config.text_heads,
             layers=config.text_layers,
         )
-        # SigLIP-style logit init (t = log 10, b = -10); the softmax loss ignores the bias.
+        # Logit scale from the config (SigLIP's t = log 10 by default), SigLIP's bias b = -10; the softmax
+        # loss ignores the bias.
         model = open_clip.model.CLIP(
             embed_dim=config.embed_dim,
             vision_cfg=vision_cfg,
             text_cfg=text_cfg,
-            init_logit_scale=math.log(10.0),
+            init_logit_scale=math.log(config.init_logit_scale),
             init_logit_bias=-10.0,
         )
         if weights:
