@@ -79,7 +79,10 @@ def jpeg_bytes(pixels: np.ndarray, quality: int = 90) -> bytes:
 
 def _corrupt_image(good: bytes, reason: str, rng: np.random.Generator) -> bytes:
     if reason == TRUNCATED_IMAGE:
-        return good[: len(good) // 2]
+        # A download cut short inside the image data: the header stays whole (cut before the
+        # start-of-scan marker, a small JPEG is no longer recognized as one at all).
+        start_of_scan = good.find(b"\xff\xda")
+        return good[: start_of_scan + (len(good) - start_of_scan) // 2] if start_of_scan > 0 else good[: len(good) // 2]
     if reason == NOT_AN_IMAGE:
         return b"<html><body>404 Not Found</body></html>" + rng.bytes(16)
     return good

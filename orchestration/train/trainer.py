@@ -150,15 +150,18 @@ class Task:
 
 
 class EpochFeed:
-    """One epoch's dataset, read by a thread of its own into a small queue of chunks.
+    """One epoch's dataset, read by a thread of its own into a bounded queue of chunks.
 
     Building and iterating a Ray Dataset starts its execution (read tasks, a fresh pool of tokenizer
-    actors that load the tower); a feed lets that happen while the previous epoch is still being
-    trained on. ``close`` stops the thread, which drops the dataset iterator and so its execution.
+    actors that load the tower). The queue holds up to ``depth`` chunks, so the execution can finish
+    (``produced`` is set) while that many are still to be trained on: the moment to start the next
+    epoch's feed, whose start-up then overlaps with them. ``close`` stops the thread, which drops the
+    dataset iterator and so its execution.
     """
 
-    def __init__(self, make_dataset, epoch: int, position, batch_size: int, depth: int = 2):
+    def __init__(self, make_dataset, epoch: int, position, batch_size: int, depth: int = 32):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.produced = threading.Event()
         self.closed = False
         self.thread = threading.Thread(
             target=self._run, args=(make_dataset, epoch, position, batch_size), daemon=True, name=f"epoch-{epoch}",
@@ -173,6 +176,7 @@ class EpochFeed:
             for chunk in chunks:
                 if not self._put(("chunk", chunk)):
                     return
+            self.produced.set()
             self._put(("done", None))
         except BaseException as exc:  # raised in the reader that iterates this feed
             self._put(("error", exc))
@@ -208,9 +212,11 @@ class BatchStream:
     Every rank builds its own share of each epoch (``make_dataset(epoch, position)``, see
     orchestration/data/epochs.py), starting from the position saved in ``state.data``: the resumed
     dataset leaves out what this rank already trained before anything is decoded. A background thread
-    reads ``depth`` batches ahead; the next epoch's pipeline is started (`EpochFeed`) as soon as the
-    current one delivers, so its start-up (read tasks, tokenizer actors loading the tower) overlaps
-    with training instead of stalling every rank at the epoch boundary. The position in
+    reads ``depth`` batches ahead; the next epoch's pipeline is started (`EpochFeed`) once the current
+    one has produced all its data (up to a feed's depth of chunks before the epoch's end), so its
+    start-up (read tasks, tokenizer actors loading the tower) overlaps with training instead of
+    stalling every rank at the epoch boundary, and is skipped when the run needs no more batches
+    (``batches_needed``). The position in
     ``state.data`` advances only when the loop takes a batch, so a checkpoint records what was
     trained on.
 
@@ -223,7 +229,8 @@ class BatchStream:
     """
 
     def __init__(self, make_dataset, state: ckpt.TrainState, rank: int, world: int, stage: str, batch_size: int,
-                 columns: dict[str, torch.dtype], device: torch.device, depth: int = 4, recorder=None):
+                 columns: dict[str, torch.dtype], device: torch.device, depth: int = 4, recorder=None,
+                 batches_needed: int | None = None):
         from orchestration.data.epochs import DataPosition
         from orchestration.data.stats import DistinctSkips
 
@@ -237,6 +244,8 @@ class BatchStream:
         self.state.epoch = self.position.epoch
         self._save_state()
         self.min_epoch = self.position.epoch  # the reader drops an epoch the ranks have ended
+        self.batches_needed = batches_needed  # what the rest of the run takes (None: no limit)
+        self.batches_taken = 0
         self.closed = False
         self.micro_in_step = (state.step, 0)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -256,7 +265,7 @@ class BatchStream:
                 pending: list[dict] = []
                 rows = 0
                 for chunk in feed:
-                    if upcoming is None:  # this epoch flows: start the next one's pipeline
+                    if upcoming is None and feed.produced.is_set() and self._wants_more(feed.queue.qsize()):
                         upcoming = EpochFeed(make_dataset, epoch + 1, None, self.batch_size)
                     if self.closed:
                         return
@@ -272,6 +281,8 @@ class BatchStream:
                 leftover = [entry for c in pending for row in c["skipped"] for entry in row]
                 self.queue.put(("end", epoch, leftover))
                 epoch += 1
+                if upcoming is None and not self._await_need():
+                    return
                 feed = upcoming or EpochFeed(make_dataset, epoch, None, self.batch_size)
                 upcoming = None
         except BaseException as exc:  # handed to the training loop, which raises it
@@ -280,6 +291,24 @@ class BatchStream:
             for f in (feed, upcoming):
                 if f is not None:
                     f.close()
+
+    def _wants_more(self, chunks_left: int) -> bool:
+        """Whether the run likely needs batches beyond the current epoch's (about one per chunk left)."""
+        if self.batches_needed is None:
+            return True
+        return self.batches_taken + self.queue.qsize() + chunks_left < self.batches_needed
+
+    def _await_need(self) -> bool:
+        """At an epoch's end with no next feed started (the estimate said the run needs no more): wait
+        until the loop has taken everything queued and still needs batches (True; e.g. another rank
+        ended the epoch early) or the stream is closed at the end of the run (False)."""
+        if self.batches_needed is None:
+            return True
+        while not self.closed:
+            if self.queue.empty() and self.batches_taken < self.batches_needed:
+                return True
+            time.sleep(0.05)
+        return False
 
     def close(self) -> None:
         """Stop reading ahead (the reader leaves at its next batch)."""
@@ -341,6 +370,7 @@ class BatchStream:
             self.position.consume(int(call_start), ids)
         self._count_skips(batch["skipped"])
         self.state.batches_in_epoch += 1
+        self.batches_taken += 1
         self._save_state()
         keys = [str(k) for row in batch["keys"] for k in row]
         for key in keys:
@@ -519,6 +549,7 @@ class Trainer:
         return BatchStream(
             make_dataset, self.state, self.rank, self.world, self.task.stage, self.section.batch_size_per_worker,
             self.task.columns, self.device, recorder=self._key_recorder() if self.config.data.record_trained_keys else None,
+            batches_needed=(self.section.steps - self.state.step) * self.section.grad_accum,
         )
 
     def _key_recorder(self):
