@@ -4,6 +4,7 @@
 - a real S3-protocol server (moto) on 127.0.0.1 with a bucket;
 - an MLflow SQLite tracking URI in a temp dir;
 - the synthetic shards, clean and with corrupt records, made once;
+- an empty MLflow SQLite store made once, copied where a test's runs log (see mlflow_db_template);
 - for tiny-model tests: one torch thread per module, and the tiny vision tower (seed 0, eval mode).
 
 Ray, S3 and the shards are only started for tests that ask for them, so model tests stay fast.
@@ -12,7 +13,10 @@ Ray, S3 and the shards are only started for tests that ask for them, so model te
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -109,21 +113,43 @@ def s3_synthetic_data(s3_server, synthetic_data):
     return uri, manifest
 
 
-@pytest.fixture()
-def mlflow_uri(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.fixture(scope="session")
+def mlflow_db_template():
+    """An empty MLflow SQLite store, its tables made once per session. Making them runs MLflow's
+    migrations, each its own committed transaction: seconds of fsync per store on a busy disk (12 s
+    measured here under load), paid again by every test that starts a store of its own. A test copies
+    this file instead (fresh_mlflow_db); the job run in test_jobs still makes its store from nothing.
+    Made on tmpfs where there is one, for the same reason."""
+    from mlflow import MlflowClient
+
+    folder = tempfile.mkdtemp(prefix="vilau-mlflow-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    path = Path(folder) / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()  # the store is made on first use
+    yield path
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def fresh_mlflow_db(template: Path, path: Path) -> str:
+    """An empty MLflow store at ``path`` (a copy of the session's template, if none is there); its URI."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture()
-def tiny_config(tmp_path, synthetic_data):
+def tiny_config(tmp_path, synthetic_data, request):
     """The tiny preset pointed at the session's shards, with outputs in a temp dir."""
 
     def make(*overrides: str):
+        db = tmp_path / "mlflow.db"
+        if "tracking.enabled=false" not in overrides:  # a store only where runs may log
+            fresh_mlflow_db(request.getfixturevalue("mlflow_db_template"), db)
         base = [
             f"data.root={synthetic_data[0]}",
             f"output_dir={tmp_path / 'outputs'}",
             f"cluster.storage_path={tmp_path / 'outputs' / 'ray'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.uri=sqlite:///{db}",
         ]
         return load_config(None, base + list(overrides))
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import S3_BUCKET, S3_TEST_KEY, S3_TEST_SECRET
+from conftest import S3_BUCKET, S3_TEST_KEY, S3_TEST_SECRET, fresh_mlflow_db
 
 pytestmark = pytest.mark.e2e
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's access log
@@ -322,10 +322,11 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(s3_server, tmp_path_factory):
+def mlflow_server(s3_server, tmp_path_factory, mlflow_db_template):
     """A real MLflow tracking server on loopback; artifacts proxied to the S3 server, whose keys only
-    the server holds."""
+    the server holds. Its SQLite store starts as a copy of the session's empty one (tables made)."""
     folder = tmp_path_factory.mktemp("mlflow")
+    backend = fresh_mlflow_db(mlflow_db_template, folder / "mlflow.db")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env.update(
@@ -337,13 +338,13 @@ def mlflow_server(s3_server, tmp_path_factory):
     with open(folder / "server.log", "wb") as log:
         proc = subprocess.Popen(
             [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+             "--backend-store-uri", backend,
              "--artifacts-destination", f"s3://{S3_BUCKET}/mlflow-artifacts"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300  # creating its tables takes a while on a busy machine
+        deadline = time.time() + 300  # starting takes a while on a busy machine
         while True:
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import S3_TEST_KEY, S3_TEST_SECRET
+from conftest import S3_TEST_KEY, S3_TEST_SECRET, fresh_mlflow_db
 from orchestration.config import REDACTED, load_config
 
 STEPS, FAIL_AT = 6, 5
@@ -44,11 +44,12 @@ def _config(synthetic_data, out: Path, s3_overrides: list[str], *extra: str):
 
 
 @pytest.fixture(scope="module")
-def killed_run(ray_session, synthetic_data, s3_overrides, tmp_path_factory):
+def killed_run(ray_session, synthetic_data, s3_overrides, tmp_path_factory, mlflow_db_template):
     """6 steps, checkpoints at 2, 4, 6; rank 1 exits hard after the backward pass of step 5."""
     from orchestration.launch import fit_tower
 
     out = tmp_path_factory.mktemp("tower_run")
+    fresh_mlflow_db(mlflow_db_template, out / "mlflow.db")
     config = _config(synthetic_data, out, s3_overrides, f"tower_train.steps={STEPS}", "cluster.max_failures=1")
     return config, fit_tower(config)
 
