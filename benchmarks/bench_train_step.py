@@ -12,7 +12,7 @@
 2. The data-wait share of the tiny pretrain (both stages, steady state: the first step, which waits
    for the Ray Data pipeline to start, left out). Goal: <= 2%.
 
-    python benchmarks/bench_train_step.py [--steps 80] [--rounds 3] [--batch 48] [--threads 1]
+    python benchmarks/bench_train_step.py [--steps 80] [--rounds 3] [--batch 80] [--threads 1] [--settle 3]
         [--pretrain-summary PATH | --skip-pretrain]
 
 Last line: ``RESULT overhead_ratio=<ray/bare>``.
@@ -161,8 +161,8 @@ def pretrain_wait_shares(summary_path: str | None, workdir: str) -> dict[str, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--batch", type=int, default=48,
-                        help="per-worker batch (48: a bare step of >= 0.3 s on a 2-core CPU)")
+    parser.add_argument("--batch", type=int, default=80,
+                        help="per-worker batch (80: a bare step of ~0.31 s on an idle 2-core CPU)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--block", type=int, default=20, help="steps per block of each loop")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in both loops")
