@@ -93,7 +93,8 @@ class FaultProxy:
         self.server.shutdown()
 
 
-SOURCES = "{coyo: {format: coyo_parquet, path: coyo/parquet}, mmc4: {format: mmc4, path: mmc4}, share: {format: sharegpt4v, path: sharegpt4v}}"
+# Weights are shares of trained samples and a COYO pair gives two: these weights read every record once.
+SOURCES = "{coyo: {format: coyo_parquet, path: coyo/parquet, weight: 2}, mmc4: {format: mmc4, path: mmc4}, share: {format: sharegpt4v, path: sharegpt4v}}"
 
 
 def _rows(root: str, endpoint: str, s3, tmp_path) -> list[tuple]:
