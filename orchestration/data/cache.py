@@ -33,7 +33,7 @@ from orchestration.data.lm_data import (
     directory_files,
     ensure_lm_tokenizer,
     files_sha256,
-    lm_samples_per_record,
+    lm_samples_from_records,
     lm_config,
     tokenize_dataset,
     tower_source,
@@ -205,13 +205,11 @@ def write_lm_cache(config: Config, tower_path: str | None = None, *, force: bool
             rows += pq.ParquetFile(f).metadata.num_rows
     stats = data_stats(stats_group)
     weights = {n: s.weight for n, s in config.data.lm_sources.items()}
-    per_record = lm_samples_per_record(config)
-    samples = {n: c * per_record.get(n, 1) for n, c in stats["samples"].items()}  # decoded records -> samples
     manifest = {
         "fingerprint": expected,
         "rows": rows,
         "files": files,
-        "mixture": mixture_report(weights, samples, stats["tokens"]),
+        "mixture": mixture_report(weights, lm_samples_from_records(config, stats["samples"]), stats["tokens"]),
         "skipped": stats["skipped"],
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "ray_version": ray.__version__,

@@ -447,6 +447,12 @@ def lm_samples_per_record(config: Config) -> dict[str, int]:
     }
 
 
+def lm_samples_from_records(config: Config, records: dict[str, int]) -> dict[str, int]:
+    """Stage-2 records decoded per source (the stats' counts) -> the samples they give."""
+    per_record = lm_samples_per_record(config)
+    return {name: n * per_record.get(name, 1) for name, n in records.items()}
+
+
 def decoded_dataset(
     config: Config,
     stats_group: str | None = LM_GROUP,

@@ -68,7 +68,8 @@ def split_row_groups(groups: list[int], target_rows: int) -> list[tuple[tuple[in
 
 def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int, unit_rows: int = PARQUET_UNIT_ROWS) -> list[ReadUnit]:
     """The read units of ``sources``: {name: {"format", "path" (resolved), "weight", "media_root",
-    optional "samples_per_record" (default 1)}}, in a fixed order (epochs.py permutes them per epoch). Sources with weight 0 are left out."""
+    optional "samples_per_record" (default 1)}}, in a fixed order (epochs.py permutes them per epoch).
+    Sources with weight 0 are left out."""
     sources = {name: s for name, s in sources.items() if s["weight"] > 0}
     if not sources:
         raise ValueError("no source with a positive weight")

@@ -42,7 +42,7 @@ from orchestration.data.cache import CacheMismatchError, build_lm_dataset, read_
 import ray
 
 from orchestration.data.epochs import DataPosition, EpochPlan
-from orchestration.data.lm_data import LM_GROUP, ensure_lm_tokenizer, lm_samples_per_record, plan_lm_data
+from orchestration.data.lm_data import LM_GROUP, ensure_lm_tokenizer, lm_samples_from_records, plan_lm_data
 from orchestration.data.mixture import mixture_report
 from orchestration.data.sources import ensure_data
 from orchestration.data.stats import data_stats, reset_stats, skip_counts
@@ -147,13 +147,12 @@ def timed_batches(batches: Iterable) -> Iterator[tuple[object, float]]:
 def mixture_shares(config: Config, stage: str = "lm", group: str | None = None) -> dict:
     """Per source: weight, target share, samples delivered so far and their realized share (stage 2
     also tokens). Counts come from the pipeline's stats group (default: the stage's): records
-    decoded, times the samples a record gives in that stage (see ``lm_samples_per_record``)."""
+    decoded, times the samples a record gives in that stage (``lm_samples_from_records``)."""
     sources = config.data.lm_sources if stage == "lm" else config.data.tower_sources
     stats = data_stats(group or (LM_GROUP if stage == "lm" else TOWER_GROUP))
     if stage != "lm":
         return mixture_report({n: s.weight for n, s in sources.items()}, stats["samples"])
-    per_record = lm_samples_per_record(config)
-    samples = {n: c * per_record.get(n, 1) for n, c in stats["samples"].items()}
+    samples = lm_samples_from_records(config, stats["samples"])
     return mixture_report({n: s.weight for n, s in sources.items()}, samples, stats["tokens"])
 
 
