@@ -8,13 +8,15 @@ pre-tokenizer of newer conversions; both are saved and reloaded as transformers 
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaTokenizerFast
 
 from vilau_model.sequence import IGNORE_INDEX, ConversationSample, InterleavedSample, SequenceBuilder
-from vilau_model.tokenizer import SpecialIds, load_tokenizer
+from vilau_model.tokenizer import SpecialIds, load_tokenizer, load_tokenizer_from_files
 
 D = 2
 CORPUS = [
@@ -115,3 +117,18 @@ def test_mmc4_ids_are_the_tokenization_of_the_joined_text(tokenizer):
     for k, start in enumerate(np.flatnonzero(seq.input_ids == b.ids.im_start)):
         after = tokenizer.convert_ids_to_tokens(int(seq.input_ids[start + 3]))
         assert after == "▁" + sentences[k + 1].split()[0] or after.startswith("▁" + sentences[k + 1][0])
+
+
+def test_a_tokenizer_shipped_as_bytes_loads_the_same_and_leaves_no_directory(tokenizer, tmp_path, monkeypatch):
+    # What the tokenization actors and training workers receive: the files, not a path on the driver.
+    tokenizer.save_pretrained(str(tmp_path / "saved"))
+    files = {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()}
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the loader's temporary directory goes
+
+    loaded = load_tokenizer_from_files(files)
+    text = "USER: where is the red circle? ASSISTANT: at the top left <im_start>"
+    assert loaded(text).input_ids == tokenizer(text).input_ids
+    assert SpecialIds.from_tokenizer(loaded) == SpecialIds.from_tokenizer(tokenizer)
+    assert list(scratch.iterdir()) == []  # an actor started per epoch must not leave its copy behind

@@ -12,6 +12,7 @@ sequence builder and the model need.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -70,6 +71,16 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     add_markers(tokenizer)
     return tokenizer
+
+
+def load_tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
+    """`load_tokenizer` on a directory's files shipped as bytes (to actors on other machines). The files
+    are read at load time, so their directory is removed again: a long run starts many actors."""
+    with tempfile.TemporaryDirectory(prefix="vilau-tokenizer-") as directory:
+        for name, data in files.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+        return load_tokenizer(directory)
 
 
 @dataclass(frozen=True)

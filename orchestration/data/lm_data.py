@@ -293,16 +293,13 @@ class TokenizePool:
         import torch
 
         from vilau_model.sequence import SequenceBuilder
-        from vilau_model.tokenizer import load_tokenizer
+        from vilau_model.tokenizer import load_tokenizer_from_files
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.tower = tower.load(s3).eval().requires_grad_(False).to(self.device)
         self.size = tower.config.image_size
         self.depth = tower.config.code_depth
-        tokenizer_dir = tempfile.mkdtemp(prefix="lm_tokenizer-")
-        for name, data in tokenizer_files.items():
-            Path(tokenizer_dir, name).write_bytes(data)
-        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.tokenizer = load_tokenizer_from_files(tokenizer_files)
         self.builder = SequenceBuilder(
             self.tokenizer,
             code_depth=self.depth,

@@ -33,13 +33,6 @@ LM_WEIGHTS = "vilau_lm.safetensors"
 LM_META = "vilau_lm.json"
 
 
-def _write_files(files: dict[str, bytes]) -> str:
-    directory = tempfile.mkdtemp(prefix="vilau-lm-tokenizer-")
-    for name, data in files.items():
-        Path(directory, name).write_bytes(data)
-    return directory
-
-
 class LMTask(Task):
     stage = "lm"
     columns = {name: (torch.bool if name == "is_visual" else torch.int64) for name in ROW_COLUMNS}
@@ -48,10 +41,10 @@ class LMTask(Task):
     def __init__(self, config: Config, tokenizer_files: dict[str, bytes]):
         super().__init__(config, config.lm_train)
         from orchestration.data.lm_data import lm_config, tower_source
-        from vilau_model.tokenizer import load_tokenizer
+        from vilau_model.tokenizer import load_tokenizer_from_files
 
         self.tokenizer_files = tokenizer_files
-        self.tokenizer = load_tokenizer(_write_files(tokenizer_files))
+        self.tokenizer = load_tokenizer_from_files(tokenizer_files)
         self.lm_cfg: LMConfig = lm_config(config)
         self.tower_source = tower_source(config, config.model.tower_checkpoint)
 
