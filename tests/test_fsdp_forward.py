@@ -5,16 +5,10 @@ on both batches."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-
 import numpy as np
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import run_on_gloo_ranks
 from vilau_model.config import get_lm_config, get_tower_config
 from vilau_model.sequence import (
     IGNORE_INDEX,
@@ -58,36 +52,25 @@ def loss_of(model: UnifiedLM, batch: dict) -> torch.Tensor:
     return model(**{k: batch[k] for k in ("input_ids", "labels", "codes", "is_visual", "position_ids", "segment_ids")})["loss"]
 
 
-def _rank(rank: int, world: int, port: int, special: SpecialIds, state: dict, batches: list, out: str):
+def _rank(rank: int, world: int, special: SpecialIds, state: dict, batches: list, out: str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = build_model(special)
-        model.load_state_dict(state)
-        mesh = init_device_mesh("cpu", (world,))
-        # Each part its own unit, so a module one rank skips would leave a collective unmatched.
-        units = [*model.llm.get_decoder().layers, model.projector, *model.depth.blocks, model.depth]
-        for unit in units:
-            fully_shard(unit, mesh=mesh)
-        fully_shard(model, mesh=mesh, ignored_params=set(model.tower.parameters()))
-        model.train()
-        loss = loss_of(model, batches[rank])
-        loss.backward()  # FSDP2 averages the gradients over the ranks
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-        if rank == 0:
-            torch.save(grads, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    model = build_model(special)
+    model.load_state_dict(state)
+    mesh = init_device_mesh("cpu", (world,))
+    # Each part its own unit, so a module one rank skips would leave a collective unmatched.
+    units = [*model.llm.get_decoder().layers, model.projector, *model.depth.blocks, model.depth]
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=set(model.tower.parameters()))
+    model.train()
+    loss = loss_of(model, batches[rank])
+    loss.backward()  # FSDP2 averages the gradients over the ranks
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    if rank == 0:
+        torch.save(grads, out)
 
 
 def test_fsdp2_ranks_with_and_without_images_match_one_process(tmp_path):
@@ -104,15 +87,8 @@ def test_fsdp2_ranks_with_and_without_images_match_one_process(tmp_path):
     reference = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     out = tmp_path / "grads.pt"
-    ctx = mp.start_processes(_rank, args=(2, _free_port(), special, model.state_dict(), batches, str(out)),
-                             nprocs=2, join=False, start_method="spawn")
-    for _ in range(300):  # a hang shows as a timeout here, not a stuck suite
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("FSDP2 ranks did not finish: collectives mismatched")
+    # mismatched collectives show as a TimeoutError, not a stuck suite
+    run_on_gloo_ranks(_rank, 2, special, model.state_dict(), batches, str(out))
     sharded = torch.load(out)
 
     assert set(sharded) == set(reference), set(reference) ^ set(sharded)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import run_on_gloo_ranks
 from vilau_model.quantizer import ResidualQuantizer, nearest_codes
 
 
@@ -151,42 +149,32 @@ def test_no_update_in_eval_mode():
 # -- two gloo ranks ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_worker(rank: int, world: int, outdir: str) -> None:
+    torch.manual_seed(0)  # same init on both ranks, as after a broadcast of the initial weights
+    rq = ResidualQuantizer(dim=8, codebook_size=64, depth=3).train()
+    torch.manual_seed(100 + rank)  # different random restart draws per rank
+    for step in range(6):
+        # different data per rank, and from step 3 on rank 1 sees a far-off cluster: rank 0 alone
+        # would let those codes die, so restarts and EMA both have to be shared
+        x = _clustered(512, 8, seed=10 * step + rank)
+        if rank == 1 and step >= 3:
+            x = x + 20.0
+        rq(x)
+    torch.save({k: v.clone() for k, v in rq.state_dict().items()}, os.path.join(outdir, f"rank{rank}.pt"))
 
-
-def _rank_worker(rank: int, world: int, port: int, outdir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)  # same init on both ranks, as after a broadcast of the initial weights
-        rq = ResidualQuantizer(dim=8, codebook_size=64, depth=3).train()
-        torch.manual_seed(100 + rank)  # different random restart draws per rank
-        for step in range(6):
-            # different data per rank, and from step 3 on rank 1 sees a far-off cluster: rank 0 alone
-            # would let those codes die, so restarts and EMA both have to be shared
-            x = _clustered(512, 8, seed=10 * step + rank)
-            if rank == 1 and step >= 3:
-                x = x + 20.0
-            rq(x)
-        torch.save({k: v.clone() for k, v in rq.state_dict().items()}, os.path.join(outdir, f"rank{rank}.pt"))
-
-        # One EMA step (no dead codes) under 2 ranks equals one step on the concatenated batch.
-        rq2 = ResidualQuantizer(dim=8, codebook_size=16, depth=2, shared_codebook=False).train()
-        torch.manual_seed(0)
-        rq2.embed.copy_(torch.randn_like(rq2.embed))
-        rq2.ema_count.fill_(100.0)
-        rq2.ema_sum.copy_(rq2.embed * 100.0)
-        rq2(_clustered(128, 8, seed=rank))
-        torch.save(rq2.state_dict(), os.path.join(outdir, f"ema_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # One EMA step (no dead codes) under 2 ranks equals one step on the concatenated batch.
+    rq2 = ResidualQuantizer(dim=8, codebook_size=16, depth=2, shared_codebook=False).train()
+    torch.manual_seed(0)
+    rq2.embed.copy_(torch.randn_like(rq2.embed))
+    rq2.ema_count.fill_(100.0)
+    rq2.ema_sum.copy_(rq2.embed * 100.0)
+    rq2(_clustered(128, 8, seed=rank))
+    torch.save(rq2.state_dict(), os.path.join(outdir, f"ema_rank{rank}.pt"))
 
 
 def test_two_gloo_ranks_keep_identical_codebooks():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank_worker, args=(2, _free_port(), tmp), nprocs=2, join=True)
+        run_on_gloo_ranks(_rank_worker, 2, tmp)
         r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1))
         e0, e1 = (torch.load(os.path.join(tmp, f"ema_rank{r}.pt")) for r in (0, 1))
 

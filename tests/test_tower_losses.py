@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from gloo_ranks import run_on_gloo_ranks
 from vilau_model.config import get_tower_config
 from vilau_model.losses import ContrastiveLoss, PerceptualLoss, TowerLossConfig
 from vilau_model.vision_tower import UnifiedVisionTower
@@ -33,33 +32,23 @@ def _loss_and_grad(kind: str, image: torch.Tensor, text: torch.Tensor, scale: fl
     return loss, image
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _contrastive_worker(rank: int, world: int, port: int, outdir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        image, text = _features()
-        local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        results = {}
-        for kind in ("sigmoid", "softmax"):
-            loss, img = _loss_and_grad(kind, image[local], text[local])
-            # data parallelism averages over ranks: backward the per-rank share of the mean
-            (loss / world).backward()
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            results[kind] = {"loss": mean_loss / world, "grad": img.grad}
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _contrastive_worker(rank: int, world: int, outdir: str) -> None:
+    image, text = _features()
+    local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    results = {}
+    for kind in ("sigmoid", "softmax"):
+        loss, img = _loss_and_grad(kind, image[local], text[local])
+        # data parallelism averages over ranks: backward the per-rank share of the mean
+        (loss / world).backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        results[kind] = {"loss": mean_loss / world, "grad": img.grad}
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
 
 def test_contrastive_loss_on_two_ranks_equals_single_process_on_concatenated_batch():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_contrastive_worker, args=(WORLD, _free_port(), tmp), nprocs=WORLD, join=True)
+        run_on_gloo_ranks(_contrastive_worker, WORLD, tmp)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
 
     image, text = _features()
