@@ -62,6 +62,11 @@ class StageResult:
 
 # ---------------------------------------------------------------- Ray
 
+# Environment of a local instance (its processes inherit it). One machine is never preempted: no
+# preemption-watcher actor per stage. The Train controller notices a finished worker group at its next
+# poll: poll every 0.5 s, not 2.
+LOCAL_INSTANCE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
 
 def init_ray(config: Config) -> None:
     """Join the configured cluster, the cluster a `ray job submit` runs in (``RAY_ADDRESS``), or start a
@@ -83,11 +88,9 @@ def init_ray(config: Config) -> None:
             raise
     else:
         # A new local instance ("local": not a `ray start` cluster that may run here). More logical
-        # CPUs than cores: Ray Data and Ray Train deadlock on a 2-core machine otherwise. One machine
-        # is never preempted: no preemption-watcher actor per stage (its processes inherit this env).
-        # The Train controller notices a finished worker group at its next poll: poll every 0.5 s, not 2.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        # CPUs than cores: Ray Data and Ray Train deadlock on a 2-core machine otherwise.
+        for name, value in LOCAL_INSTANCE_ENV.items():
+            os.environ.setdefault(name, value)
         ray.init(address="local", num_cpus=config.cluster.local_num_cpus, include_dashboard=False)
 
 

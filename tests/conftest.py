@@ -42,7 +42,11 @@ def ray_session():
     """One local Ray instance for the whole test session."""
     import ray
 
+    from orchestration.launch import LOCAL_INSTANCE_ENV
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    for name, value in LOCAL_INSTANCE_ENV.items():  # as a job's local instance: no preemption watcher, fast polls
+        os.environ.setdefault(name, value)
     if not ray.is_initialized():
         # address="local": always a fresh instance of our own, even if `ray start` runs on this machine.
         ray.init(address="local", num_cpus=RAY_LOGICAL_CPUS, include_dashboard=False, log_to_driver=True)
