@@ -1,13 +1,15 @@
-"""Stage 1 on a real local Ray instance: 2 CPU workers with FSDP2, a worker killed mid-run, a rerun
-of the finished run over a damaged latest checkpoint, and what the MLflow run holds.
+"""Stage 1 on a real local Ray instance: 2 CPU workers with FSDP2, a worker killed mid-run, every sample
+trained exactly once per epoch across that restart, a rerun of the finished run over a damaged latest
+checkpoint, and what the MLflow run holds.
 
-One run is shared by the tests of this module (a Ray Train fit costs tens of seconds here).
+One killed run is shared by the tests of this module (a Ray Train fit costs tens of seconds here).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,15 @@ import torch
 from conftest import S3_TEST_KEY, S3_TEST_SECRET, fresh_mlflow_db
 from orchestration.config import REDACTED, load_config
 
-STEPS, FAIL_AT = 6, 5
+# The session's synthetic tower set is 8 steps an epoch at 2 x 8 samples: 12 steps cross into epoch 1,
+# and rank 1 dies mid-epoch (after the backward pass of step 5), when the step-4 checkpoint is the latest.
+STEPS, FAIL_AT = 12, 5
 CREDENTIALS = (S3_TEST_KEY, S3_TEST_SECRET)
 
 
-def _config(synthetic_data, out: Path, s3_overrides: list[str], *extra: str):
+def _config(synthetic_data, out: Path, s3_overrides: list[str], *extra: str, kill: bool = True):
+    fault = ["cluster.fault_injection.stage=tower", f"cluster.fault_injection.fail_at_step={FAIL_AT}",
+             "cluster.fault_injection.rank=1"]
     return load_config(None, [
         f"data.root={synthetic_data[0]}",
         f"output_dir={out}",
@@ -36,16 +42,16 @@ def _config(synthetic_data, out: Path, s3_overrides: list[str], *extra: str):
         "tower_train.checkpoint_every=2",
         "tower_train.eval_every=3",
         "cluster.num_workers=2",
-        "cluster.fault_injection.stage=tower",
-        f"cluster.fault_injection.fail_at_step={FAIL_AT}",
-        "cluster.fault_injection.rank=1",
+        # each micro-batch's sample keys, per rank and step (a redone step overwrites its file)
+        "data.record_trained_keys=true",
+        *(fault if kill else []),
         *extra,
     ])
 
 
 @pytest.fixture(scope="module")
 def killed_run(ray_session, synthetic_data, s3_overrides, tmp_path_factory, mlflow_db_template):
-    """6 steps, checkpoints at 2, 4, 6; rank 1 exits hard after the backward pass of step 5."""
+    """12 steps, checkpoints every 2; rank 1 exits hard after the backward pass of step 5."""
     from orchestration.launch import fit_tower
 
     out = tmp_path_factory.mktemp("tower_run")
@@ -73,7 +79,7 @@ def _optimizer_steps(checkpoint_dir: str, tmp_path: Path) -> set[int]:
 def test_killed_worker_is_restarted_and_the_run_resumes_without_repeating_a_step(killed_run, tmp_path):
     config, result = killed_run
     assert result.steps_done == STEPS
-    # Restarted from the step-4 checkpoint: steps 1-4 from the first worker group, 5-6 from the second.
+    # Restarted from the step-4 checkpoint: steps 1-4 from the first worker group, 5-12 from the second.
     assert result.history == [[1, 4], [5, STEPS]]
     run_dir = Path(config.cluster.storage_path).resolve() / result.run_name
     assert (run_dir / f"fault_injected_tower_step_step{FAIL_AT}").is_file()
@@ -82,6 +88,45 @@ def test_killed_worker_is_restarted_and_the_run_resumes_without_repeating_a_step
     assert _optimizer_steps(result.checkpoint_path, tmp_path) == {STEPS}  # every Adam step applied once
     steps_logged = [m.step for m in _mlflow(config).get_metric_history(result.mlflow_run_id, "loss")]
     assert sorted(steps_logged) == list(range(1, STEPS + 1))  # step 5 died before it was logged
+
+
+def _trained(run_dir: Path) -> dict[tuple[int, int, int], dict]:
+    """(rank, step, micro-batch) -> the recorded micro-batch."""
+    return {
+        (r["rank"], r["step"], r["micro"]): r
+        for r in (json.loads(p.read_text()) for p in run_dir.glob("trained_keys/rank*/step*.json"))
+    }
+
+
+@pytest.mark.e2e
+def test_the_killed_run_trains_every_sample_exactly_once_per_epoch(killed_run, synthetic_data, tmp_path):
+    """The lineage of the killed run's final weights trains the same samples at each step as an
+    uninterrupted run, each sample once per epoch."""
+    from orchestration.launch import fit_tower
+
+    config, killed_result = killed_run
+    clean_config = _config(
+        synthetic_data, tmp_path, [], f"tower_train.steps={STEPS}", "tower_train.eval_every=1000",
+        "tracking.enabled=false", kill=False,  # the recorded keys are the evidence here
+    )
+    clean_result = fit_tower(clean_config)
+    clean = _trained(Path(clean_config.cluster.storage_path).resolve() / clean_result.run_name)
+    killed = _trained(Path(config.cluster.storage_path).resolve() / killed_result.run_name)
+
+    assert sorted(clean) == sorted(killed) == [(r, s, 0) for r in (0, 1) for s in range(1, STEPS + 1)]
+    per_epoch = {}
+    for name, trained in (("clean", clean), ("killed", killed)):
+        epochs: dict[int, Counter] = {}
+        for record in trained.values():
+            epochs.setdefault(record["epoch"], Counter()).update(record["keys"])
+        assert sorted(epochs) == [0, 1], name
+        for epoch, keys in epochs.items():
+            assert max(keys.values()) == 1, f"{name}: a sample trained twice in epoch {epoch}"
+        assert len(epochs[0]) == 2 * synthetic_data[1]["samples"], f"{name}: epoch 0 is not every sample"
+        per_epoch[name] = epochs
+    # The same samples in each epoch, and the same samples at each step, as without the failure.
+    assert per_epoch["clean"] == per_epoch["killed"]
+    assert {k: sorted(v["keys"]) for k, v in clean.items()} == {k: sorted(v["keys"]) for k, v in killed.items()}
 
 
 @pytest.mark.e2e
@@ -126,7 +171,7 @@ def test_mlflow_run_holds_params_metrics_images_and_no_credentials(killed_run, t
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path), tracking_uri=config.tracking_uri)
     files = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
     assert "config.yaml" in files and "codebook_usage.png" in files
-    assert {"reconstructions/step_0000003.png", "reconstructions/step_0000006.png"} <= set(files)
+    assert {"reconstructions/step_0000003.png", "reconstructions/step_0000012.png"} <= set(files)
     assert REDACTED in (Path(local) / "config.yaml").read_text()
 
     # No credential anywhere: params, tags, metric names, every artifact byte.
@@ -141,7 +186,8 @@ def test_mlflow_run_holds_params_metrics_images_and_no_credentials(killed_run, t
 def test_rerun_of_finished_run_resumes_past_a_damaged_latest_checkpoint(killed_run, synthetic_data, s3_overrides):
     """The latest checkpoint loses one rank's part (as if its save was cut off): the rerun refuses it,
     resumes from the one before, and runs on to the new step count. The rerun also turns on activation
-    checkpointing and 2-step gradient accumulation: checkpoints do not depend on either."""
+    checkpointing and 2-step gradient accumulation: checkpoints do not depend on either. (It changes the
+    killed run's directory, so it stays the module's last test.)"""
     from orchestration.launch import fit_tower
 
     config, first = killed_run
@@ -157,7 +203,8 @@ def test_rerun_of_finished_run_resumes_past_a_damaged_latest_checkpoint(killed_r
     )
     result = fit_tower(again)
     assert result.steps_done == STEPS + 2
-    assert result.history == [[1, 4], [5, STEPS + 2]]  # from the step-4 checkpoint, step 5 not killed again
+    # from the checkpoint before the damaged one (step 10), and step 5 is not killed again
+    assert result.history == [[1, 4], [5, STEPS - 2], [STEPS - 1, STEPS + 2]]
     assert result.mlflow_run_id == first.mlflow_run_id  # the same MLflow run continues
     assert result.metrics["global_batch_size"] == 32  # 8 per worker x 2 workers x 2 accumulation
     assert os.path.isfile(os.path.join(result.export_path, "tower.safetensors"))
