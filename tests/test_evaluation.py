@@ -325,3 +325,48 @@ def test_evaluate_tiny_tower_made_perfect():
     assert metrics["zero_shot_acc"] == 1.0
     for key in ("i2t_recall_at_1", "i2t_recall_at_5", "t2i_recall_at_1", "t2i_recall_at_5"):
         assert metrics[key] == 1.0
+
+
+# ---------------------------------------------------------------- evaluate_tower over data-parallel ranks
+
+
+def _sharded_eval_rank(rank: int, world: int, n_images: int, out: str) -> None:
+    """The tiny tower under FSDP2 as the trainer shards it (blocks, decoder, root), each rank
+    evaluating its share of the split; every forward call is collective, so uneven shares would hang."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from orchestration.train.fsdp import mixed_precision, promote_scalar_parameters, shard_model
+    from orchestration.train.tower import _all_gather_over
+    from vilau_model.encoders import block_lists
+
+    torch.set_num_threads(1)
+    tower = _tiny_tower()
+    images, captions, labels, prompts = _eval_split(tower, n_images)
+    promote_scalar_parameters(tower)
+    blocks = [b for blocks in block_lists(tower.clip) for b in blocks] + [tower.decoder]
+    tower = shard_model(tower, blocks, init_device_mesh("cpu", (world,)), mixed_precision(torch.device("cpu")))
+    tower.unshard()  # as the trainer's eval does: the root's own parameters, gathered for the calls
+    metrics = evaluate_tower(tower, images, captions, labels, prompts, batch_size=3,
+                             rank=rank, world=world, all_gather=_all_gather_over(torch.device("cpu")))
+    torch.save(metrics, f"{out}.rank{rank}")
+
+
+def _eval_split(tower, n: int):
+    images = _images(n, seed=3)
+    captions = tower.tokenize([f"a photo of scene {i}" for i in range(n)])
+    prompts = tower.tokenize(["a photo of a cat", "a photo of a dog", "a photo of a car"])
+    return images, captions, torch.arange(n) % 3, prompts
+
+
+def test_evaluation_shared_by_two_fsdp_ranks_equals_one_process(tmp_path):
+    from gloo_ranks import run_on_gloo_ranks
+
+    n_images = 11  # shares of 6 and 5 (+1 padding) images, in batches of 3: 2 forward calls each
+    tower = _tiny_tower()
+    expected = evaluate_tower(tower, *_eval_split(tower, n_images), batch_size=3)
+    run_on_gloo_ranks(_sharded_eval_rank, 2, n_images, str(tmp_path / "metrics"))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"metrics.rank{rank}")
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (rank, key)

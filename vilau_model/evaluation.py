@@ -22,7 +22,7 @@ comparable with published rFID values.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -346,6 +346,9 @@ def evaluate_tower(
     frechet_net: FrechetFeatureNet | None = None,
     batch_size: int = 64,
     recall_ks: Sequence[int] = (1, 5),
+    rank: int = 0,
+    world: int = 1,
+    all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """All tower metrics on one eval split.
 
@@ -357,7 +360,14 @@ def evaluate_tower(
     Uses the tower API: encode_image / encode_text (L2-normalised embeddings), encode_codes
     ([B, H, W, D] codes), decode_codes ([B, 3, S, S] in [0, 1]), config.codebook_size.
     The tower is put in eval mode for the call and restored afterwards.
+
+    Data parallel (world > 1): every rank passes the whole split and encodes its own contiguous share
+    of the images and captions, padded to the same size so that every rank runs the same forward calls
+    (FSDP's collectives must match); ``all_gather`` concatenates a [n, ...] CPU tensor over the ranks
+    in rank order. Every rank returns the same metrics as one process on the whole split.
     """
+    if world > 1 and all_gather is None:
+        raise ValueError("evaluate_tower: world > 1 needs an all_gather function")
     if frechet_net is None:
         frechet_net = load_frechet_feature_net(None)
     device = next(tower.parameters()).device
@@ -365,9 +375,11 @@ def evaluate_tower(
     was_training = tower.training
     tower.eval()
     try:
+        n_images = images.shape[0]
         image_embs, all_codes, psnrs, ssims, feats_real, feats_recon = [], [], [], [], [], []
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size].to(device)
+        mine = images[_share(n_images, rank, world)]
+        for start in range(0, mine.shape[0], batch_size):
+            x = mine[start : start + batch_size].to(device)
             image_embs.append(tower.encode_image(x).float().cpu())
             codes = tower.encode_codes(x)
             all_codes.append(codes.cpu())
@@ -378,20 +390,26 @@ def evaluate_tower(
             feats_real.append(frechet_net(x).double().cpu())
             feats_recon.append(frechet_net(recon).double().cpu())
 
+        def whole(parts: list[torch.Tensor]) -> torch.Tensor:
+            """This rank's results -> the whole split's, in the split's order (padding dropped)."""
+            local = torch.cat(parts)
+            return (all_gather(local) if world > 1 else local)[:n_images]
+
         metrics: dict[str, float] = {
-            "psnr": float(torch.cat(psnrs).mean()),
-            "ssim": float(torch.cat(ssims).mean()),
-            frechet_net.metric_name: frechet_distance(torch.cat(feats_real), torch.cat(feats_recon)),
+            "psnr": float(whole(psnrs).mean()),
+            "ssim": float(whole(ssims).mean()),
+            frechet_net.metric_name: frechet_distance(whole(feats_real), whole(feats_recon)),
         }
         shared = getattr(tower.config, "shared_codebook", True)
-        metrics.update(codebook_usage(torch.cat(all_codes), tower.config.codebook_size, shared))
-        image_emb = torch.cat(image_embs)
+        metrics.update(codebook_usage(whole(all_codes), tower.config.codebook_size, shared))
+        image_emb = whole(image_embs)
 
         if captions_tokens is not None:
-            text_emb = torch.cat(
+            my_captions = captions_tokens[_share(captions_tokens.shape[0], rank, world)]
+            text_emb = whole(
                 [
-                    tower.encode_text(captions_tokens[s : s + batch_size].to(device)).float().cpu()
-                    for s in range(0, captions_tokens.shape[0], batch_size)
+                    tower.encode_text(my_captions[s : s + batch_size].to(device)).float().cpu()
+                    for s in range(0, my_captions.shape[0], batch_size)
                 ]
             )
             metrics.update(retrieval_recall(image_emb, text_emb, recall_ks))
@@ -402,3 +420,10 @@ def evaluate_tower(
         return metrics
     finally:
         tower.train(was_training)
+
+
+def _share(n: int, rank: int, world: int) -> torch.Tensor:
+    """Indices of ``rank``'s contiguous share of n items, all shares ceil(n / world) long: a short last
+    share repeats its last index (or item n - 1), dropped again after the gather."""
+    per = -(-n // world)
+    return torch.arange(rank * per, (rank + 1) * per).clamp(max=n - 1)

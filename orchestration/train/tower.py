@@ -176,10 +176,12 @@ class TowerTask(Task):
             if self._eval is None:
                 self._eval = EvalSplit(self.config, trainer.device)
             ev = self._eval
+            # Each rank encodes its share of the split (the forward calls are collective either way).
             metrics = evaluate_tower(
                 model, ev.images, captions_tokens=ev.caption_tokens, labels=ev.labels,
                 class_prompt_tokens=ev.class_prompt_tokens,
                 frechet_net=load_frechet_feature_net(self.config.tower_train.frechet_weights_path),
+                rank=trainer.rank, world=trainer.world, all_gather=_all_gather_over(trainer.device),
             )
             model.eval()
             originals = ev.images[:GRID_IMAGES]
@@ -189,6 +191,19 @@ class TowerTask(Task):
             grid = image_grid([originals, reconstructions])
             trainer.logger.log_image(grid, f"reconstructions/step_{step:07d}.png")
         return {f"eval/{k}": float(v) for k, v in metrics.items()}
+
+
+def _all_gather_over(device: torch.device):
+    """[n, ...] CPU tensor of this rank -> [world * n, ...] on CPU, in rank order (through ``device``,
+    as NCCL gathers device tensors)."""
+
+    def gather(local: torch.Tensor) -> torch.Tensor:
+        local = local.to(device)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).cpu()
+
+    return gather
 
 
 def tower_worker(loop_config: dict) -> dict:
