@@ -1,7 +1,7 @@
 """Ingest throughput of the data plane, each workload against its baseline in the same run.
 
-1. Stage 1: samples/s of `build_tower_dataset` (Ray Data: one read task per shard, decode + resize +
-   tokenize as CPU map_batches, iter_torch_batches) vs a torch DataLoader with 2 workers doing the same
+1. Stage 1: samples/s of `build_tower_dataset` (Ray Data: one read task per shard, decode + resize
+   as CPU map_batches; the captions tokenized by the consumer, as the trainer's reader thread does) vs a torch DataLoader with 2 workers doing the same
    decode + resize + tokenize (the same functions: decode.decode_image, tower_data.tokenize_captions)
    on the same parquet shards. Two DataLoader variants: the usual one (per-sample work, default
    collate) and one whose workers work on whole batches as the Ray UDF does. Two shard sets: the
@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from orchestration.config import load_config
 from orchestration.data import scenes
 from orchestration.data.decode import SkipRecord, decode_image
-from orchestration.data.pipeline import build_lm_dataset, build_tower_dataset, data_stats, torch_dtypes, write_lm_cache
+from orchestration.data.pipeline import build_lm_dataset, build_tower_dataset, data_stats, torch_dtypes, with_text_tokens, write_lm_cache
 from orchestration.data.records import list_shards
 from orchestration.data.synthetic import jpeg_bytes, make_synthetic_dataset
 from orchestration.data.tower_data import tokenize_captions, tower_config
@@ -117,7 +117,10 @@ def run_dataloader(files, tower, batched: bool):
 
 def run_ray_tower(config):
     ds = build_tower_dataset(config, stats_group="bench-tower")  # planning counts: it is part of the pass
-    return count_batches(ds.iter_torch_batches(batch_size=BATCH, dtypes=torch_dtypes("tower")))
+    tower, dtypes = tower_config(config), torch_dtypes("tower")
+    # As the trainer consumes it: captions tokenized in this process, then tensors.
+    batches = (with_text_tokens(tower, b) for b in ds.iter_batches(batch_size=BATCH, batch_format="numpy"))
+    return count_batches({k: torch.as_tensor(b[k]).to(dt) for k, dt in dtypes.items()} for b in batches)
 
 
 # ---------------------------------------------------------------- stage 2

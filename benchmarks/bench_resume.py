@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--results", help="append a dated markdown section to this file")
     args = parser.parse_args()
 
+    import functools
     import json
 
     import ray
@@ -38,7 +39,8 @@ def main() -> None:
 
     from orchestration.config import load_config
     from orchestration.data.epochs import DataPosition
-    from orchestration.data.pipeline import rank_dataset, training_plan
+    from orchestration.data.pipeline import rank_dataset, torch_dtypes, training_plan, with_text_tokens
+    from orchestration.data.tower_data import tower_config
     from orchestration.data.synthetic import make_synthetic_dataset
     from orchestration.train.checkpoint import TrainState
     from orchestration.train.trainer import BatchStream
@@ -60,7 +62,8 @@ def main() -> None:
     rows = []
     for batch in make_dataset(0, None).iter_batches(batch_size=256, batch_format="numpy"):
         rows += [(int(c), json.loads(i)) for c, i in zip(batch["call_start"], batch["sample_ids"])]
-    columns = {"pixels": torch.uint8, "text_tokens": torch.int64}
+    columns = torch_dtypes("tower")
+    tokenize = functools.partial(with_text_tokens, tower_config(config))  # what TowerTask.host_batch does
 
     def resumed(fraction: float) -> float:
         """Restart -> first micro-batch, with the position a checkpoint at ``fraction`` holds."""
@@ -69,7 +72,7 @@ def main() -> None:
             position.consume(call_start, ids)
         state = TrainState(data={"position": position.state()})
         begin = time.perf_counter()
-        stream = BatchStream(make_dataset, state, 0, 1, "tower", BATCH, columns, torch.device("cpu"))
+        stream = BatchStream(make_dataset, state, 0, 1, "tower", BATCH, columns, torch.device("cpu"), host_batch=tokenize)
         next(stream)
         elapsed = time.perf_counter() - begin
         stream.close()

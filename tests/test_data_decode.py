@@ -2,7 +2,12 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -151,3 +156,29 @@ def test_columnar_parquet_reader_matches_the_record_reader(tmp_path):
         assert columnar == by_record
     once = list(iter_records(ReadUnit("coyo", "coyo_parquet", str(path), ""), None))
     assert [(r["key"], r["text"], r["media"]) for r in once] == [("1", "x", [b"abc"]), ("2", "", []), ("3", "z", []), ("4", "w", [b"def"])]
+
+
+def test_decoding_tower_records_never_loads_torch_or_the_tower_tokenizer():
+    """The many Ray Data processes that decode stage-1 records stay light: the captions are tokenized
+    by the trainer (with_text_tokens), so a decode process imports neither torch nor open_clip."""
+    script = textwrap.dedent('''
+        import io, sys
+        import numpy as np, pyarrow as pa
+        from PIL import Image
+        from orchestration.data.epochs import STREAM_SCHEMA
+        from orchestration.data.tower_data import decode_tower_block
+        from vilau_model.config import get_tower_config
+
+        jpeg = io.BytesIO()
+        Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(jpeg, format="JPEG")
+        record = {"key": "k0", "source": "coyo", "kind": "image_text", "text": "a red circle", "media": [jpeg.getvalue()],
+                  "media_uris": [], "media_slots": [], "sample_id": 0, "done_parts": []}
+        block = pa.Table.from_pylist([record], schema=STREAM_SCHEMA)
+        out = list(decode_tower_block(block, rows=8, group=None, tower=get_tower_config("tiny"), s3=None, with_keys=False, track=True))
+        assert out[0]["pixels"].shape == (1, 3, 32, 32) and list(out[0]["caption"]) == ["a red circle"], out
+        print(sorted(m for m in ("torch", "open_clip", "transformers") if m in sys.modules))
+    ''')
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -4,6 +4,7 @@ drawn from many shards, and a resumed share that leaves out (and never decodes) 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 
@@ -116,7 +117,8 @@ def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corru
     once per pass), per run and per epoch, and every epoch trains every good record once."""
     import torch
 
-    from orchestration.data.pipeline import rank_dataset
+    from orchestration.data.pipeline import rank_dataset, torch_dtypes, with_text_tokens
+    from orchestration.data.tower_data import tower_config
     from orchestration.train.checkpoint import TrainState
     from orchestration.train.trainer import BatchStream
 
@@ -130,8 +132,8 @@ def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corru
         trained.setdefault(epoch, Counter()).update(keys)
 
     stream = BatchStream(lambda epoch, position: rank_dataset(config, "tower", plan, epoch=epoch, rank=0, world=1, position=position),
-                         state, 0, 1, "tower", 4, {"pixels": torch.uint8, "text_tokens": torch.int64}, torch.device("cpu"),
-                         recorder=record)
+                         state, 0, 1, "tower", 4, torch_dtypes("tower"), torch.device("cpu"),
+                         recorder=record, host_batch=functools.partial(with_text_tokens, tower_config(config)))
     good = _good_keys(manifest)
     per_epoch = sum(good.values()) // 4
     for _ in range(3 * per_epoch):
@@ -139,6 +141,7 @@ def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corru
         state.step += 1
     stream.close()
     assert batch["pixels"].shape == (4, 3, 32, 32) and batch["pixels"].dtype == torch.uint8
+    assert batch["text_tokens"].shape == (4, 32) and batch["text_tokens"].dtype == torch.int64  # tokenized in the reader
     assert sorted(trained) == [0, 1, 2] and all(trained[e] <= good and max(trained[e].values()) == 1 for e in trained)
     assert sum(trained[0].values()) == per_epoch * 4  # all but the last partial batch
     bad = Counter(reason for fmt in ("coyo_parquet", "coyo_webdataset") for reason in manifest["formats"][fmt]["bad"].values())

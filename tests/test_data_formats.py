@@ -4,10 +4,12 @@ import hashlib
 
 import numpy as np
 import pytest
+import torch
 
 from orchestration.config import load_config
 from orchestration.data.lm_data import decoded_dataset
-from orchestration.data.pipeline import build_tower_dataset, data_stats, mixture_shares, torch_dtypes
+from orchestration.data.pipeline import build_tower_dataset, data_stats, mixture_shares, torch_dtypes, with_text_tokens
+from orchestration.data.tower_data import tower_config
 from orchestration.data.synthetic import FORMATS
 
 SOURCES = {
@@ -64,19 +66,22 @@ def test_tower_dataset_columns_local_and_s3(ray_session, synthetic_data, s3_synt
 
     size, ctx = 32, 32  # the tiny tower: 32 px images, 32-token context
     assert rows[0]["pixels"].shape == (3, size, size) and rows[0]["pixels"].dtype == np.uint8
-    assert rows[0]["text_tokens"].shape == (ctx,) and rows[0]["text_tokens"].dtype == np.int64
+    assert isinstance(rows[0]["caption"], str) and "text_tokens" not in rows[0]  # the consumer tokenizes
 
     def keyed(rs):
-        return {(r["source"], r["key"]): (r["pixels"].tobytes(), r["text_tokens"].tobytes()) for r in rs}
+        return {(r["source"], r["key"]): (r["pixels"].tobytes(), r["caption"]) for r in rs}
 
     assert keyed(rows) == keyed(s3_rows)
     assert len(rows) == 2 * synthetic_data[1]["samples"]  # both COYO layouts of the tiny preset
     shares = mixture_shares(config, "tower", group="tower-local")
     assert {n: s["share"] for n, s in shares.items()} == {"coyo_parquet": 0.5, "coyo_webdataset": 0.5}
 
-    # What a training loop does with it: torch batches, every column typed.
-    batch = next(iter(build_tower_dataset(config, stats_group="tower-torch").iter_torch_batches(batch_size=8, dtypes=torch_dtypes("tower"))))
-    assert tuple(batch["pixels"].shape) == (8, 3, size, size) and tuple(batch["text_tokens"].shape) == (8, ctx)
+    # What a training loop does with it: captions tokenized in its own process, torch batches, every column typed.
+    tower = tower_config(config)
+    batch = with_text_tokens(tower, next(iter(build_tower_dataset(config, stats_group="tower-torch").iter_batches(batch_size=8, batch_format="numpy"))))
+    assert batch["text_tokens"].shape == (8, ctx) and batch["text_tokens"].dtype == np.int64
+    tensors = {name: torch.as_tensor(batch[name]).to(dtype) for name, dtype in torch_dtypes("tower").items()}
+    assert tuple(tensors["pixels"].shape) == (8, 3, size, size) and tensors["text_tokens"].dtype == torch.int64
 
 
 def test_weights_set_the_realized_shares(ray_session, synthetic_data, tmp_path):

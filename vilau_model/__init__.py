@@ -21,11 +21,13 @@ __all__ = [
     "get_tower_config",
 ]
 
-# The vision tower. quantizer.py needs only torch; the tower and its losses import open_clip (~4 s),
-# so they load on first use: `import vilau_model` stays light for code that only needs configs.
-from vilau_model.quantizer import ResidualQuantizer  # noqa: E402
-
-_LAZY_TOWER = {"UnifiedVisionTower": "vilau_model.vision_tower", "TowerLossConfig": "vilau_model.losses"}
+# The vision tower (torch; the tower and its losses also open_clip, ~4 s) loads on first use:
+# `import vilau_model` stays free of torch for code that only needs configs (e.g. data-reading processes).
+_LAZY_TOWER = {
+    "ResidualQuantizer": "vilau_model.quantizer",
+    "UnifiedVisionTower": "vilau_model.vision_tower",
+    "TowerLossConfig": "vilau_model.losses",
+}
 __all__ += ["ResidualQuantizer", *_LAZY_TOWER]
 
 # The unified LM, sequence layout / packing and tokenizers (import transformers): also on first use.

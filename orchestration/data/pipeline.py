@@ -3,7 +3,8 @@
 Stage 1 (vision tower)
     build_tower_dataset(config, split="train") -> ray.data.Dataset
         pixels uint8 [3, S, S]   resized (shorter side, bicubic) + centre-cropped to the tower's size
-        text_tokens int64 [ctx]  the tower's text tokenizer
+        caption str              tokenized by the consumer: with_text_tokens(tower, batch) adds
+                                 text_tokens int64 [ctx] (the tower's text tokenizer)
     build_eval_split(config) -> dict of numpy: pixels, text_tokens, labels, class_prompt_tokens,
         class_names, captions
 
@@ -24,7 +25,7 @@ Training (exactly once per epoch, see epochs.py)
 
 Counting (driver-side builds)
     skip_counts(group) -> {reason: distinct n}; data_stats(group); mixture_shares(config, stage)
-    torch_dtypes(stage) -> the dtypes dict iter_torch_batches needs (every column named)
+    torch_dtypes(stage) -> the training columns' dtypes (for iter_torch_batches of "lm" rows)
     timed_batches(iterable) -> (batch, seconds waited) pairs, for the data-wait metric
 
 Skip counts are kept per group: "tower" for build_tower_dataset, "lm" for build_lm_dataset, "eval"
@@ -47,7 +48,13 @@ from orchestration.data.mixture import mixture_report
 from orchestration.data.sources import ensure_data
 from orchestration.data.stats import data_stats, reset_stats, skip_counts
 from orchestration.data.records import LM_CACHE
-from orchestration.data.tower_data import TOWER_GROUP, build_eval_split, build_tower_dataset, plan_tower_data
+from orchestration.data.tower_data import (
+    TOWER_GROUP,
+    build_eval_split,
+    build_tower_dataset,
+    plan_tower_data,
+    with_text_tokens,
+)
 
 __all__ = [
     "CacheMismatchError",
@@ -68,13 +75,15 @@ __all__ = [
     "timed_batches",
     "torch_dtypes",
     "training_plan",
+    "with_text_tokens",
     "write_lm_cache",
 ]
 
 
 def torch_dtypes(stage: str) -> dict:
-    """The ``dtypes`` for ``iter_torch_batches`` ("tower" or "lm"); integer LM columns widened to
-    int64 as vilau_model.sequence.collate_rows does."""
+    """The training columns' torch dtypes ("tower": after ``with_text_tokens``; "lm": the dataset's
+    columns, e.g. for ``iter_torch_batches``), integer LM columns widened to int64 as
+    vilau_model.sequence.collate_rows does."""
     import torch
 
     if stage == "tower":

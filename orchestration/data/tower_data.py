@@ -1,9 +1,11 @@
-"""Stage-1 input: image-text pairs decoded to the tower's pixels and text token ids.
+"""Stage-1 input: image-text pairs decoded to the tower's pixels, with their captions.
 
-    read (one task per shard) -> decode + resize + centre crop + tower tokenizer (CPU map_batches)
+    read (one task per shard) -> decode + resize + centre crop (CPU map_batches)
 
-Output columns: ``pixels`` uint8 [3, S, S] and ``text_tokens`` int64 [ctx] (S = the tower's image
-size, ctx its text context length). Bad records are dropped and counted (stats group "tower").
+Output columns: ``pixels`` uint8 [3, S, S] and ``caption`` (str) (S = the tower's image size). Bad
+records are dropped and counted (stats group "tower"). The consumer tokenizes the captions in its own
+process (``with_text_tokens``: ``text_tokens`` int64 [ctx]): the tower's tokenizer comes with open_clip
+and torch (~4 s and ~1 GB per process), which the many decode processes then never load.
 """
 
 from __future__ import annotations
@@ -48,8 +50,14 @@ def tokenize_captions(tower: VisionTowerConfig, captions: list[str]) -> np.ndarr
     return np.asarray(tower_text_tokenizer(tower)(captions), dtype=np.int64).reshape(len(captions), -1)
 
 
+def with_text_tokens(tower: VisionTowerConfig, batch: dict) -> dict:
+    """A decoded batch with ``text_tokens`` int64 [B, ctx]: its ``caption`` column through the tower's
+    tokenizer, in this process."""
+    return {**batch, "text_tokens": tokenize_captions(tower, [str(c) for c in batch["caption"]])}
+
+
 def decode_tower_block(block: pa.Table, *, rows: int, group: str | None, tower: VisionTowerConfig, s3: S3Settings | None, with_keys: bool, track: bool):
-    """Normalized records (with sample ids) -> pixels + text_tokens, in slices of ``rows`` records;
+    """Normalized records (with sample ids) -> pixels + caption, in slices of ``rows`` records;
     bad records dropped. With ``track`` each row also carries its position columns (TRACK_COLUMNS):
     the dropped records travel with the next good row (or the block's last one; a block with no good
     row yields one carrier row with no sample id)."""
@@ -87,7 +95,7 @@ def _decode_tower_slice(table: pa.Table, tally: Tally, tower, s3, with_keys: boo
         skipped.append(tally.take_skipped() if track else [])
     if not pixels:
         return None  # nothing to emit: an empty batch has no shapes for the tensor columns
-    out = {"pixels": np.stack(pixels), "text_tokens": tokenize_captions(tower, captions)}
+    out = {"pixels": np.stack(pixels), "caption": np.asarray(captions, dtype=object)}
     if with_keys:
         out["key"] = np.asarray(keys, dtype=object)
         out["source"] = np.asarray(sources, dtype=object)
@@ -114,8 +122,7 @@ def track_columns(sample_ids: list[list[int]], call_starts: list[int], keys: lis
 
 def _carrier_row(tower: VisionTowerConfig, with_keys: bool) -> dict:
     """A row with no sample: it only carries dropped records to the training loop."""
-    ctx = tokenize_captions(tower, [""]).shape[1]
-    out = {"pixels": np.zeros((1, 3, tower.image_size, tower.image_size), np.uint8), "text_tokens": np.zeros((1, ctx), np.int64)}
+    out = {"pixels": np.zeros((1, 3, tower.image_size, tower.image_size), np.uint8), "caption": np.asarray([""], dtype=object)}
     if with_keys:
         out["key"] = np.asarray([""], dtype=object)
         out["source"] = np.asarray([""], dtype=object)
@@ -138,9 +145,9 @@ def build_tower_dataset(
 ) -> ray.data.Dataset:
     """Stage-1 training data from data.tower_sources (mixed by weight), or the eval split.
 
-    Columns: pixels uint8 [3, S, S], text_tokens int64 [ctx]; with_keys adds the record ``key`` and
-    ``source`` (strings; for tests and debugging, not for iter_torch_batches). The eval split also
-    has ``labels`` int64.
+    Columns: pixels uint8 [3, S, S], caption (str; ``with_text_tokens`` adds its tokens); with_keys
+    adds the record ``key`` and ``source`` (strings; for tests and debugging). The eval split has
+    text_tokens int64 [ctx] and ``labels`` int64 instead of captions.
 
     By default the whole of epoch 0 in its order; a training rank passes the driver's ``plan``, its
     ``epoch``, ``rank``/``world`` and resume ``position`` and gets its share of that epoch, with the

@@ -101,6 +101,11 @@ class TowerTask(Task):
     def build_model(self) -> nn.Module:
         return UnifiedVisionTower(self.tower_cfg, tower_loss_config(self.config))
 
+    def host_batch(self, batch: dict) -> dict:
+        from orchestration.data.tower_data import with_text_tokens
+
+        return with_text_tokens(self.tower_cfg, batch)
+
     def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:
         from vilau_model.encoders import block_lists
 

@@ -84,7 +84,7 @@ class Task:
     """What differs between the stages. Subclasses fill in the model-specific parts."""
 
     stage: str = ""
-    columns: dict[str, torch.dtype] = {}  # dataset column -> dtype (iter_torch_batches must name all)
+    columns: dict[str, torch.dtype] = {}  # training column -> dtype (after ``host_batch``)
     ignore_frozen: bool = False  # leave frozen weights out of checkpoints (they come from elsewhere)
 
     def __init__(self, config: Config, section: StageSection):
@@ -108,6 +108,11 @@ class Task:
         broadcast_from_rank0(model, reference, adapt=match_shapes)
 
     loss_sums_over_step: bool = False  # forward's loss is this rank's share of the step's total (see LMTask)
+
+    def host_batch(self, batch: dict) -> dict:
+        """A micro-batch of numpy columns as read, before it becomes tensors; runs in the data thread
+        (e.g. the tower's caption tokenization, which the data processes leave to the trainer)."""
+        return batch
 
     def prepare_step(self, micro_batches: list[dict]) -> None:
         """Called with the step's micro-batches before their forward passes (e.g. global token counts)."""
@@ -230,12 +235,13 @@ class BatchStream:
 
     def __init__(self, make_dataset, state: ckpt.TrainState, rank: int, world: int, stage: str, batch_size: int,
                  columns: dict[str, torch.dtype], device: torch.device, depth: int = 4, recorder=None,
-                 batches_needed: int | None = None):
+                 batches_needed: int | None = None, host_batch=None):
         from orchestration.data.epochs import DataPosition
         from orchestration.data.stats import DistinctSkips
 
         self.state, self.rank, self.world, self.stage = state, rank, world, stage
         self.batch_size, self.columns, self.device, self.recorder = batch_size, columns, device, recorder
+        self.host_batch = host_batch or (lambda batch: batch)  # numpy batch -> numpy batch, in the reader
         data = state.data or {}
         self.position = DataPosition.from_state(data.get("position"))
         self.skipped = DistinctSkips.from_state(data.get("skipped"))
@@ -276,7 +282,7 @@ class BatchStream:
                     while rows >= self.batch_size or (pending and rows == 0):
                         batch, pending = _take_rows(pending, self.batch_size)
                         rows = _real_rows(pending)
-                        self.queue.put(("batch", epoch, batch))
+                        self.queue.put(("batch", epoch, self.host_batch(batch)))
                 feed.close()
                 leftover = [entry for c in pending for row in c["skipped"] for entry in row]
                 self.queue.put(("end", epoch, leftover))
@@ -550,6 +556,7 @@ class Trainer:
             make_dataset, self.state, self.rank, self.world, self.task.stage, self.section.batch_size_per_worker,
             self.task.columns, self.device, recorder=self._key_recorder() if self.config.data.record_trained_keys else None,
             batches_needed=(self.section.steps - self.state.step) * self.section.grad_accum,
+            host_batch=self.task.host_batch,
         )
 
     def _key_recorder(self):
