@@ -4,6 +4,7 @@ drawn from many shards, and a resumed share that leaves out (and never decodes) 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections import Counter
@@ -150,3 +151,26 @@ def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corru
     assert {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("rows_skipped/")} == dict(bad)
     # The position and the distinct records travel in the checkpoint's per-rank state.
     assert state.data["position"]["epoch"] == 2 and sum(len(v) for v in state.data["skipped"]["keys"].values()) == sum(bad.values())
+
+
+def test_one_big_index_file_is_read_as_record_ranges_spread_over_the_ranks(ray_session, synthetic_data, tmp_path):
+    """ShareGPT4V and OpenVid come as one index file each (a JSON list, a CSV): read whole, one rank
+    would get all of a source and another none. The plan cuts such a file into record ranges, which
+    together read every record once, and both ranks get their share of every source."""
+    from orchestration.data.mixture import MIN_UNITS_PER_SOURCE
+    from orchestration.data.records import iter_records
+    from orchestration.data.sources import rank_windows
+
+    root, manifest = synthetic_data
+    config = _config(root, tmp_path, "data.lm_sources={sharegpt4v: {format: sharegpt4v, path: sharegpt4v}, "
+                                     "openvid: {format: openvid, path: openvid}}")
+    plan = training_plan(config, "lm")
+    for source in ("sharegpt4v", "openvid"):
+        units = [u for u in plan.units if u.source == source]
+        assert len({u.uri for u in units}) == 1 and len(units) >= MIN_UNITS_PER_SOURCE, units
+        keys = [r["key"] for u in units for r in iter_records(u, None)]
+        whole = [r["key"] for r in iter_records(dataclasses.replace(units[0], records=None), None)]
+        assert sorted(keys) == sorted(whole) and len(whole) == manifest["samples"]  # each record once
+    for rank in (0, 1):
+        windows, _ = rank_windows(plan, 0, rank, 2, None)
+        assert {u.source for w in windows for u in w.units} == {"sharegpt4v", "openvid"}, rank

@@ -28,7 +28,10 @@ from orchestration.storage import S3Settings
 
 log = logging.getLogger(__name__)
 
-PARQUET_UNIT_ROWS = 10_000  # a parquet shard with more rows is read as several row-group units
+PARQUET_UNIT_ROWS = 10_000  # a shard with more records is read as several units (row groups, record ranges)
+# Units per source at least (a source's one big index file is cut into record ranges): ranks and
+# windows get every source in its share, not one rank a whole OpenVid index and another none.
+MIN_UNITS_PER_SOURCE = 16
 ESTIMATE_TOLERANCE = 0.1  # a repeat factor this close to 1 that rests on estimated counts is taken as 1
 
 
@@ -79,29 +82,34 @@ def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int, unit_
     parquet = [uri for name in sorted(listed) if sources[name]["format"] == "coyo_parquet" for uri, _ in listed[name]]
     groups = dict(zip(parquet, parquet_footers(parquet, s3))) if parquet else {}
 
-    # Other formats: records estimated from bytes, at the density of the source's first shard; only
-    # needed to set repeat factors when sources are mixed.
-    density: dict[str, float] = {}
-    if len(sources) > 1:
-        sampled = {name: listed[name][0] for name in listed if sources[name]["format"] != "coyo_parquet"}
-        counts = ray.get([_count_remote.remote(sources[n]["format"], uri, s3) for n, (uri, _) in sampled.items()])
-        density = {n: c / max(size, 1) for (n, (_, size)), c in zip(sampled.items(), counts)}
+    # Other formats: records estimated from bytes, at the density of the source's first shard (exact
+    # for a source that is one index file).
+    sampled = {name: listed[name][0] for name in listed if sources[name]["format"] != "coyo_parquet"}
+    counts = ray.get([_count_remote.remote(sources[n]["format"], uri, s3) for n, (uri, _) in sampled.items()])
+    density = {n: c / max(size, 1) for (n, (_, size)), c in zip(sampled.items(), counts)}
 
-    pieces: dict[str, list[tuple[str, tuple[int, int] | None, int]]] = {}
+    # (uri, row groups, record range, records) per unit
+    pieces: dict[str, list[tuple[str, tuple[int, int] | None, tuple[int, int | None] | None, int]]] = {}
     for name, files in listed.items():
         pieces[name] = []
-        for uri, size in files:
+        estimates = [round(size * density[name]) if name in density else 0 for _, size in files]
+        per_unit = min(unit_rows, max(1, -(-sum(estimates) // MIN_UNITS_PER_SOURCE)))
+        for (uri, size), records in zip(files, estimates):
             if uri in groups:
                 for row_range, rows in split_row_groups(groups[uri], unit_rows):
-                    pieces[name].append((uri, row_range, rows))
+                    pieces[name].append((uri, row_range, None, rows))
+            elif records > per_unit:
+                pieces[name].extend(
+                    (uri, None, (start, start + per_unit if start + per_unit < records else None), min(per_unit, records - start))
+                    for start in range(0, records, per_unit)
+                )
             else:
-                records = round(size * density[name]) if name in density else size
-                pieces[name].append((uri, None, max(records, 1)))
+                pieces[name].append((uri, None, None, max(records, 1)))
 
     shares = target_shares({name: s["weight"] for name, s in sources.items()})
     repeat = {name: 1.0 for name in sources}
     if len(sources) > 1:
-        records = {name: sum(n for _, _, n in p) for name, p in pieces.items()}
+        records = {name: sum(p[-1] for p in unit_pieces) for name, unit_pieces in pieces.items()}
         samples = {name: records[name] * sources[name].get("samples_per_record", 1) for name in records}
         total = sum(samples.values())
         for name in sources:
@@ -119,10 +127,11 @@ def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int, unit_
             repeat=repeat[name],
             seed=seed,
             row_groups=row_range,
+            records=record_range,
             size=size,
         )
         for name in sorted(pieces)
-        for uri, row_range, size in pieces[name]
+        for uri, row_range, record_range, size in pieces[name]
     ]
 
 

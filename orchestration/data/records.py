@@ -24,6 +24,7 @@ import csv
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -102,6 +103,9 @@ class ReadUnit:
     repeat: float = 1.0
     seed: int = 0
     row_groups: tuple[int, int] | None = None  # parquet: read only row groups [start, stop)
+    # One file of many records (an OpenVid CSV or ShareGPT4V JSON index): read only its records
+    # [start, stop) in file order (stop None: to the end), so that one file spreads over ranks.
+    records: tuple[int, int | None] | None = None
     size: int = 1
 
     def to_json(self) -> str:
@@ -110,8 +114,9 @@ class ReadUnit:
     @classmethod
     def from_json(cls, text: str) -> "ReadUnit":
         data = json.loads(text)
-        if data.get("row_groups") is not None:
-            data["row_groups"] = tuple(data["row_groups"])
+        for name in ("row_groups", "records"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
         return cls(**data)
 
     @property
@@ -373,7 +378,8 @@ _READERS = {
 
 
 def iter_records(unit: ReadUnit, s3: S3Settings | None) -> Iterator[dict]:
-    """The records of one shard, in file order (without the unit's repeat factor applied)."""
+    """The records of one shard (or of its record range), in file order (without the unit's repeat
+    factor applied)."""
     fs, path = fs_and_path(unit.uri, s3)
     try:
         f = with_retries(lambda: fs.open(path, "rb"), unit.uri)
@@ -383,7 +389,8 @@ def iter_records(unit: ReadUnit, s3: S3Settings | None) -> Iterator[dict]:
         raise ShardError(f"{unit.uri}: cannot open shard: {exc}") from exc
     with f:
         try:
-            yield from _READERS[unit.format](f, unit)
+            records = _READERS[unit.format](f, unit)
+            yield from records if unit.records is None else itertools.islice(records, *unit.records)
         except ShardError:
             raise
         except (OSError, UnicodeDecodeError, KeyError, ValueError) as exc:
