@@ -29,8 +29,9 @@ from orchestration.storage import S3Settings
 log = logging.getLogger(__name__)
 
 PARQUET_UNIT_ROWS = 10_000  # a shard with more records is read as several units (row groups, record ranges)
-# Units per source at least (a source's one big index file is cut into record ranges): ranks and
-# windows get every source in its share, not one rank a whole OpenVid index and another none.
+# A source that is one index file (an OpenVid CSV, a ShareGPT4V JSON) is cut into record ranges, at
+# least this many: ranks and windows then get every source in its share, not one rank the whole OpenVid
+# index and another none. (Its count is exact: the file is counted for the density estimate anyway.)
 MIN_UNITS_PER_SOURCE = 16
 ESTIMATE_TOLERANCE = 0.1  # a repeat factor this close to 1 that rests on estimated counts is taken as 1
 
@@ -54,6 +55,16 @@ def parquet_footers(uris: list[str], s3: S3Settings | None, per_task: int = 64) 
     """Rows per row group of each parquet shard (footers only), read in parallel Ray tasks."""
     chunks = [uris[i : i + per_task] for i in range(0, len(uris), per_task)]
     return [groups for part in ray.get([_row_groups_remote.remote(c, s3) for c in chunks]) for groups in part]
+
+
+def record_ranges(records: int, max_rows: int) -> list[tuple[tuple[int, int | None] | None, int]]:
+    """One file of ``records`` records as [(record range, records)]: at least MIN_UNITS_PER_SOURCE
+    ranges of at most ``max_rows`` (the last one open-ended), or the whole file (None) when small."""
+    per_unit = min(max_rows, max(1, -(-records // MIN_UNITS_PER_SOURCE)))
+    if records <= per_unit:
+        return [(None, max(records, 1))]
+    starts = range(0, records, per_unit)
+    return [((start, start + per_unit if start + per_unit < records else None), min(per_unit, records - start)) for start in starts]
 
 
 def split_row_groups(groups: list[int], target_rows: int) -> list[tuple[tuple[int, int], int]]:
@@ -86,25 +97,21 @@ def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int, unit_
     # for a source that is one index file).
     sampled = {name: listed[name][0] for name in listed if sources[name]["format"] != "coyo_parquet"}
     counts = ray.get([_count_remote.remote(sources[n]["format"], uri, s3) for n, (uri, _) in sampled.items()])
+    counts_by_source = dict(zip(sampled, counts))
     density = {n: c / max(size, 1) for (n, (_, size)), c in zip(sampled.items(), counts)}
 
     # (uri, row groups, record range, records) per unit
     pieces: dict[str, list[tuple[str, tuple[int, int] | None, tuple[int, int | None] | None, int]]] = {}
     for name, files in listed.items():
         pieces[name] = []
-        estimates = [round(size * density[name]) if name in density else 0 for _, size in files]
-        per_unit = min(unit_rows, max(1, -(-sum(estimates) // MIN_UNITS_PER_SOURCE)))
-        for (uri, size), records in zip(files, estimates):
+        for uri, size in files:
             if uri in groups:
                 for row_range, rows in split_row_groups(groups[uri], unit_rows):
                     pieces[name].append((uri, row_range, None, rows))
-            elif records > per_unit:
-                pieces[name].extend(
-                    (uri, None, (start, start + per_unit if start + per_unit < records else None), min(per_unit, records - start))
-                    for start in range(0, records, per_unit)
-                )
+            elif len(files) == 1:
+                pieces[name].extend((uri, None, r, n) for r, n in record_ranges(counts_by_source[name], unit_rows))
             else:
-                pieces[name].append((uri, None, None, max(records, 1)))
+                pieces[name].append((uri, None, None, max(round(size * density[name]), 1)))
 
     shares = target_shares({name: s["weight"] for name, s in sources.items()})
     repeat = {name: 1.0 for name in sources}
