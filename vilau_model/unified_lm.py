@@ -232,7 +232,8 @@ class UnifiedLM(nn.Module):
         # head, also when N = 0, so every rank goes through the same FSDP modules.
         target_codes = codes[:, 1:][image_sel].long()  # [N, D]
         sum_image = depth_cross_entropy_sum(
-            self.depth, h[image_sel], target_codes, self.code_vectors, self.config.depth_loss_chunk_logits
+            self.depth, h[image_sel], target_codes, self.code_vectors, self.config.depth_loss_chunk_logits,
+            weights=self.visual_position_weights(codes, is_visual, image_sel),
         )
 
         num_text = text_sel.sum()
@@ -248,6 +249,16 @@ class UnifiedLM(nn.Module):
             "num_text": num_text,
             "num_image": num_image,
         }
+
+    def visual_position_weights(self, codes: torch.Tensor, is_visual: torch.Tensor, image_sel: torch.Tensor):
+        """Per supervised visual position (the order of `codes[:, 1:][image_sel]`): `visual_change_weight`
+        where the depth-0 code differs from the previous position's (a block's first cell, whose
+        predecessor is the start marker, counts as a change), 1 elsewhere; None when the weight is 1."""
+        w = self.config.visual_change_weight
+        if w == 1.0:
+            return None
+        change = (codes[:, 1:, 0] != codes[:, :-1, 0]) | ~is_visual[:, :-1]
+        return torch.where(change[image_sel], w, 1.0).to(torch.float32)
 
     # -- generation (vilau_model.generation) -----------------------------------------------------------
 
