@@ -196,7 +196,7 @@ LM_PRESETS: dict[str, LMConfig] = {
     # The tiny stage 2 sees ~350 generation samples: without weighing up the prompt-dependent cells it
     # never follows the prompt, and its flat code distributions sampled at temperature 1 give noise (60
     # steps in the tiny mix at lr 6e-3: colour of generated images right ~0.27 -> ~0.8 with weight 20).
-    "tiny": LMConfig(name="tiny", visual_change_weight=20.0, temperature=0.7),
+    "tiny": LMConfig(name="tiny", visual_change_weight=20.0, temperature=0.6),
     # A ~0.3B LLaMA-shaped LM (LLaMA-2's 32000-token vocabulary) to pair with the `small` tower on one GPU.
     "small": LMConfig(
         name="small",
