@@ -8,8 +8,10 @@ feature the tower's decoder turns into pixels. The projector is the LLaVA "mlp2x
 at position t predicts position t+1: a text token through the LM head, or the D residual codes of a
 visual position through the depth transformer. Loss = CE_text + CE_image (1:1), each a mean over the
 supervised targets of the whole batch (image: over all positions x depths), so that a packed batch and
-the same samples unpacked give the same loss. The depth-head CE runs in chunks of positions
-(`LMConfig.depth_loss_chunk_logits`), so its [positions x D x codebook] logits are never all in memory.
+the same samples unpacked give the same loss (`LMConfig.visual_change_weight` > 1 weighs up the cells
+whose depth-0 code changes: the image term is then a weighted sum over the same count). The depth-head
+CE runs in chunks of positions (`LMConfig.depth_loss_chunk_logits`), so its [positions x D x codebook]
+logits are never all in memory.
 
 Batches are packed rows (the format documented in `vilau_model.sequence`), attention confined to each
 sample by a block-diagonal causal mask built from `segment_ids`.
