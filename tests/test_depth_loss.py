@@ -58,3 +58,19 @@ def test_no_grad_chunks_without_recomputation():
         a = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], max_logits_per_chunk=3 * D * K)
         b = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], max_logits_per_chunk=None)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 5 * D * K])
+def test_position_weights_scale_each_positions_cross_entropies(chunk):
+    depth, codebook, h, codes = setup(23)
+    weights = torch.ones(23)
+    weights[[0, 7, 22]] = 5.0
+    weighted = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], max_logits_per_chunk=chunk, weights=weights)
+    logits = depth(h, codebook[codes][:, :-1]).float()
+    per_position = torch.nn.functional.cross_entropy(logits.reshape(-1, K), codes.reshape(-1), reduction="none")
+    reference = (per_position.view(23, D).sum(dim=1) * weights).sum()
+    torch.testing.assert_close(weighted, reference, rtol=1e-5, atol=1e-5)
+    # all-one weights are the plain sum
+    ones = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], max_logits_per_chunk=chunk, weights=torch.ones(23))
+    plain = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], max_logits_per_chunk=chunk)
+    torch.testing.assert_close(ones, plain, rtol=1e-6, atol=1e-5)

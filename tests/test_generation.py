@@ -122,3 +122,19 @@ def test_cfg_and_sampling_filters():
     assert keep(filter_logits(logits, top_p=0.85)) == [True, True, True, False]
     assert keep(filter_logits(logits, top_p=0.1)) == [True, False, False, False]  # the best always stays
     assert keep(filter_logits(logits, top_k=900, top_p=0.96)) == [True, True, True, False]  # the paper's
+
+
+def test_sampling_temperature_defaults_to_the_model_config(setup):
+    import dataclasses
+
+    model, builder = setup
+    prompts = [builder.generation_prompt("a photo of a red circle")]
+    explicit = model.generate_images(prompts, temperature=0.0, decode=False, generator=torch.Generator().manual_seed(0))
+    config = model.config
+    try:
+        model.config = dataclasses.replace(config, temperature=0.0)  # greedy from the config alone
+        greedy = [model.generate_images(prompts, decode=False, generator=torch.Generator().manual_seed(s)).codes
+                  for s in (1, 2)]
+    finally:
+        model.config = config
+    assert torch.equal(greedy[0], explicit.codes) and torch.equal(greedy[1], explicit.codes)

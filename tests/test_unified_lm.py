@@ -170,3 +170,37 @@ def test_tiny_lm_learns_text_and_images_on_synthetic_data(tiny_tower, synthetic)
     print(f"200 steps in {elapsed:.1f}s: text {first_text:.3f} -> {last_text:.3f}, image {first_image:.3f} -> {last_image:.3f}")
     assert last_text < 0.4 * first_text
     assert last_image < 0.75 * first_image
+
+
+def test_visual_change_weight_weighs_cells_whose_depth0_code_changes(tiny_tower, synthetic):
+    """visual_change_weight w: the image loss sums w x CE at cells whose depth-0 code differs from the
+    previous cell's (each block's first cell included) and 1 x CE elsewhere, over the same count."""
+
+    import torch.nn.functional as F
+
+    tok = synthetic["tokenizer"]
+    builder = SequenceBuilder(tok, code_depth=tiny_tower.config.code_depth, max_len=1024)
+    seqs = [builder.build(GenerationSample(s[1], c)) for s, c in zip(synthetic["scenes"][:3], synthetic["image_codes"][:3])]
+    batch = collate_rows(pack_sequences(seqs, seq_len=1024, code_depth=4, pad_id=builder.ids.pad))
+    torch.manual_seed(0)
+    model = UnifiedLM(get_lm_config("tiny", visual_change_weight=1.0), tiny_tower, builder.ids).eval()
+    with torch.no_grad():
+        plain = model(**batch)
+        model.config = dataclasses.replace(model.config, visual_change_weight=5.0)
+        weighted = model(**batch)
+        # reference: per-cell CE from the hidden states, change cells found one by one
+        hidden = model.hidden_states(batch["input_ids"], batch["codes"], batch["is_visual"],
+                                     batch["position_ids"], batch["segment_ids"])
+    codes, visual = batch["codes"][0].numpy(), batch["is_visual"][0].numpy()
+    cells = [t for t in range(1, len(visual)) if visual[t]]
+    change = [not visual[t - 1] or codes[t, 0] != codes[t - 1, 0] for t in cells]
+    assert 3 < sum(change) < len(cells)  # first cells and some more, not all
+    target = batch["codes"][0, cells].long()
+    logits = model.depth(hidden[0, [t - 1 for t in cells]], model.code_vectors(target)[:, :-1]).float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view(len(cells), -1).sum(1)
+    factor = torch.tensor([5.0 if c else 1.0 for c in change])
+    torch.testing.assert_close(plain["sum_image"], ce.sum(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(weighted["sum_image"], (ce * factor).sum(), rtol=1e-5, atol=1e-4)
+    assert weighted["num_image"] == plain["num_image"] == len(cells)
+    # off by default at paper scale
+    assert get_lm_config("vilau-7b").visual_change_weight == 1.0

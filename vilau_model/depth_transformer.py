@@ -97,6 +97,7 @@ def depth_cross_entropy_sum(
     target_codes: torch.Tensor,
     code_vectors: Callable[[torch.Tensor], torch.Tensor],
     max_logits_per_chunk: int | None = 2**25,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over positions and depths of the cross-entropy of the teacher-forced depth logits.
 
@@ -106,23 +107,30 @@ def depth_cross_entropy_sum(
         recomputed in the backward pass instead of kept. None = all positions at once (the unbounded
         reference). N = 0 still runs the depth transformer (on an empty batch), so that every FSDP rank
         runs the same modules whatever its data holds.
+    weights: optional [N] per-position factors on the position's D cross-entropies (None = all 1).
     """
     n, d = target_codes.shape
     per_chunk = n if max_logits_per_chunk is None else max(1, max_logits_per_chunk // (d * depth.codebook_size))
     if n <= per_chunk:
-        return _depth_ce_sum(depth, h, target_codes, code_vectors)
+        return _depth_ce_sum(depth, h, target_codes, code_vectors, weights)
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, n, per_chunk):
-        chunk = (h[start : start + per_chunk], target_codes[start : start + per_chunk])
+        part = slice(start, start + per_chunk)
+        chunk = (h[part], target_codes[part], code_vectors, None if weights is None else weights[part])
         if torch.is_grad_enabled():
-            total = total + checkpoint(_depth_ce_sum, depth, *chunk, code_vectors, use_reentrant=False)
+            total = total + checkpoint(_depth_ce_sum, depth, *chunk, use_reentrant=False)
         else:
-            total = total + _depth_ce_sum(depth, *chunk, code_vectors)
+            total = total + _depth_ce_sum(depth, *chunk)
     return total
 
 
-def _depth_ce_sum(depth: DepthTransformer, h: torch.Tensor, codes: torch.Tensor, code_vectors) -> torch.Tensor:
+def _depth_ce_sum(
+    depth: DepthTransformer, h: torch.Tensor, codes: torch.Tensor, code_vectors, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     with torch.no_grad():
         vectors = code_vectors(codes)  # [n, D, width]
     logits = depth(h, vectors[:, :-1]).float()  # [n, D, K]; fp32 for the softmax
-    return F.cross_entropy(logits.reshape(-1, depth.codebook_size), codes.reshape(-1), reduction="sum")
+    if weights is None:
+        return F.cross_entropy(logits.reshape(-1, depth.codebook_size), codes.reshape(-1), reduction="sum")
+    ce = F.cross_entropy(logits.reshape(-1, depth.codebook_size), codes.reshape(-1), reduction="none")
+    return (ce.view(codes.shape) * weights.float()[:, None]).sum()

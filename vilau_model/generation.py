@@ -169,7 +169,7 @@ def generate_images(
     prompts: Sequence[Sequence[int]],
     cfg_scale: float | None = None,
     use_cfg: bool = True,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
@@ -180,11 +180,12 @@ def generate_images(
     """Generate one image (num_frames = 1) or video (num_frames = T) per prompt.
 
     prompts: token ids per prompt, BOS first, no start marker (`SequenceBuilder.generation_prompt(text)`).
-    cfg_scale, top_k, top_p: default to the model config's (3.0, 900, 0.96). use_cfg=False samples from
-        the conditional logits alone (no unconditional stream). temperature 0 = greedy.
+    cfg_scale, temperature, top_k, top_p: default to the model config's (3.0, 1.0, 900, 0.96).
+        use_cfg=False samples from the conditional logits alone (no unconditional stream). temperature 0 = greedy.
     """
     cfg = model.config
     scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
+    temperature = cfg.temperature if temperature is None else temperature
     top_k = cfg.top_k if top_k is None else top_k
     top_p = cfg.top_p if top_p is None else top_p
     special = model.special

@@ -8,8 +8,10 @@ feature the tower's decoder turns into pixels. The projector is the LLaVA "mlp2x
 at position t predicts position t+1: a text token through the LM head, or the D residual codes of a
 visual position through the depth transformer. Loss = CE_text + CE_image (1:1), each a mean over the
 supervised targets of the whole batch (image: over all positions x depths), so that a packed batch and
-the same samples unpacked give the same loss. The depth-head CE runs in chunks of positions
-(`LMConfig.depth_loss_chunk_logits`), so its [positions x D x codebook] logits are never all in memory.
+the same samples unpacked give the same loss (`LMConfig.visual_change_weight` > 1 weighs up the cells
+whose depth-0 code changes: the image term is then a weighted sum over the same count). The depth-head
+CE runs in chunks of positions (`LMConfig.depth_loss_chunk_logits`), so its [positions x D x codebook]
+logits are never all in memory.
 
 Batches are packed rows (the format documented in `vilau_model.sequence`), attention confined to each
 sample by a block-diagonal causal mask built from `segment_ids`.
@@ -232,7 +234,8 @@ class UnifiedLM(nn.Module):
         # head, also when N = 0, so every rank goes through the same FSDP modules.
         target_codes = codes[:, 1:][image_sel].long()  # [N, D]
         sum_image = depth_cross_entropy_sum(
-            self.depth, h[image_sel], target_codes, self.code_vectors, self.config.depth_loss_chunk_logits
+            self.depth, h[image_sel], target_codes, self.code_vectors, self.config.depth_loss_chunk_logits,
+            weights=self.visual_position_weights(codes, is_visual, image_sel),
         )
 
         num_text = text_sel.sum()
@@ -248,6 +251,16 @@ class UnifiedLM(nn.Module):
             "num_text": num_text,
             "num_image": num_image,
         }
+
+    def visual_position_weights(self, codes: torch.Tensor, is_visual: torch.Tensor, image_sel: torch.Tensor):
+        """Per supervised visual position (the order of `codes[:, 1:][image_sel]`): `visual_change_weight`
+        where the depth-0 code differs from the previous position's (a block's first cell, whose
+        predecessor is the start marker, counts as a change), 1 elsewhere; None when the weight is 1."""
+        w = self.config.visual_change_weight
+        if w == 1.0:
+            return None
+        change = (codes[:, 1:, 0] != codes[:, :-1, 0]) | ~is_visual[:, :-1]
+        return torch.where(change[image_sel], w, 1.0).to(torch.float32)
 
     # -- generation (vilau_model.generation) -----------------------------------------------------------
 
