@@ -45,7 +45,9 @@ def make_config(small_shards, outputs):
     def make(*overrides):
         return load_config(
             None,
-            [f"data.root={small_shards[0]}", f"output_dir={outputs}", f"data.seq_len={SEQ_LEN}", "data.pack_window=16", *overrides],
+            [f"data.root={small_shards[0]}", f"output_dir={outputs}", f"data.seq_len={SEQ_LEN}", "data.pack_window=16",
+             # shares 2:1:1:1 of trained samples (a COYO pair gives two): every record once
+             "data.lm_sources.coyo.weight=2.0", "data.lm_sources.openvid.weight=1.0", *overrides],
         )
 
     return make
