@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from gloo_ranks import free_loopback_port
 from orchestration.config import load_config
 from orchestration.data.synthetic import make_synthetic_dataset
 from orchestration.storage import S3Settings, upload_dir
@@ -29,12 +29,6 @@ S3_BUCKET = "vilau-test"
 # moto accepts any credentials; these only have to be present and are fake on purpose.
 S3_TEST_KEY = "testing-key-id"
 S3_TEST_SECRET = "testing-secret-value"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +54,7 @@ def s3_server():
     import boto3
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_loopback_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     settings = S3Settings(

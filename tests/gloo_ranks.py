@@ -1,4 +1,4 @@
-"""Run a function on a few gloo ranks in spawned processes (CPU, no Ray), for tests of collectives."""
+"""Spawned gloo ranks for tests of collectives (CPU, no Ray), and a free loopback port for test servers."""
 
 from __future__ import annotations
 

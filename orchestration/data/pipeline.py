@@ -158,11 +158,11 @@ def mixture_shares(config: Config, stage: str = "lm", group: str | None = None) 
     also tokens). Counts come from the pipeline's stats group (default: the stage's): records
     decoded, times the samples a record gives in that stage (``lm_samples_from_records``)."""
     sources = config.data.lm_sources if stage == "lm" else config.data.tower_sources
+    weights = {n: s.weight for n, s in sources.items()}
     stats = data_stats(group or (LM_GROUP if stage == "lm" else TOWER_GROUP))
     if stage != "lm":
-        return mixture_report({n: s.weight for n, s in sources.items()}, stats["samples"])
-    samples = lm_samples_from_records(config, stats["samples"])
-    return mixture_report({n: s.weight for n, s in sources.items()}, samples, stats["tokens"])
+        return mixture_report(weights, stats["samples"])
+    return mixture_report(weights, lm_samples_from_records(config, stats["samples"]), stats["tokens"])
 
 
 def run_tokenize_job(config: Config, tower_path: str | None = None, force: bool = False) -> dict:
