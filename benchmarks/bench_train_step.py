@@ -8,11 +8,16 @@
    fixed batch of the same shapes, with the same number of threads. Both run in the same Ray Train worker
    process, in alternating blocks of steps, so they see the same process (priority, threads,
    allocator) and, on a shared machine, nearly the same load; medians per step, several rounds.
-   Goal: ratio <= 1.03. The batch is sized so that a bare step takes >= 0.3 s here.
+   Goal: ratio <= 1.03. The batch is sized so that a bare step takes >= 0.3 s here. By default the
+   synthetic data holds as many records as a round trains, so that the steps measured are steady
+   state, as in a real run's epoch of millions of samples; `--samples 256` (an epoch of ~6 steps)
+   adds the start of a new epoch's pipeline every few steps to the Ray loop's cost.
+   Also printed per round: the training thread's CPU time per step in each loop (what the loop itself
+   costs, whatever the load) and the CPU of the worker's other threads (batch reader, Ray Data).
 2. The data-wait share of the tiny pretrain (both stages, steady state: the first step, which waits
    for the Ray Data pipeline to start, left out). Goal: <= 2%.
 
-    python benchmarks/bench_train_step.py [--steps 80] [--rounds 3] [--batch 80] [--threads 1] [--settle 3]
+    python benchmarks/bench_train_step.py [--steps 80] [--rounds 3] [--batch 80] [--threads 1] [--settle 3] [--samples N]
         [--pretrain-summary PATH | --skip-pretrain]
 
 Last line: ``RESULT overhead_ratio=<ray/bare>``.
@@ -111,23 +116,31 @@ def bench_worker(loop_config: dict) -> dict:
     trainer.begin()
     skip_ray = trainer.stream.queue.maxsize + 2  # our read-ahead + Ray Data's prefetch_batches
     bare_times, ray_times, done = [], [], 0
+    bare_cpu, ray_cpu, ray_other_cpu = [], [], []  # training thread's CPU per step; the process's other threads
     while done < steps:
         n = min(block, steps - done)
         time.sleep(loop_config["settle"])
         for i in range(n):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             bare.step(done + i)
             if done + i >= WARMUP:
                 bare_times.append(time.perf_counter() - t0)
+                bare_cpu.append(time.thread_time() - c0)
         time.sleep(loop_config["settle"])
         for i in range(n):
-            t0 = time.perf_counter()
+            t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
             trainer.step()
             if done + i >= WARMUP and i >= skip_ray:
                 ray_times.append(time.perf_counter() - t0)
+                ray_cpu.append(time.thread_time() - c0)
+                ray_other_cpu.append(time.process_time() - p0 - ray_cpu[-1])
         done += n
     summary = trainer.end()
-    summary["final_metrics"].update(bare_median_s=statistics.median(bare_times), ray_median_s=statistics.median(ray_times))
+    summary["final_metrics"].update(
+        bare_median_s=statistics.median(bare_times), ray_median_s=statistics.median(ray_times),
+        bare_cpu_median_s=statistics.median(bare_cpu), ray_cpu_median_s=statistics.median(ray_cpu),
+        ray_other_threads_cpu_s=statistics.mean(ray_other_cpu),
+    )
     return summary
 
 
@@ -142,7 +155,11 @@ def one_round(config, batch: dict[str, np.ndarray], steps: int, threads: int, bl
     publish_data_plan(run_config, stage_run_name(run_config, TOWER), training_plan(run_config, TOWER))
     result = run_stage(run_config, TOWER, config.tower_train, bench_worker,
                        loop_config={"threads": threads, "steps": steps, "batch": batch, "block": block, "settle": settle})
-    return result.metrics["bare_median_s"], result.metrics["ray_median_s"]
+    m = result.metrics
+    print(f"round {round_index}: training thread CPU per step: bare {m['bare_cpu_median_s'] * 1000:.1f} ms, Ray Train loop "
+          f"{m['ray_cpu_median_s'] * 1000:.1f} ms; the worker's other threads (reader, Ray Data) "
+          f"{m['ray_other_threads_cpu_s'] * 1000:.1f} ms", flush=True)
+    return m["bare_median_s"], m["ray_median_s"]
 
 
 def pretrain_wait_shares(summary_path: str | None, workdir: str) -> dict[str, float]:
@@ -167,16 +184,21 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=20, help="steps per block of each loop")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in both loops")
     parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before each block")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="synthetic records per source (default: enough for one epoch to hold a round's steps)")
     parser.add_argument("--pretrain-summary", default=None)
     parser.add_argument("--skip-pretrain", action="store_true")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench_train_step-")
+    sources = len(load_config(None, []).data.tower_sources)
+    samples = args.samples or -(-args.steps * args.batch // sources)
     config = load_config(None, [
         "run_name=bench", f"data.root={work}/data", f"output_dir={work}/outputs", f"cluster.storage_path={work}/outputs/ray",
         f"tower_train.steps={args.steps}", f"tower_train.batch_size_per_worker={args.batch}",
         f"tower_train.checkpoint_every={args.steps}", "tower_train.log_every=10",
         "cluster.num_workers=1", f"cluster.cpus_per_worker={args.threads}",
+        f"data.synthetic.samples={samples}",
     ])
     from orchestration.data.synthetic import ensure_synthetic_dataset
 

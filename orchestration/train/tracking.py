@@ -163,12 +163,17 @@ def close_run(config: Config, run_id: str | None, failed: bool = False) -> None:
 
 
 class RunLogger:
-    """Rank 0's handle on the run: metrics, images, files. A no-op everywhere else."""
+    """Rank 0's handle on the run: metrics, images, files. A no-op everywhere else.
+
+    Metrics are logged asynchronously (MLflow's own queue and thread): a log step never waits for a
+    round trip to the tracking server, which on a cluster would stall rank 0 and, at the next
+    collective, every rank. ``flush`` waits for them and raises what failed."""
 
     def __init__(self, tracking_uri: str, run_id: str | None, active: bool):
         self.run_id = run_id
         self.active = active and run_id is not None
         self._client = _client(tracking_uri) if self.active else None
+        self._pending: list = []  # RunOperations of metric batches not yet known to be logged
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
@@ -180,7 +185,15 @@ class RunLogger:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(batch), 1000):
-            self._client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+            self._pending.append(self._client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=False))
+        if len(self._pending) > 64:  # long done by now; bounds what a long run holds
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait until every metric logged so far is on the tracking server (raises if one failed)."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            operation.wait()
 
     def log_image(self, image, artifact_file: str) -> None:
         if self.active:

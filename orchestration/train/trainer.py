@@ -688,6 +688,7 @@ class Trainer:
             self.stream.close()  # no read-ahead past the last step
         self.wait_for_checkpoints()  # the final checkpoint is registered before the run ends
         self.saver.close()
+        self.logger.flush()  # the run's metrics are on the server before the driver reads or closes it
         self.state.metrics.update(self.data_wait_shares())
         return self.finish()
 
