@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -208,6 +209,9 @@ def main() -> None:
     bare, ray_times = [], []
     from orchestration.launch import init_ray
 
+    # As in a job (orchestration/console.py): no Ray Data progress bars, which the training worker would
+    # redraw and Ray would forward to this console as new lines.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     init_ray(config)  # before any Ray Data call, which would start a default (too small) instance
     for r in range(args.rounds):
         b, t = one_round(config, batch, args.steps, args.threads, args.block, args.settle, r)
