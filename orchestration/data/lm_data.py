@@ -98,8 +98,8 @@ def _lm_tokenizer_on_s3(config: Config) -> str:
     local copy of it, trained and uploaded first if missing, so every run of the job uses the same one.
 
     The local copy is named by its content (``<tmp>/vilau-lm-tokenizer-<sha256>``): every call (driver,
-    each rank, each restart) reuses the one folder instead of leaving a new temp dir behind, and a
-    process killed mid-copy leaves only a staging folder that its TemporaryDirectory never renames."""
+    each rank, each restart) reuses the one folder instead of leaving a new temp dir behind. Downloads
+    and training happen in a TemporaryDirectory: only a process killed during that copy leaves one."""
     from orchestration.storage import filesystem, join, upload_dir
 
     uri = join(config.output_dir, "lm_tokenizer")
