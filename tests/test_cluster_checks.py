@@ -6,6 +6,7 @@ Cheap: no Ray. The same checks on a real 3-node cluster are in tests/test_multin
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -166,6 +167,11 @@ def test_lm_tokenizer_trained_once_into_an_s3_output_dir(s3_server, s3_synthetic
                           aws_access_key_id=s3_server.access_key_id, aws_secret_access_key=s3_server.secret_access_key)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=S3_BUCKET, Prefix="tok-test/outputs/lm_tokenizer/")["Contents"]]
     assert "tok-test/outputs/lm_tokenizer/tokenizer.json" in keys
-    second = ensure_lm_tokenizer(config)  # downloaded, not trained again
-    assert second != first
-    assert directory_files(second) == directory_files(first)
+    files = directory_files(first)
+    # Every call reuses one local copy (named by content), not a new temp dir per call.
+    assert ensure_lm_tokenizer(config) == first and directory_files(first) == files
+    # Without the local copy it is downloaded, not trained again: there are no shards to train on here.
+    shutil.rmtree(first)
+    elsewhere = config.model_copy(update={"data": config.data.model_copy(update={"root": f"s3://{S3_BUCKET}/no-shards"})})
+    second = ensure_lm_tokenizer(elsewhere)
+    assert directory_files(second) == files

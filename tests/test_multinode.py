@@ -248,7 +248,7 @@ class LocalCluster:
             info = self.job(submission_id)
             if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return info
-            time.sleep(2)
+            time.sleep(0.5)  # one small REST call: a 2 s poll added ~1 s per wait on average
         raise TimeoutError(f"job {submission_id} still {info['status']}:\n{self.job_logs(submission_id)[-5000:]}")
 
     # -- node loss

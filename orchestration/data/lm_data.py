@@ -95,21 +95,40 @@ def ensure_lm_tokenizer(config: Config) -> str:
 
 def _lm_tokenizer_on_s3(config: Config) -> str:
     """output_dir on S3 (a cluster): the tokenizer lives at <output_dir>/lm_tokenizer; this returns a
-    local copy of it, trained and uploaded first if missing, so every run of the job uses the same one."""
+    local copy of it, trained and uploaded first if missing, so every run of the job uses the same one.
+
+    The local copy is named by its content (``<tmp>/vilau-lm-tokenizer-<sha256>``): every call (driver,
+    each rank, each restart) reuses the one folder instead of leaving a new temp dir behind. Downloads
+    and training happen in a TemporaryDirectory: only a process killed during that copy leaves one."""
     from orchestration.storage import filesystem, join, upload_dir
 
     uri = join(config.output_dir, "lm_tokenizer")
     s3 = s3_settings(config)
     fs, path = filesystem(uri, s3)
-    local = Path(tempfile.mkdtemp(prefix="vilau-lm-tokenizer-")) / "lm_tokenizer"
-    if fs.exists(f"{path}/tokenizer.json"):
-        local.mkdir()
-        fs.get(f"{path}/", f"{local}/", recursive=True)
-        return str(local)
-    _train_lm_tokenizer(config, local)
-    upload_dir(str(local), uri, s3)
-    log.info("uploaded the LM tokenizer to %s", uri)
-    return str(local)
+    with tempfile.TemporaryDirectory(prefix=".vilau-lm-tokenizer-staging-") as staging:
+        local = Path(staging) / "lm_tokenizer"
+        if fs.exists(f"{path}/tokenizer.json"):
+            local.mkdir()
+            fs.get(f"{path}/", f"{local}/", recursive=True)
+        else:
+            _train_lm_tokenizer(config, local)
+            upload_dir(str(local), uri, s3)
+            log.info("uploaded the LM tokenizer to %s", uri)
+        return _content_addressed_copy(local)
+
+
+def _content_addressed_copy(folder: Path) -> str:
+    """Move ``folder`` to ``<tmp>/vilau-lm-tokenizer-<sha256 of its files>`` unless that copy exists."""
+    digest = files_sha256({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    target = Path(tempfile.gettempdir()) / f"vilau-lm-tokenizer-{digest[:32]}"
+    if not (target / "tokenizer.json").is_file():
+        try:
+            folder.rename(target)  # atomic: a concurrent reader sees all of it or none
+        except OSError:  # another process got there first with the same content, or a broken leftover
+            if not (target / "tokenizer.json").is_file():
+                shutil.rmtree(target, ignore_errors=True)
+                folder.rename(target)
+    return str(target)
 
 
 def _train_lm_tokenizer(config: Config, out: Path) -> str:

@@ -120,6 +120,13 @@ class StorageReader(FsspecReader):
         super().__init__(path)
         self.fs.fs = _fsspec(filesystem)
 
+    def _slice_file(self, file, sinfo):
+        # One ranged read per stored item. DCP's default view hands torch.load the open file, and
+        # torch.load reads a zip record in many small seeks and reads: on S3 each is its own request
+        # (360 small tensors from the local S3 server: 277 s before, 15 s with one read per item).
+        file.seek(sinfo.offset)
+        return io.BytesIO(file.read(sinfo.length))
+
 
 def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(path) as f:

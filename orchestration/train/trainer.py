@@ -519,6 +519,7 @@ class Trainer:
         if latest is None:
             return
         candidates = [(latest.path, latest.filesystem)]
+        started = time.perf_counter()
         while candidates:
             path, fs = candidates.pop()
             try:
@@ -527,7 +528,7 @@ class Trainer:
                     filesystem=fs,
                 )
                 self.guard.skipped = self.state.nonfinite_skipped
-                self._print(f"resumed from {path} at step {self.state.step}")
+                self._print(f"resumed from {path} at step {self.state.step} in {time.perf_counter() - started:.1f} s")
                 return
             except ckpt.IncompleteCheckpointError as exc:
                 log.warning("%s; trying an older checkpoint", exc)
