@@ -1,8 +1,9 @@
 """Stage 1 on a real local Ray instance: 2 CPU workers with FSDP2, a worker killed mid-run, every sample
 trained exactly once per epoch across that restart, a rerun of the finished run over a damaged latest
-checkpoint, and what the MLflow run holds.
+checkpoint, what the MLflow run holds, and a slow export under a short process-group timeout.
 
-One killed run is shared by the tests of this module (a Ray Train fit costs tens of seconds here).
+One killed run and one clean run are shared by the tests of this module (a Ray Train fit costs tens
+of seconds here).
 """
 
 from __future__ import annotations
@@ -60,6 +61,27 @@ def killed_run(ray_session, synthetic_data, s3_overrides, tmp_path_factory, mlfl
     return config, fit_tower(config)
 
 
+# The clean run's export is deliberately slow under a short process-group timeout: the delay only has to
+# outlast the timeout, since a rank held in a collective while rank 0 exported would time out first.
+PROCESS_GROUP_TIMEOUT_S, EXPORT_DELAY_S = 10, 12
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_session, synthetic_data, tmp_path_factory):
+    """The killed run's settings without the failure, whose export takes longer than a rank may wait in
+    a collective."""
+    from orchestration.launch import fit_tower
+
+    out = tmp_path_factory.mktemp("clean_run")
+    config = _config(
+        synthetic_data, out, [], f"tower_train.steps={STEPS}", f"tower_train.eval_every={STEPS}",
+        f"cluster.process_group_timeout_s={PROCESS_GROUP_TIMEOUT_S}",
+        f"cluster.fault_injection.export_delay_s={EXPORT_DELAY_S}",
+        "tracking.enabled=false", kill=False,  # the recorded keys are the evidence here
+    )
+    return config, fit_tower(config)
+
+
 def _mlflow(config):
     from mlflow import MlflowClient
 
@@ -99,17 +121,11 @@ def _trained(run_dir: Path) -> dict[tuple[int, int, int], dict]:
 
 
 @pytest.mark.e2e
-def test_the_killed_run_trains_every_sample_exactly_once_per_epoch(killed_run, synthetic_data, tmp_path):
+def test_the_killed_run_trains_every_sample_exactly_once_per_epoch(killed_run, clean_run, synthetic_data):
     """The lineage of the killed run's final weights trains the same samples at each step as an
     uninterrupted run, each sample once per epoch."""
-    from orchestration.launch import fit_tower
-
     config, killed_result = killed_run
-    clean_config = _config(
-        synthetic_data, tmp_path, [], f"tower_train.steps={STEPS}", "tower_train.eval_every=1000",
-        "tracking.enabled=false", kill=False,  # the recorded keys are the evidence here
-    )
-    clean_result = fit_tower(clean_config)
+    clean_config, clean_result = clean_run
     clean = _trained(Path(clean_config.cluster.storage_path).resolve() / clean_result.run_name)
     killed = _trained(Path(config.cluster.storage_path).resolve() / killed_result.run_name)
 
@@ -127,6 +143,25 @@ def test_the_killed_run_trains_every_sample_exactly_once_per_epoch(killed_run, s
     # The same samples in each epoch, and the same samples at each step, as without the failure.
     assert per_epoch["clean"] == per_epoch["killed"]
     assert {k: sorted(v["keys"]) for k, v in clean.items()} == {k: sorted(v["keys"]) for k, v in killed.items()}
+
+
+@pytest.mark.e2e
+def test_a_slow_export_runs_after_the_worker_group_under_a_short_process_group_timeout(clean_run):
+    """The end of a run never holds a rank in a collective: the export runs as its own Ray task after
+    every worker of the group has returned. (Exporting on rank 0 while the other ranks waited in a
+    barrier, as the trainer once did, fails this run with a gloo timeout.)"""
+    from orchestration.train.tower import load_tower_export
+
+    _, result = clean_run
+    assert result.steps_done == STEPS and result.history == [[1, STEPS]]
+    # The export started after rank 0 had left the training function, and took longer than a rank
+    # may wait in a collective.
+    assert result.workers_finished_at is not None and result.end_of_run_started_at is not None
+    assert result.end_of_run_started_at >= result.workers_finished_at
+    assert result.timings["end_of_run_s"] >= EXPORT_DELAY_S > PROCESS_GROUP_TIMEOUT_S
+    assert os.path.isfile(os.path.join(result.export_path, "tower.safetensors"))
+    assert load_tower_export(result.export_path) is not None
+    assert "codebook_dead_codes" in result.metrics
 
 
 @pytest.mark.e2e
