@@ -1,6 +1,6 @@
 """The tiny tower trained on generated scenes (CPU, one process) learns both of its jobs.
 
-200 steps of the full loss (contrastive vs the frozen text tower + reconstruction + commitment) must
+100 steps of the full loss (contrastive vs the frozen text tower + reconstruction + commitment) must
 cut the reconstruction MSE of held-back scenes at least 5x and give zero-shot accuracy on them far
 above chance (16 classes, chance 1/16), while the text tower's weights stay exactly as they were.
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from orchestration.data.scenes import class_names, render_scene, zero_shot_prompt
 from vilau_model import TowerLossConfig, UnifiedVisionTower, get_tower_config
 
-STEPS, BATCH, LR = 200, 32, 4e-3
+STEPS, BATCH, LR = 100, 32, 4e-3
 
 
 def _scenes(seed: int, n: int, size: int, vary_captions: bool):
@@ -81,7 +81,7 @@ def test_tiny_tower_learns_reconstruction_and_zero_shot():
         f"codebook usage {out['codebook_usage'].item():.2f}, perplexity {out['codebook_perplexity'].item():.1f}"
     )
     assert mse_before / mse_after >= 5.0
-    assert acc_after >= 0.3  # ~5x chance; typically 0.5-0.6
+    assert acc_after >= 0.3  # ~5x chance; 0.53 at 100 steps, 0.67 at 200
     assert acc_after > acc_before + 0.2
     # the frozen text tower has not moved by a single bit (logit scale/bias excluded: image-side)
     text_after = {k: v for k, v in tower.clip.state_dict().items() if k in text_before}
