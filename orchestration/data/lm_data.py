@@ -119,7 +119,7 @@ def _lm_tokenizer_on_s3(config: Config) -> str:
 
 def _content_addressed_copy(folder: Path) -> str:
     """Move ``folder`` to ``<tmp>/vilau-lm-tokenizer-<sha256 of its files>`` unless that copy exists."""
-    digest = files_sha256({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    digest = files_sha256(directory_files(str(folder)))  # as the tokenized cache fingerprints it
     target = Path(tempfile.gettempdir()) / f"vilau-lm-tokenizer-{digest[:32]}"
     if not (target / "tokenizer.json").is_file():
         try:

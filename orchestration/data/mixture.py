@@ -98,7 +98,7 @@ def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int, unit_
     sampled = {name: listed[name][0] for name in listed if sources[name]["format"] != "coyo_parquet"}
     counts = ray.get([_count_remote.remote(sources[n]["format"], uri, s3) for n, (uri, _) in sampled.items()])
     counts_by_source = dict(zip(sampled, counts))
-    density = {n: c / max(size, 1) for (n, (_, size)), c in zip(sampled.items(), counts)}
+    density = {n: counts_by_source[n] / max(size, 1) for n, (_, size) in sampled.items()}
 
     # (uri, row groups, record range, records) per unit
     pieces: dict[str, list[tuple[str, tuple[int, int] | None, tuple[int, int | None] | None, int]]] = {}
