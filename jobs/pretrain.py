@@ -15,12 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
 from orchestration.console import JobConsole
-from orchestration.launch import job_parser, load_job_config, pretrain, pretrain_summary, where_things_are, write_summary
+from orchestration.launch import LM, TOWER, job_parser, load_job_config, pretrain, pretrain_summary, where_things_are, write_summary
 
 
 def main(argv=None) -> None:
     args = job_parser(__doc__).parse_args(argv)
-    config = load_job_config(args)
+    config = load_job_config(args, stages=(TOWER, LM))
     with JobConsole(config, "pretrain") as console:
         tower, lm = pretrain(config, console=console)
         write_summary(args.summary_json, pretrain_summary(config, tower, lm))

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
 from orchestration.config import ConfigError  # noqa: E402
-from orchestration.launch import init_ray, job_parser, load_job_config, write_summary  # noqa: E402
+from orchestration.launch import LM, init_ray, job_parser, load_job_config, write_summary  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     from orchestration.data.pipeline import CacheMismatchError, run_tokenize_job
 
     try:
-        config = load_job_config(args)
+        config = load_job_config(args, stages=(LM,))
         init_ray(config)
         manifest = run_tokenize_job(config, args.tower, force=args.force)
     except (ConfigError, CacheMismatchError) as exc:

@@ -11,12 +11,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
 from orchestration.console import JobConsole
-from orchestration.launch import fit_tower, job_parser, load_job_config, where_things_are, write_summary
+from orchestration.launch import TOWER, fit_tower, job_parser, load_job_config, where_things_are, write_summary
 
 
 def main(argv=None) -> None:
     args = job_parser(__doc__).parse_args(argv)
-    config = load_job_config(args)
+    config = load_job_config(args, stages=(TOWER,))
     with JobConsole(config, "train_vision_tower") as console:
         result = fit_tower(config, console=console)
         write_summary(args.summary_json, result.summary())

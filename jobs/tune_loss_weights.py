@@ -6,19 +6,18 @@ Ranges, search method (grid, random, optuna), ASHA settings and trial resources 
 `tune` section; rerunning the same command resumes an interrupted sweep.
 """
 
-import argparse
+import sys
+from pathlib import Path
 
-from orchestration.config import load_config
-from orchestration.tune import run_sweep, write_summary_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
+
+from orchestration.launch import TOWER, job_parser, load_job_config  # noqa: E402
+from orchestration.tune import run_sweep, write_summary_json  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML preset (default: jobs/configs/tiny.yaml)")
-    parser.add_argument("--summary-json", default=None, help="write the sweep summary here")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args()
-    config = load_config(args.config, args.overrides)  # fails before Ray starts on a bad config
+def main(argv=None) -> None:
+    args = job_parser(__doc__).parse_args(argv)
+    config = load_job_config(args, stages=(TOWER,))  # fails before Ray starts on a bad config
     summary = run_sweep(config)
     print(summary.table())
     if args.summary_json:

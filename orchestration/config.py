@@ -215,8 +215,16 @@ class DataSection(Section):
     # storage directory (trained_keys/rank<r>/step<n>_<i>.json), one small file per micro-batch.
     record_trained_keys: bool = False
     decode_batch_size: PositiveInt = 32
+    # Actors of the tokenization pool. With data.cache_dir, stage 2 tokenizes once through ONE pool of
+    # this size over the whole cluster (before training takes the GPUs); without it, every training
+    # rank runs a pool of this size beside its trainer (small runs only: jobs/plan.py checks the fit).
     tokenizer_actors: PositiveInt = 1
     tokenizer_actor_gpus: NonNegativeFloat = 0.0
+    # How long an actor pool may wait for its actors' resources before the run fails naming them
+    # (Ray Data's own default waits forever).
+    actor_start_timeout_s: PositiveFloat = 600.0
+    # How long a training rank waits for its next batch before the run fails naming its data pipeline.
+    batch_timeout_s: PositiveFloat = 1800.0
     # Images per forward pass of the frozen tower in the tokenization pool.
     tokenizer_batch_size: PositiveInt = 16
     # Samples per call of the tokenization pool; sequences are packed within one call, so a bigger
@@ -319,6 +327,16 @@ class ClusterSection(Section):
     num_workers: PositiveInt = 2
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
+    # Memory of one GPU of the training nodes (GiB); jobs/plan.py refuses a step whose per-GPU peak
+    # exceeds 0.9 of it. None: not checked (CPU runs).
+    gpu_memory_gib: PositiveFloat | None = None
+    # The `ray up` file whose node types (x their max_workers) the plan holds the run against: the most
+    # an autoscaling cluster can grow to. None: the live cluster when one is reachable, else the local
+    # instance. Relative paths are taken from the current directory, then the project root.
+    cluster_yaml: str | None = None
+    # How long the training worker group may wait for its placement group (a stage's GPUs/CPUs) before
+    # the run fails naming what it asked for; Ray Train alone retries forever.
+    worker_start_timeout_s: PositiveFloat = 900.0
     storage_path: str = "outputs/ray"
     # Local paths (data.root, storage_path, output_dir, ...) are on a filesystem that every node mounts
     # (NFS, EFS, FSx). Without it, a job that joins a multi-node cluster refuses node-local paths.

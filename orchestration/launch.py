@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from orchestration.config import Config, StageSection
+from orchestration.resource_plan import ResourceWaitError, worker_bundle, worker_start_attempts
 from orchestration.storage import is_s3, pyarrow_filesystem
 from orchestration.train.tracking import RunInfo, close_run, open_run
 
@@ -138,7 +139,10 @@ def build_trainer(
             name=run.run_name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            # A worker group that cannot be placed fails after cluster.worker_start_timeout_s (Ray Train
+            # alone retries forever); run_stage names what it asked for.
+            failure_config=FailureConfig(max_failures=cluster.max_failures,
+                                         controller_failure_limit=worker_start_attempts(config)),
             checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
             callbacks=callbacks,
         ),
@@ -171,6 +175,8 @@ def run_stage(
     try:
         try:
             result = trainer.fit()
+        except Exception as exc:
+            raise worker_start_error(config, stage, exc) or exc
         finally:
             if progress is not None:
                 progress.close()
@@ -207,6 +213,20 @@ def run_stage(
     for what, seconds in stage_result.timings.items():
         log.info("timing: %s %s %.1f s", stage, what, seconds)
     return stage_result
+
+
+def worker_start_error(config: Config, stage: str, exc: Exception) -> ResourceWaitError | None:
+    """Ray Train's "the worker group could not start" (a placement group that never got its resources),
+    said as what the stage asked for and the fields that size it; None for any other failure."""
+    if "WorkerGroupStartupTimeout" not in f"{type(exc).__name__} {exc!r} {exc}":
+        return None
+    c = config.cluster
+    return ResourceWaitError(
+        f"[{stage}] the training worker group ({c.num_workers} x {worker_bundle(config)}) could not be placed "
+        f"within cluster.worker_start_timeout_s={c.worker_start_timeout_s:g}: the cluster lacks these resources "
+        "or other work holds them (fields: cluster.num_workers, cluster.cpus_per_worker, cluster.use_gpu; "
+        "`python jobs/plan.py` shows what each stage asks for)"
+    )
 
 
 def _remote(fn: Callable, **resources):
@@ -295,6 +315,28 @@ def publish_data_plan(config: Config, run_name: str, plan) -> None:
         f.write(plan.to_json().encode())
 
 
+# ---------------------------------------------------------------- before Ray
+
+
+def preflight(config: Config, stages: tuple[str, ...]):
+    """What every job checks and prepares before it asks Ray for anything; raises ConfigError naming the
+    fields. The data folder (generated shards only where no user data can be: sources.ensure_data);
+    what each stage will ask Ray for, held against the cluster; on GPUs, each stage's per-GPU memory
+    peak against cluster.gpu_memory_gib (run_plan.check_run). A job that joins a cluster joins it here
+    to read its nodes (that takes nothing); a local instance is planned without starting it."""
+    from orchestration.data.sources import ensure_data
+    from orchestration.resource_plan import joins_a_cluster
+    from orchestration.run_plan import check_run
+
+    started = time.perf_counter()
+    ensure_data(config)
+    if joins_a_cluster(config) and not config.cluster.cluster_yaml:
+        init_ray(config)
+    plan = check_run(config, stages)
+    log.info("timing: preflight (%s) %.1f s", "+".join(stages), time.perf_counter() - started)
+    return plan
+
+
 # ---------------------------------------------------------------- the stages
 
 
@@ -344,7 +386,15 @@ def fit_lm(
 
     # The tokenizer travels to the workers as bytes (they may run on machines without output_dir).
     tokenizer_files = directory_files(ensure_lm_tokenizer(config))
-    from orchestration.data.pipeline import training_plan
+    from orchestration.data.pipeline import read_manifest, training_plan, write_lm_cache
+
+    if config.data.cache_dir and read_manifest(config.data.cache_dir, config) is None:
+        # At scale the frozen tower encodes on the GPUs: through one cluster-wide pool, now, while no
+        # training worker holds them; the training ranks then read code shards only.
+        log.info("tokenizing the stage-2 mix once into %s (%d pool actors)", config.data.cache_dir, config.data.tokenizer_actors)
+        if console is not None:
+            console.print(f"[lm] tokenizing the stage-2 mix once into {config.data.cache_dir}")
+        write_lm_cache(config, tower_path)
 
     # The workers build their own shares of each epoch from this plan.
     publish_data_plan(config, run_name or stage_run_name(config, LM), training_plan(config, LM, tower_path))
@@ -358,14 +408,6 @@ def fit_lm(
 def pretrain(config: Config, console=None) -> tuple[StageResult, StageResult]:
     """The whole pipeline: shards if missing, stage 1, tokenization through the actor pool, stage 2.
     With a ``JobConsole``, each stage shows its progress and a line about its data."""
-    from orchestration.data.synthetic import ensure_synthetic_dataset
-
-    started = time.perf_counter()
-    if config.data.synthetic.make_if_missing and "://" not in config.data.root:
-        s = config.data.synthetic
-        ensure_synthetic_dataset(config.data.root, samples=s.samples, seed=s.seed,
-                                 corrupt_fraction=s.corrupt_fraction, eval_samples=s.eval_samples)
-        log.info("timing: synthetic data %.1f s", time.perf_counter() - started)
     started = time.perf_counter()
     init_ray(config)
     log.info("timing: ray init %.1f s", time.perf_counter() - started)
@@ -431,12 +473,17 @@ def job_parser(description: str):
     return parser
 
 
-def load_job_config(args) -> Config:
+def load_job_config(args, stages: tuple[str, ...] = ()) -> Config:
+    """The job's config, loaded and checked; with ``stages``, also the preflight of those stages. Either
+    failing ends the job here, before Ray starts, with the message naming the fields (no traceback)."""
     from orchestration.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return load_config(args.config, args.overrides)  # fails here, before Ray starts, on a bad config
+        config = load_config(args.config, args.overrides)
+        if stages:
+            preflight(config, stages)
+        return config
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
 

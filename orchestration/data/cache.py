@@ -35,6 +35,7 @@ from orchestration.data.lm_data import (
     files_sha256,
     lm_samples_from_records,
     lm_config,
+    pool_wait_error,
     tokenize_dataset,
     tower_source,
 )
@@ -196,7 +197,10 @@ def write_lm_cache(config: Config, tower_path: str | None = None, *, force: bool
     ds = tokenize_dataset(config, tower, tokenizer_path, stats_group)
     rows_uri = join(cache_dir, ROWS_DIR)
     pa_fs, rows_path = pyarrow_filesystem(rows_uri, s3)
-    ds.write_parquet(rows_path, filesystem=pa_fs)
+    try:
+        ds.write_parquet(rows_path, filesystem=pa_fs)
+    except Exception as exc:
+        raise pool_wait_error(config, exc) or exc
 
     files = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{root}/{ROWS_DIR}") if p.endswith(".parquet"))
     rows = 0

@@ -40,6 +40,7 @@ from orchestration.data.records import (
     media_root_for,
     read_bytes,
 )
+from orchestration.resource_plan import pool_start_error, tokenizer_actor_bundle
 from orchestration.data.sources import ensure_data, plan_sources, rank_windows, read_dataset, resolve_sources, s3_settings
 from orchestration.data.epochs import DataPosition, EpochPlan, part_id
 from orchestration.data.stats import DECODE_ERROR, TOO_LONG, Tally, stats_actor
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 
 LM_GROUP = "lm"
 MAX_TOKENIZER_TEXTS = 200_000  # texts a fallback BPE is trained on
-TOKENIZER_ACTOR_MEMORY = 1 << 30  # bytes reserved per pool actor (torch + tower + tokenizer)
 
 DECODED_SCHEMA = pa.schema(
     [
@@ -521,6 +521,7 @@ def tokenize_dataset(
     lm = lm_config(config)
     ds = decoded_dataset(config, stats_group, **rank_args)
     gpus = config.data.tokenizer_actor_gpus
+    actor = tokenizer_actor_bundle(config)
     ds = ds.map_batches(
         TokenizePool,
         fn_constructor_kwargs={
@@ -545,8 +546,19 @@ def tokenize_dataset(
         # Each actor holds the tower and the tokenizer: reserve memory for them. Resource requests that
         # differ from the decode tasks' also keep Ray Data from fusing decoding into the actors, so
         # decoding stays on the CPU task pool (on GPU nodes num_gpus alone would do that).
-        memory=TOKENIZER_ACTOR_MEMORY,
+        memory=actor.memory,
     )
     # Order preserved: the pool's calls (and so the packed rows) are the same whatever the pool size.
     ds.context.execution_options.preserve_order = True
+    # Ray Data waits for pool actors forever by default: a pool the cluster has no room for fails instead.
+    ds.context.wait_for_min_actors_s = config.data.actor_start_timeout_s
     return ds
+
+
+def pool_wait_error(config: Config, exc: BaseException) -> BaseException | None:
+    """The tokenization pool's start-up deadline, said with what it asked for (None: another error)."""
+    return pool_start_error(
+        exc, "the stage-2 tokenization pool", tokenizer_actor_bundle(config), config.data.tokenizer_actors,
+        ("data.tokenizer_actors", "data.tokenizer_actor_gpus", "data.actor_start_timeout_s", "data.cache_dir"),
+        config.data.actor_start_timeout_s,
+    )

@@ -43,7 +43,8 @@ from orchestration.data.cache import CacheMismatchError, build_lm_dataset, read_
 import ray
 
 from orchestration.data.epochs import DataPosition, EpochPlan
-from orchestration.data.lm_data import LM_GROUP, ensure_lm_tokenizer, lm_samples_from_records, plan_lm_data
+from orchestration.data.lm_data import LM_GROUP, ensure_lm_tokenizer, lm_samples_from_records, plan_lm_data, pool_wait_error
+from orchestration.resource_plan import rank_data_limits
 from orchestration.data.mixture import mixture_report
 from orchestration.data.sources import ensure_data
 from orchestration.data.stats import data_stats, reset_stats, skip_counts
@@ -67,6 +68,7 @@ __all__ = [
     "ensure_data",
     "ensure_lm_tokenizer",
     "mixture_shares",
+    "pool_wait_error",
     "read_manifest",
     "reset_stats",
     "run_tokenize_job",
@@ -127,18 +129,24 @@ def rank_dataset(
 ) -> ray.data.Dataset:
     """One training rank's share of one epoch (see epochs.py), with the position columns."""
     args = dict(plan=plan, epoch=epoch, rank=rank, world=world, position=position)
+    pool_gpus = 0.0
     if stage == "tower":
-        return build_tower_dataset(config, stats_group=None, track=True, **args)
-    if plan.units and plan.units[0].format == LM_CACHE:
+        ds = build_tower_dataset(config, stats_group=None, track=True, **args)
+    elif plan.units and plan.units[0].format == LM_CACHE:
         from orchestration.data.cache import cache_rank_dataset
 
-        return cache_rank_dataset(config, track=True, **args)
-    from orchestration.data.lm_data import tokenize_dataset, tower_source
+        ds = cache_rank_dataset(config, track=True, **args)
+    else:
+        from orchestration.data.lm_data import tokenize_dataset, tower_source
 
-    return tokenize_dataset(
-        config, tower_source(config, config.model.tower_checkpoint), None, None,
-        tokenizer_files=tokenizer_files, track=True, **args,
-    )
+        ds = tokenize_dataset(
+            config, tower_source(config, config.model.tower_checkpoint), None, None,
+            tokenizer_files=tokenizer_files, track=True, **args,
+        )
+        pool_gpus = config.data.tokenizer_actors * config.data.tokenizer_actor_gpus
+    # One of `world` executors side by side: bounded to this rank's share, not sized to the whole cluster.
+    ds.context.execution_options.resource_limits = rank_data_limits(config, world, pool_gpus)
+    return ds
 
 
 def timed_batches(batches: Iterable) -> Iterator[tuple[object, float]]:

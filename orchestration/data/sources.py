@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from orchestration.config import Config, SourceSection
+from orchestration.config import Config, ConfigError, SourceSection
 from orchestration.data.epochs import STREAM_SCHEMA, DataPosition, EpochPlan, Window, window_reader
 from orchestration.data.mixture import plan_reads
 from orchestration.data.records import FORMAT_KIND, KIND_IMAGE_TEXT
-from orchestration.data.synthetic import ensure_synthetic_dataset
+from orchestration.data.synthetic import ensure_synthetic_dataset, synthetic_folder_state
 from orchestration.storage import S3Settings, is_s3
 
 log = logging.getLogger(__name__)
@@ -27,14 +25,25 @@ def s3_settings(config: Config) -> S3Settings:
 def ensure_data(config: Config) -> None:
     """Write the synthetic shards under data.root when the config asks for them and none are there.
 
-    Only a local root that does not exist yet (or is empty) is filled: real data is never overwritten.
+    The one place that writes generated data. It writes only into a local data.root that is absent,
+    empty, or holds an earlier generation (its manifest, or the mark of one that did not finish); any
+    other folder may hold a user's real shards and is refused with a ConfigError naming data.root.
+    Called before Ray starts (launch.preflight) and again by the data planners (a no-op by then).
     """
     synthetic = config.data.synthetic
     root = config.data.root
     if not synthetic.make_if_missing or is_s3(root):
         return
-    if os.path.isdir(root) and os.listdir(root) and not (Path(root) / "manifest.json").is_file():
-        return  # something else lives there
+    state = synthetic_folder_state(root)
+    if state == "complete":
+        return
+    if state == "foreign":
+        raise ConfigError(
+            f"data.root: {root} holds files that are not generated shards (no synthetic manifest.json), and "
+            "data.synthetic.make_if_missing=true would write generated shards there. To train on the data in it, "
+            "set data.synthetic.make_if_missing=false (and data.tower_sources / data.lm_sources to its layout); "
+            "for generated data, point data.root at a new or empty folder"
+        )
     ensure_synthetic_dataset(
         root,
         samples=synthetic.samples,

@@ -372,6 +372,9 @@ def make_synthetic_dataset(
         raise ValueError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Marks the folder as ours while it fills (the manifest, written last, replaces the mark): a run
+    # killed half-way may regenerate here, and nothing else may (see synthetic_folder_state).
+    (out / IN_PROGRESS_MARK).write_text("generated shards being written by vilau\n")
     # One generator per format, so adding records to one format leaves the others unchanged.
     rngs = {name: np.random.default_rng([seed, i]) for i, name in enumerate(FORMATS + ("eval",))}
 
@@ -387,6 +390,7 @@ def make_synthetic_dataset(
     }
     eval_path = _write_eval(eval_samples, rngs["eval"], out / "eval")
     manifest = {
+        "generator": GENERATOR,
         "seed": seed,
         "samples": samples,
         "corrupt_fraction": corrupt_fraction,
@@ -402,12 +406,44 @@ def make_synthetic_dataset(
         },
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (out / IN_PROGRESS_MARK).unlink(missing_ok=True)
     return manifest
 
 
+# Who wrote a manifest.json: only folders whose manifest says so are ever (re)generated into.
+GENERATOR = "vilau.synthetic"
+IN_PROGRESS_MARK = ".vilau-synthetic-in-progress"
+
+
+def synthetic_folder_state(out_dir: str | os.PathLike) -> str:
+    """What a folder is to the generator: "absent" (missing or empty), "complete" (a synthetic
+    manifest), "partial" (a generation that did not finish) or "foreign" (anything else: never written to)."""
+    out = Path(out_dir)
+    if not out.exists():
+        return "absent"
+    if not out.is_dir():
+        return "foreign"
+    if not any(out.iterdir()):
+        return "absent"
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            return "foreign"
+        # Manifests written before the generator field have exactly this shape.
+        if isinstance(data, dict) and (data.get("generator") == GENERATOR or {"seed", "samples", "formats", "eval"} <= data.keys()):
+            return "complete"
+        return "foreign"
+    return "partial" if (out / IN_PROGRESS_MARK).is_file() else "foreign"
+
+
 def ensure_synthetic_dataset(out_dir: str | os.PathLike, **kwargs) -> dict:
-    """Make the dataset unless a complete one (its manifest written last) is already there."""
-    manifest_path = Path(out_dir) / "manifest.json"
-    if manifest_path.is_file():
-        return json.loads(manifest_path.read_text())
+    """Make the dataset unless a complete one is already there. Refuses (ValueError) a folder that
+    holds anything the generator did not write: generated shards would overwrite real ones."""
+    state = synthetic_folder_state(out_dir)
+    if state == "complete":
+        return json.loads((Path(out_dir) / "manifest.json").read_text())
+    if state == "foreign":
+        raise ValueError(f"{out_dir} holds files that are not generated shards (no synthetic manifest.json)")
     return make_synthetic_dataset(out_dir, **kwargs)

@@ -235,13 +235,18 @@ class BatchStream:
 
     def __init__(self, make_dataset, state: ckpt.TrainState, rank: int, world: int, stage: str, batch_size: int,
                  columns: dict[str, torch.dtype], device: torch.device, depth: int = 4, recorder=None,
-                 batches_needed: int | None = None, host_batch=None):
+                 batches_needed: int | None = None, host_batch=None, batch_timeout_s: float | None = None,
+                 explain_error=None):
         from orchestration.data.epochs import DataPosition
         from orchestration.data.stats import DistinctSkips
 
         self.state, self.rank, self.world, self.stage = state, rank, world, stage
         self.batch_size, self.columns, self.device, self.recorder = batch_size, columns, device, recorder
         self.host_batch = host_batch or (lambda batch: batch)  # numpy batch -> numpy batch, in the reader
+        # How long the loop waits for a batch, and how a pipeline's failure is put to the user (e.g. an
+        # actor pool that never got its resources, said with the fields that size it).
+        self.batch_timeout_s = batch_timeout_s
+        self.explain_error = explain_error or (lambda exc: exc)
         data = state.data or {}
         self.position = DataPosition.from_state(data.get("position"))
         self.skipped = DistinctSkips.from_state(data.get("skipped"))
@@ -292,7 +297,7 @@ class BatchStream:
                 feed = upcoming or EpochFeed(make_dataset, epoch, None, self.batch_size)
                 upcoming = None
         except BaseException as exc:  # handed to the training loop, which raises it
-            self.queue.put(("error", -1, exc))
+            self.queue.put(("error", -1, self.explain_error(exc)))
         finally:
             for f in (feed, upcoming):
                 if f is not None:
@@ -332,7 +337,7 @@ class BatchStream:
 
     def __next__(self) -> dict:
         while True:
-            kind, epoch, payload = self.queue.get()
+            kind, epoch, payload = self._next_item()
             if kind == "error":
                 raise payload
             if epoch < self.position.epoch:
@@ -346,6 +351,18 @@ class BatchStream:
                 self._end_epoch()
                 continue
             return self._take(payload)
+
+    def _next_item(self):
+        try:
+            return self.queue.get(timeout=self.batch_timeout_s)
+        except queue.Empty:
+            from orchestration.resource_plan import ResourceWaitError
+
+            raise ResourceWaitError(
+                f"[{self.stage}] rank {self.rank} waited data.batch_timeout_s={self.batch_timeout_s:g} s for its next "
+                "batch and its data pipeline delivered none (a read that stalls, or read tasks or pool actors that "
+                "wait for CPUs/GPUs the cluster does not have free: see `python jobs/plan.py`)"
+            ) from None
 
     def _all_ranks_have(self, have: bool) -> bool:
         if self.world == 1:
@@ -543,7 +560,7 @@ class Trainer:
         """This rank's micro-batches: its own share of each epoch, built here from the epoch plan the
         driver published in the run's directory (nothing of the data pipeline outlives this worker)."""
         from orchestration.data.epochs import EpochPlan
-        from orchestration.data.pipeline import rank_dataset
+        from orchestration.data.pipeline import pool_wait_error, rank_dataset
 
         with self.storage_fs.open_input_stream(f"{self.experiment_path}/data_plan.json") as f:
             plan = EpochPlan.from_json(f.read().decode())
@@ -557,7 +574,8 @@ class Trainer:
             make_dataset, self.state, self.rank, self.world, self.task.stage, self.section.batch_size_per_worker,
             self.task.columns, self.device, recorder=self._key_recorder() if self.config.data.record_trained_keys else None,
             batches_needed=(self.section.steps - self.state.step) * self.section.grad_accum,
-            host_batch=self.task.host_batch,
+            host_batch=self.task.host_batch, batch_timeout_s=self.config.data.batch_timeout_s,
+            explain_error=lambda exc: pool_wait_error(self.config, exc) or exc,
         )
 
     def _key_recorder(self):
