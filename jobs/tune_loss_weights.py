@@ -11,13 +11,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
-from orchestration.launch import TOWER, job_parser, load_job_config  # noqa: E402
+from orchestration.launch import job_parser, load_job_config  # noqa: E402
 from orchestration.tune import run_sweep, write_summary_json  # noqa: E402
 
 
 def main(argv=None) -> None:
     args = job_parser(__doc__).parse_args(argv)
-    config = load_job_config(args, stages=(TOWER,))  # fails before Ray starts on a bad config
+    config = load_job_config(args, stages=("tune",))  # fails before Ray starts on a bad config or a trial that cannot fit
     summary = run_sweep(config)
     print(summary.table())
     if args.summary_json:

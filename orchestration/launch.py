@@ -319,20 +319,34 @@ def publish_data_plan(config: Config, run_name: str, plan) -> None:
 
 
 def preflight(config: Config, stages: tuple[str, ...]):
-    """What every job checks and prepares before it asks Ray for anything; raises ConfigError naming the
-    fields. The data folder (generated shards only where no user data can be: sources.ensure_data);
-    what each stage will ask Ray for, held against the cluster; on GPUs, each stage's per-GPU memory
-    peak against cluster.gpu_memory_gib (run_plan.check_run). A job that joins a cluster joins it here
-    to read its nodes (that takes nothing); a local instance is planned without starting it."""
+    """What every job checks and prepares before it asks Ray for anything. Every problem is reported at
+    once, each naming its field, as one ConfigError: the data folder (generated shards only where no
+    user data can be: sources.ensure_data); the stages' sources, weight paths and tracking server
+    (orchestration/preflight.py); what each stage will ask Ray for, held against the cluster, and on
+    GPUs each stage's per-GPU memory peak against cluster.gpu_memory_gib (run_plan). A job that joins
+    a cluster joins it here to read its nodes (that takes nothing); a local instance is planned
+    without starting it. Returns the run plan."""
+    from orchestration.config import ConfigError
     from orchestration.data.sources import ensure_data
+    from orchestration.preflight import config_problems
     from orchestration.resource_plan import joins_a_cluster
-    from orchestration.run_plan import check_run
+    from orchestration.run_plan import plan_run
 
     started = time.perf_counter()
-    ensure_data(config)
-    if joins_a_cluster(config) and not config.cluster.cluster_yaml:
-        init_ray(config)
-    plan = check_run(config, stages)
+    problems = []
+    try:
+        ensure_data(config)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    problems += config_problems(config, stages)
+    plan = None
+    if not (problems and joins_a_cluster(config) and not config.cluster.cluster_yaml):  # else: no cluster joined to hold it against
+        if joins_a_cluster(config) and not config.cluster.cluster_yaml:
+            init_ray(config)
+        plan = plan_run(config, stages, memory=bool(config.cluster.use_gpu and config.cluster.gpu_memory_gib))
+        problems += plan.problems
+    if problems:
+        raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
     log.info("timing: preflight (%s) %.1f s", "+".join(stages), time.perf_counter() - started)
     return plan
 

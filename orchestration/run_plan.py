@@ -64,15 +64,6 @@ def plan_run(config: Config, stages: tuple[str, ...], *, memory: bool = True) ->
     return plan
 
 
-def check_run(config: Config, stages: tuple[str, ...]) -> RunPlan:
-    """plan_run for a job's preflight: memory only where it is GPU memory (cluster.use_gpu with
-    cluster.gpu_memory_gib); raises ConfigError listing every problem."""
-    plan = plan_run(config, stages, memory=bool(config.cluster.use_gpu and config.cluster.gpu_memory_gib))
-    if plan.problems:
-        raise ConfigError("the run does not fit its cluster:\n  " + "\n  ".join(plan.problems))
-    return plan
-
-
 def report_lines(config: Config, plan: RunPlan) -> list[str]:
     """The plan as jobs/plan.py prints it."""
     lines = [f"plan of {config.run_name!r}: {config.cluster.num_workers} workers"

@@ -84,3 +84,20 @@ def test_generated_shards_go_only_where_no_user_data_can_be(tmp_path):
     folder = tmp_path / "real"
     ensure_data(config_for(folder, tmp_path, "data.synthetic.make_if_missing=false"))
     assert not (folder / "manifest.json").exists()
+
+
+def test_every_problem_is_reported_at_once_before_ray_starts_each_naming_its_field(tmp_path, synthetic_data):
+    data_root, _ = synthetic_data
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "pretrain.py"), f"data.root={data_root}", f"output_dir={out}",
+         "data.tower_sources.coyo.path=no/such/folder", f"model.tower_checkpoint={tmp_path / 'missing-export'}",
+         "tracking.uri=http://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert "data.tower_sources.coyo.path:" in err and "no/such/folder" in err
+    assert "model.tower_checkpoint:" in err and "missing-export" in err
+    assert "tracking.uri: no MLflow server answers at http://127.0.0.1:1" in err
+    assert "Traceback" not in err and not out.exists()
