@@ -165,6 +165,9 @@ def run_stage(
     samples) as Ray tasks once the worker group has finished, close the run, collect the result."""
     init_ray(config)
     run_name = run_name or stage_run_name(config, stage)
+    from orchestration.resume import record_run_config
+
+    record_run_config(config, stage, run_name)  # what a rerun of this run name is compared with
     mlflow_run_id = open_run(config, stage, run_name)
     run = RunInfo(run_name, config.tracking_uri, mlflow_run_id)
     progress = console.progress(stage, section.steps) if console is not None else None
@@ -318,7 +321,7 @@ def publish_data_plan(config: Config, run_name: str, plan) -> None:
 # ---------------------------------------------------------------- before Ray
 
 
-def preflight(config: Config, stages: tuple[str, ...]):
+def preflight(config: Config, stages: tuple[str, ...], resume: str = "auto"):
     """What every job checks and prepares before it asks Ray for anything. Every problem is reported at
     once, each naming its field, as one ConfigError: the data folder (generated shards only where no
     user data can be: sources.ensure_data); the stages' sources, weight paths and tracking server
@@ -329,6 +332,7 @@ def preflight(config: Config, stages: tuple[str, ...]):
     from orchestration.config import ConfigError
     from orchestration.data.sources import ensure_data
     from orchestration.preflight import config_problems
+    from orchestration.resume import resume_problems, start_fresh
     from orchestration.resource_plan import joins_a_cluster
     from orchestration.run_plan import plan_run
 
@@ -339,6 +343,7 @@ def preflight(config: Config, stages: tuple[str, ...]):
     except ConfigError as exc:
         problems.append(str(exc))
     problems += config_problems(config, stages)
+    problems += resume_problems(config, stages, resume)
     plan = None
     if not (problems and joins_a_cluster(config) and not config.cluster.cluster_yaml):  # else: no cluster joined to hold it against
         if joins_a_cluster(config) and not config.cluster.cluster_yaml:
@@ -347,6 +352,9 @@ def preflight(config: Config, stages: tuple[str, ...]):
         problems += plan.problems
     if problems:
         raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
+    if resume == "fresh":  # destructive, so only once everything else is known to be fine
+        for removed in start_fresh(config, stages):
+            log.info("--fresh: removed %s", removed)
     log.info("timing: preflight (%s) %.1f s", "+".join(stages), time.perf_counter() - started)
     return plan
 
@@ -483,6 +491,11 @@ def job_parser(description: str):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML preset (default: jobs/configs/tiny.yaml)")
     parser.add_argument("--summary-json", default=None, metavar="PATH", help="write a JSON summary of the run here")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="rerunning a run_name with changed training settings: continue it with the new values")
+    again.add_argument("--fresh", action="store_true",
+                       help="rerunning a run_name: remove its checkpoints and start over (a new MLflow run)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser
 
@@ -496,7 +509,8 @@ def load_job_config(args, stages: tuple[str, ...] = ()) -> Config:
     try:
         config = load_config(args.config, args.overrides)
         if stages:
-            preflight(config, stages)
+            mode = "fresh" if getattr(args, "fresh", False) else "resume" if getattr(args, "resume", False) else "auto"
+            preflight(config, stages, mode)
         return config
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None

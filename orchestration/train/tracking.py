@@ -156,6 +156,19 @@ def open_run(config: Config, stage: str, run_name: str) -> str | None:
     return run_id
 
 
+def retire_run(config: Config, run_name: str) -> None:
+    """--fresh: the MLflow runs of ``run_name`` keep their history under a retired name, so that the next
+    open_run creates a new run instead of reopening an old one."""
+    import time
+
+    client = _client(config.tracking_uri)
+    experiment_id = _experiment_id(client, config)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for run in client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'"):
+        client.set_tag(run.info.run_id, RUN_NAME_TAG, f"{run_name}@retired-{stamp}")
+        client.set_tag(run.info.run_id, "vilau.retired_by_fresh_start", stamp)
+
+
 def close_run(config: Config, run_id: str | None, failed: bool = False) -> None:
     if run_id is None:
         return
