@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
-from orchestration.launch import write_summary
+from orchestration.job_cli import write_summary
 from orchestration.train.lm import generate_to_files, resolve_export
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
-from orchestration.launch import LM, TOWER, job_parser, load_job_config  # noqa: E402
+from orchestration.job_cli import job_parser, load_job_config  # noqa: E402
+from orchestration.launch import LM, TOWER  # noqa: E402
 from orchestration.run_plan import plan_run, report_lines  # noqa: E402
 
 

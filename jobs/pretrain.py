@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
 from orchestration.console import JobConsole
-from orchestration.launch import LM, TOWER, job_parser, load_job_config, pretrain, pretrain_summary, where_things_are, write_summary
+from orchestration.job_cli import job_parser, load_job_config, write_summary
+from orchestration.launch import LM, TOWER, pretrain, pretrain_summary, where_things_are
 
 
 def main(argv=None) -> None:

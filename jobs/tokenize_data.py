@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
 from orchestration.config import ConfigError  # noqa: E402
-from orchestration.launch import LM, init_ray, job_parser, load_job_config, write_summary  # noqa: E402
+from orchestration.job_cli import job_parser, load_job_config, write_summary  # noqa: E402
+from orchestration.launch import LM, init_ray  # noqa: E402
 
 
 def main(argv=None) -> None:

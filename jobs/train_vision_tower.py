@@ -11,7 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
 from orchestration.console import JobConsole
-from orchestration.launch import TOWER, fit_tower, job_parser, load_job_config, where_things_are, write_summary
+from orchestration.job_cli import job_parser, load_job_config, write_summary
+from orchestration.launch import TOWER, fit_tower, where_things_are
 
 
 def main(argv=None) -> None:

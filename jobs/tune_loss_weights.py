@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
-from orchestration.launch import job_parser, load_job_config  # noqa: E402
+from orchestration.job_cli import job_parser, load_job_config  # noqa: E402
 from orchestration.tune import run_sweep, write_summary_json  # noqa: E402
 
 

@@ -8,9 +8,11 @@ wrong types and out-of-range values fail with a :class:`ConfigError` naming the 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -462,13 +464,36 @@ class Config(Section):
 # ---------------------------------------------------------------- loading, overrides, dumping
 
 
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys of the section that ``loc`` (a path to an unknown key) lands in."""
+    model: Any = Config
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        if typing.get_origin(annotation) is dict:  # a named entry (a source): its keys are the value type's
+            annotation = typing.get_args(annotation)[1]
+            parts = parts[1:]
+        model = next((a for a in (annotation, *typing.get_args(annotation))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
 def _format_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "<config>"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            lines.append(f"{field}: unknown key (got {item['input']!r})")
+            close = difflib.get_close_matches(str(item["loc"][-1]), _known_keys(item["loc"]), n=1)
+            prefix = ".".join(str(part) for part in item["loc"][:-1])
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            lines.append(f"{field}: unknown key (got {item['input']!r}){hint}")
         elif item["type"] == "value_error" and message.startswith(f"{field}."):
             lines.append(message)  # a section's own check that names the field itself
         else:

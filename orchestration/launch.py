@@ -481,51 +481,6 @@ def mlflow_ui_command(config: Config) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-# ---------------------------------------------------------------- job entry points
-
-
-def job_parser(description: str):
-    """The arguments every job takes: ``[--config F] [section.key=value ...] [--summary-json PATH]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML preset (default: jobs/configs/tiny.yaml)")
-    parser.add_argument("--summary-json", default=None, metavar="PATH", help="write a JSON summary of the run here")
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="rerunning a run_name with changed training settings: continue it with the new values")
-    again.add_argument("--fresh", action="store_true",
-                       help="rerunning a run_name: remove its checkpoints and start over (a new MLflow run)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return parser
-
-
-def load_job_config(args, stages: tuple[str, ...] = ()) -> Config:
-    """The job's config, loaded and checked; with ``stages``, also the preflight of those stages. Either
-    failing ends the job here, before Ray starts, with the message naming the fields (no traceback)."""
-    from orchestration.config import ConfigError, load_config
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, args.overrides)
-        if stages:
-            mode = "fresh" if getattr(args, "fresh", False) else "resume" if getattr(args, "resume", False) else "auto"
-            preflight(config, stages, mode)
-        return config
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-
-
-def write_summary(path: str | None, summary: dict[str, Any]) -> None:
-    if not path:
-        return
-    import json
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=1, default=str)
-
-
 def _loss_cell(r: StageResult) -> str:
     terms = r.loss_terms
     if "loss" not in terms:

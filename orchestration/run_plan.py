@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestration.config import Config, ConfigError
+from orchestration.config import Config
 from orchestration.resource_plan import ResourcePlan, cluster_capacity, plan_resources
 
 # Of cluster.gpu_memory_gib, what a step may take; the rest is headroom for what the estimate cannot
