@@ -367,8 +367,10 @@ class TrackingSection(Section):
     # None = SQLite under output_dir; a server URI (http://...) for clusters.
     uri: str | None = None
     experiment: str = "vilau"
-    # Set by the Tune sweep: each trial's run is nested under the sweep's parent run.
+    # Set by the pipeline (pretrain) and the Tune sweep: each stage's or trial's run is nested under it.
     parent_run_id: str | None = None
+    # Register each stage's export as a version of the MLflow model "<register_as>-<stage>"; None: logged only.
+    register_as: str | None = None
 
 
 class SearchRange(Section):

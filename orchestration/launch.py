@@ -160,6 +160,7 @@ def run_stage(
     loop_config: dict | None = None,
     end_of_run: Callable[["StageResult", RunInfo], dict[str, float]] | None = None,
     console=None,
+    data_plan=None,
 ) -> StageResult:
     """Open (or reopen) the MLflow run, fit the TorchTrainer, run the end of the stage (export,
     samples) as Ray tasks once the worker group has finished, close the run, collect the result."""
@@ -169,6 +170,9 @@ def run_stage(
 
     record_run_config(config, stage, run_name)  # what a rerun of this run name is compared with
     mlflow_run_id = open_run(config, stage, run_name)
+    from orchestration.pipeline_tracking import log_data_inputs, log_stage_model
+
+    log_data_inputs(config, mlflow_run_id, stage, data_plan)
     run = RunInfo(run_name, config.tracking_uri, mlflow_run_id)
     progress = console.progress(stage, section.steps) if console is not None else None
     if progress is not None:
@@ -208,6 +212,7 @@ def run_stage(
             started = time.perf_counter()
             stage_result.metrics.update(end_of_run(stage_result, run))
             stage_result.timings["end_of_run_s"] = time.perf_counter() - started
+            log_stage_model(config, stage_result)  # the export, findable from the run: a LoggedModel
     except BaseException:
         close_run(config, mlflow_run_id, failed=True)
         raise
@@ -380,10 +385,11 @@ def fit_tower(
 
     init_ray(config)
     # The workers build their own shares of each epoch from this plan.
-    publish_data_plan(config, run_name or stage_run_name(config, TOWER), training_plan(config, TOWER))
+    plan = training_plan(config, TOWER)
+    publish_data_plan(config, run_name or stage_run_name(config, TOWER), plan)
     return run_stage(
         config, TOWER, config.tower_train, tower_worker,
-        run_name=run_name, callbacks=callbacks, end_of_run=tower_end_of_run(config), console=console,
+        run_name=run_name, callbacks=callbacks, end_of_run=tower_end_of_run(config), console=console, data_plan=plan,
     )
 
 
@@ -419,26 +425,42 @@ def fit_lm(
         write_lm_cache(config, tower_path)
 
     # The workers build their own shares of each epoch from this plan.
-    publish_data_plan(config, run_name or stage_run_name(config, LM), training_plan(config, LM, tower_path))
+    plan = training_plan(config, LM, tower_path)
+    publish_data_plan(config, run_name or stage_run_name(config, LM), plan)
     return run_stage(
         config, LM, config.lm_train, lm_worker, run_name=run_name, callbacks=callbacks,
         loop_config={"tokenizer_files": tokenizer_files},
-        end_of_run=lm_end_of_run(config, tokenizer_files), console=console,
+        end_of_run=lm_end_of_run(config, tokenizer_files), console=console, data_plan=plan,
     )
 
 
 def pretrain(config: Config, console=None) -> tuple[StageResult, StageResult]:
     """The whole pipeline: shards if missing, stage 1, tokenization through the actor pool, stage 2.
     With a ``JobConsole``, each stage shows its progress and a line about its data."""
+    from orchestration.pipeline_tracking import close_pipeline_run, open_pipeline_run, start_system_metrics
+
     started = time.perf_counter()
     init_ray(config)
     log.info("timing: ray init %.1f s", time.perf_counter() - started)
-    tower = fit_tower(config, console=console)
-    if console is not None:
-        console.print(data_line(TOWER, tower))
-    lm = fit_lm(config, tower.export_path, console=console)
-    if console is not None:
-        console.print(data_line(LM, lm))
+    # One parent MLflow run for the pipeline; the stages' runs nest under it.
+    parent = open_pipeline_run(config)
+    if parent is not None:
+        config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"parent_run_id": parent})})
+    monitor = start_system_metrics(config, parent)
+    try:
+        tower = fit_tower(config, console=console)
+        if console is not None:
+            console.print(data_line(TOWER, tower))
+        lm = fit_lm(config, tower.export_path, console=console)
+        if console is not None:
+            console.print(data_line(LM, lm))
+    except BaseException:
+        close_pipeline_run(config, parent, failed=True)
+        raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
+    close_pipeline_run(config, parent)
     return tower, lm
 
 
