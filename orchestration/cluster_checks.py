@@ -10,14 +10,13 @@ Two mistakes lose a user's work or fail only after workers have started:
   paths are on NFS / EFS / FSx mounted on every node.
 - `ray job submit --working-dir .` runs the driver inside Ray's temporary copy of the directory
   (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``), deleted with the cluster: a relative
-  output path resolves into it. :func:`check_working_dir_outputs` refuses that when the config is
-  loaded, before Ray starts.
+  output path resolves into it. :func:`check_working_dir_outputs` refuses that when a job loads its
+  config (orchestration/job_cli.py), before Ray starts.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from orchestration.config import Config, ConfigError
@@ -140,23 +139,6 @@ def output_fields(config: Config) -> list[tuple[str, str]]:
     if config.data.synthetic.make_if_missing and not is_uri(config.data.root):
         found.append(("data.root (data.synthetic.make_if_missing writes generated shards there)", config.data.root))
     return found
-
-
-PLACEHOLDER = re.compile(r"<[^<>/]+>")
-
-
-def check_placeholders(config: Config) -> None:
-    """Refuse a preset's documented ``<...>`` placeholders (e.g. ``s3://<bucket>/...``) left in place."""
-    fields = [("data.root", config.data.root), ("data.cache_dir", config.data.cache_dir),
-              ("cluster.storage_path", config.cluster.storage_path), ("output_dir", config.output_dir),
-              ("tracking.uri", config.tracking.uri), ("cluster.address", config.cluster.address),
-              ("data.s3.endpoint_url", config.data.s3.endpoint_url)]
-    left = [(f, v) for f, v in fields if v and PLACEHOLDER.search(v)]
-    if left:
-        raise ConfigError(
-            "these fields still hold a placeholder from the preset; set them in the file or on the command "
-            "line (field=value):\n  " + "\n  ".join(f"{f}={v!r}" for f, v in left)
-        )
 
 
 def check_working_dir_outputs(config: Config, cwd: str | None = None) -> None:

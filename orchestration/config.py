@@ -12,6 +12,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -545,6 +546,23 @@ def build_config(raw: dict[str, Any] | None, overrides: list[str] = ()) -> Confi
         raise ConfigError(_format_error(exc)) from None
 
 
+PLACEHOLDER = re.compile(r"<[^<>/]+>")
+
+def check_placeholders(config: Config) -> None:
+    """Refuse a preset's documented ``<...>`` placeholders (e.g. ``s3://<bucket>/...``) left in place."""
+    fields = [("data.root", config.data.root), ("data.cache_dir", config.data.cache_dir),
+              ("cluster.storage_path", config.cluster.storage_path), ("output_dir", config.output_dir),
+              ("tracking.uri", config.tracking.uri), ("cluster.address", config.cluster.address),
+              ("data.s3.endpoint_url", config.data.s3.endpoint_url)]
+    left = [(f, v) for f, v in fields if v and PLACEHOLDER.search(v)]
+    if left:
+        raise ConfigError(
+            "these fields still hold a placeholder from the preset; set them in the file or on the command "
+            "line (field=value):\n  " + "\n  ".join(f"{f}={v!r}" for f, v in left)
+        )
+
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML preset (default: the tiny preset), apply overrides, validate."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
@@ -559,10 +577,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     config = build_config(raw, overrides)
-    from orchestration.cluster_checks import check_placeholders, check_working_dir_outputs  # (imports us)
-
     check_placeholders(config)
-    check_working_dir_outputs(config)
     return config
 
 

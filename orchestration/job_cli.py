@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from orchestration import config as config_module
+from orchestration.cluster_checks import check_working_dir_outputs
 from orchestration.config import Config, ConfigError, config_to_yaml, load_config
 
 
@@ -95,6 +96,7 @@ def load_job_config(args, stages: tuple[str, ...] = ()) -> Config:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)
+        check_working_dir_outputs(config)  # relative outputs inside `ray job submit`'s temporary copy
         if getattr(args, "print_config", False):
             sys.stdout.write(config_to_yaml(config))
             raise SystemExit(0)

@@ -122,7 +122,7 @@ def test_working_dir_copy_is_recognised(in_working_dir_copy):
 
 def test_relative_outputs_under_working_dir_are_refused_with_what_to_set(in_working_dir_copy):
     with pytest.raises(ConfigError) as err:
-        load_config(None)  # tiny.yaml: output_dir=outputs, storage_path=outputs/ray, SQLite
+        check_working_dir_outputs(load_config(None))  # tiny.yaml: output_dir=outputs, storage_path=outputs/ray, SQLite
     message = str(err.value)
     assert "Ray's temporary copy of --working-dir" in message
     assert f"output_dir -> {in_working_dir_copy}/outputs" in message
@@ -134,8 +134,8 @@ def test_relative_outputs_under_working_dir_are_refused_with_what_to_set(in_work
 def test_only_the_relative_field_is_named(in_working_dir_copy, tmp_path):
     outside = tmp_path / "kept"
     with pytest.raises(ConfigError) as err:
-        load_config(None, [f"output_dir={outside}", "cluster.storage_path=ray_results",
-                           "data.synthetic.make_if_missing=false"])
+        check_working_dir_outputs(load_config(None, [f"output_dir={outside}", "cluster.storage_path=ray_results",
+                                                     "data.synthetic.make_if_missing=false"]))
     listed = str(err.value).split("\nSet each")[0].splitlines()[1:]
     assert listed == [f"  cluster.storage_path -> {in_working_dir_copy}/ray_results"]
 
