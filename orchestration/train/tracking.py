@@ -81,7 +81,8 @@ def ray_job_tags() -> dict[str, str]:
     try:
         import ray
 
-        if ray.is_initialized():
+        # A local instance numbers its first job 01000000 every time: only a cluster's job id tells runs apart.
+        if ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
             tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
     except Exception:  # tags are best effort; never fail a run over them
         pass
