@@ -184,7 +184,8 @@ class EpochPlan:
                     ranks[r].setdefault(source, []).append(unit)
                     total[r] += unit.records_estimate
                     heapq.heappush(heap, (load + unit.records_estimate, total[r], r))
-            self._memo.clear()  # one epoch's assignment at a time: plans can be large
+            for old in [k for k in self._memo if k[0] == "assignment"]:
+                del self._memo[old]  # one epoch's assignment at a time: plans can be large
             self._memo[key] = ranks
         return self._memo[key]
 
@@ -197,11 +198,14 @@ class EpochPlan:
         factor is 1 (one pass), else an equal share of the source's epoch total on every rank (so
         every rank has the same mixture, however its units' sizes came out)."""
         mine = self.assignment(epoch, world)[rank]
-        totals: dict[str, int] = {}
-        repeat: dict[str, float] = {}
-        for unit in self.units:
-            totals[unit.source] = totals.get(unit.source, 0) + unit.records_estimate
-            repeat[unit.source] = unit.repeat
+        if "sources" not in self._memo:
+            totals: dict[str, int] = {}
+            repeat: dict[str, float] = {}
+            for unit in self.units:
+                totals[unit.source] = totals.get(unit.source, 0) + unit.records_estimate
+                repeat[unit.source] = unit.repeat
+            self._memo["sources"] = totals, repeat
+        totals, repeat = self._memo["sources"]
         draws = {}
         for source in sorted(totals):
             here = sum(u.records_estimate for u in mine.get(source, ()))

@@ -267,18 +267,34 @@ class Uniforms:
         return self._block[self._next - 1]
 
 
+def source_sequence(weights: list[float], rand: Uniforms, block: int = 1024) -> Iterator[int]:
+    """Source indices in proportion to ``weights`` (> 0), low-discrepancy: source i's k-th draw is at
+    time (k + phase_i) / share_i (seeded phases), draws merged by time, so at every prefix of n draws
+    each source has n * share_i of them to within a draw or two. Worked out a block at a time in numpy."""
+    share = np.asarray(weights, float) / sum(weights)
+    phase = np.asarray([rand() for _ in weights])
+    taken = np.zeros(len(weights))
+    spans = [np.arange(int(np.ceil(block * p)) + 4) for p in share]
+    while True:
+        times = np.concatenate([(taken[i] + spans[i] + phase[i]) / share[i] for i in range(len(share))])
+        which = np.concatenate([np.full(len(spans[i]), i) for i in range(len(share))])
+        order = which[np.argsort(times, kind="stable")[:block]]
+        taken += np.bincount(order, minlength=len(share))
+        yield from order.tolist()
+
+
 def mix_order(parts: list[list[tuple[int, int]]], seed: int, buffer_rows: int,
               pull: Callable[[int, int], object | None]) -> Iterator[tuple[int, object]]:
     """The records of one read task's sources, mixed by weight, as (source index, record).
 
     ``parts[i]``: source i's chunks in its stream order, as (estimated records, pass). ``pull(i, j)``
     returns chunk j of source i's next record, or None once it has no more. Each source's weight is its
-    chunks' estimated records, so all run out together; the next source comes from a smooth weighted
-    round robin with seeded phases (every source's count stays within a few draws of its share at every
-    prefix). Within a source, the chunks of one pass are read side by side (the next record from a chunk
-    picked with odds by its estimated rest), passes one after the other (so a record's copies are a pass
-    apart), through the source's own shuffle buffer (its share of ``buffer_rows``). Draws depend only
-    on the seed and the chunks' real records, so a rerun gives the same order.
+    chunks' estimated records, so all run out together; the next source comes from `source_sequence`
+    (when one runs out, the rest continue by their weights). Within a source, the chunks of one pass
+    are read side by side (the next record from a chunk picked with odds by its estimated rest), passes
+    one after the other (so a record's copies are a pass apart), through the source's own shuffle
+    buffer (its share of ``buffer_rows``), which empties at the end of each pass. Draws depend only on the seed and the chunks' real records,
+    so a rerun gives the same order.
     """
     rand = Uniforms(seed)
     weights = [float(sum(size for size, _ in chunks)) for chunks in parts]
@@ -294,60 +310,53 @@ def mix_order(parts: list[list[tuple[int, int]]], seed: int, buffer_rows: int,
                 runs.append([j])
         groups.append(runs)
     next_group = [0] * len(parts)
-    active: list[list[list[int]]] = [[] for _ in parts]  # per source: [chunk, estimated rest] being read
+    reading: list[list[list[int]]] = [[] for _ in parts]  # per source: [chunk, estimated rest] being read
     buffers: list[list] = [[] for _ in parts]
     drained = [False] * len(parts)
 
     def next_record(i: int):
-        reading = active[i]
+        """The source's next record of its current pass; None at the pass's end (the buffer empties
+        before the next pass starts, so a record never meets its own copy there) or the source's."""
+        chunks = reading[i]
         while True:
-            if not reading:
-                if next_group[i] >= len(groups[i]):
-                    drained[i] = True
+            if not chunks:
+                if buffers[i] or next_group[i] >= len(groups[i]):
+                    drained[i] = next_group[i] >= len(groups[i])
                     return None
-                reading.extend([j, max(parts[i][j][0], 1)] for j in groups[i][next_group[i]])
+                chunks.extend([j, max(parts[i][j][0], 1)] for j in groups[i][next_group[i]])
                 next_group[i] += 1
             k = 0
-            if len(reading) > 1:
-                point = rand() * sum(rest for _, rest in reading)
-                while k < len(reading) - 1 and point >= reading[k][1]:
-                    point -= reading[k][1]
+            if len(chunks) > 1:
+                point = rand() * sum(entry[1] for entry in chunks)
+                while k < len(chunks) - 1 and point >= chunks[k][1]:
+                    point -= chunks[k][1]
                     k += 1
-            record = pull(i, reading[k][0])
+            entry = chunks[k]
+            record = pull(i, entry[0])
             if record is None:
-                reading.pop(k)
+                chunks.pop(k)
                 continue
-            reading[k][1] = max(reading[k][1] - 1, 1)
+            if entry[1] > 1:
+                entry[1] -= 1
             return record
 
-    def take(i: int):
-        buffer = buffers[i]
-        while not drained[i] and len(buffer) < caps[i]:
-            record = next_record(i)
-            if record is None:
-                break
-            buffer.append(record)
-        if not buffer:
-            return None
-        k = int(rand() * len(buffer))
-        buffer[k], buffer[-1] = buffer[-1], buffer[k]
-        return buffer.pop()
-
     live = [i for i, w in enumerate(weights) if w > 0]
-    credit = [rand() for _ in parts]  # seeded phases: windows and epochs start their sequences apart
     while live:
-        live_weight = sum(weights[i] for i in live)
-        best = live[0]
-        for i in live:
-            credit[i] += weights[i] / live_weight
-            if credit[i] > credit[best]:
-                best = i
-        credit[best] -= 1.0
-        record = take(best)
-        if record is None:
-            live.remove(best)
-            continue
-        yield best, record
+        sequence = source_sequence([weights[i] for i in live], rand)
+        for pick in sequence:
+            i = live[pick]
+            buffer = buffers[i]
+            while not drained[i] and len(buffer) < caps[i]:
+                record = next_record(i)
+                if record is None:
+                    break
+                buffer.append(record)
+            if not buffer:
+                live.remove(i)
+                break  # the others continue by their weights
+            k = int(rand() * len(buffer))
+            buffer[k], buffer[-1] = buffer[-1], buffer[k]
+            yield i, buffer.pop()
 
 
 def mixture_report(weights: dict[str, float], samples: dict[str, int], tokens: dict[str, int] | None = None) -> dict:
