@@ -45,6 +45,7 @@ import functools
 import hashlib
 import heapq
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -54,6 +55,8 @@ import pyarrow as pa
 from orchestration.data.mixture import mix_order
 from orchestration.data.records import NORMALIZED_SCHEMA, ReadUnit, read_unit_tables
 from orchestration.storage import S3Settings
+
+log = logging.getLogger(__name__)
 
 WINDOW_SHIFT = 32  # sample id = window << 32 | offset in window
 PART_SHIFT = 4  # part id = sample id << 4 | part << 2 | (parts - 1): a record gives up to 4 samples
@@ -210,6 +213,8 @@ class EpochPlan:
         for source in sorted(totals):
             here = sum(u.records_estimate for u in mine.get(source, ()))
             if not here:
+                log.warning("rank %d of %d has no unit of source %s in epoch %d (it has fewer units than there are "
+                            "ranks): its share on this rank goes to the other sources", rank, world, source, epoch)
                 continue
             draws[source] = here if repeat[source] == 1.0 else max(1, round(repeat[source] * totals[source] / world))
         return draws
