@@ -209,8 +209,12 @@ class DataSection(Section):
     tower_sources: dict[str, SourceSection] = Field(default_factory=_default_sources)
     # Stage-2 sources, mixed by weight.
     lm_sources: dict[str, SourceSection] = Field(default_factory=dict)
+    # What the sources' weights are shares of: trained samples, or trained tokens (each source's tokens
+    # per sample estimated at planning from its first shard; see orchestration/data/mixture.py).
+    mix_by: Literal["samples", "tokens"] = "samples"
     # The order of every epoch follows from this seed (orchestration/data/epochs.py): shards permuted
-    # per epoch, then read shuffle_window_shards at a time through a buffer of shuffle_buffer_rows records.
+    # per epoch and pass, each read task about shuffle_window_shards shards' worth of records of every
+    # source, each source through its share of a buffer of shuffle_buffer_rows records.
     shuffle_seed: int = 0
     shuffle_window_shards: PositiveInt = 8
     shuffle_buffer_rows: PositiveInt = 512

@@ -68,6 +68,11 @@ def test_unknown_section_and_malformed_override():
         load_config("/nonexistent/config.yaml")
 
 
+def test_an_unknown_mix_by_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="data.mix_by"):
+        load_config(None, ["data.mix_by=records"])
+
+
 def test_zero_source_weights_are_refused():
     with pytest.raises(ConfigError, match="tower_sources"):
         load_config(None, ["data.tower_sources.coyo_parquet.weight=0", "data.tower_sources.coyo_webdataset.weight=0"])

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from orchestration.data.decode import SkipRecord, decode_image, decode_video, frame_indices, resize_center_crop
-from orchestration.data.records import ReadUnit, ShardError, copies, iter_records, read_unit_tables, with_retries
+from orchestration.data.records import ReadUnit, ShardError, iter_records, read_unit_tables, with_retries
 from orchestration.data.synthetic import (
     NOT_AN_IMAGE,
     TRUNCATED_IMAGE,
@@ -117,14 +117,6 @@ def test_webdataset_groups_members_by_key(tmp_path):
     ]
 
 
-def test_repeat_factor_is_deterministic_per_key():
-    unit = ReadUnit("coyo", "coyo_parquet", "x", "", repeat=1.5, seed=3)
-    taken = [copies(unit, f"{i:09d}") for i in range(2000)]
-    assert taken == [copies(unit, f"{i:09d}") for i in range(2000)]
-    assert set(taken) == {1, 2} and abs(np.mean(taken) - 1.5) < 0.05
-    assert copies(ReadUnit("coyo", "coyo_parquet", "x", "", repeat=1.0), "k") == 1
-
-
 def test_transient_errors_are_retried_but_missing_files_are_not():
     calls = []
 
@@ -149,13 +141,27 @@ def test_transient_errors_are_retried_but_missing_files_are_not():
 def test_columnar_parquet_reader_matches_the_record_reader(tmp_path):
     path = tmp_path / "part-00000.parquet"
     pq.write_table(pa.table({"key": ["1", "2", "3", "4"], "jpg": [b"abc", None, b"", b"def"], "caption": ["x", None, "z", "w"]}), path)
-    for repeat in (1.0, 2.5, 0.5):
-        unit = ReadUnit("coyo", "coyo_parquet", str(path), "", repeat=repeat, seed=1)
-        columnar = pa.concat_tables(list(read_unit_tables(unit, None))).to_pylist()
-        by_record = [r for r in iter_records(unit, None) for _ in range(copies(unit, r["key"]))]
-        assert columnar == by_record
+    unit = ReadUnit("coyo", "coyo_parquet", str(path), "", repeat=2.5)  # records once each: passes are the mixer's
+    columnar = pa.concat_tables(list(read_unit_tables(unit, None))).to_pylist()
+    assert columnar == list(iter_records(unit, None))
     once = list(iter_records(ReadUnit("coyo", "coyo_parquet", str(path), ""), None))
     assert [(r["key"], r["text"], r["media"]) for r in once] == [("1", "x", [b"abc"]), ("2", "", []), ("3", "z", []), ("4", "w", [b"def"])]
+
+
+def test_a_record_range_reads_only_its_records_in_every_layout(tmp_path):
+    """The mixer splits units at record offsets (a window holds every source in its share): [start,
+    stop) of a unit gives exactly those records, for parquet row-group ranges and line-based shards."""
+    path = tmp_path / "part-00000.parquet"
+    keys = [f"{i:03d}" for i in range(50)]
+    pq.write_table(pa.table({"key": keys, "jpg": [b"x"] * 50, "caption": keys}), path, row_group_size=8)
+    groups = ReadUnit("coyo", "coyo_parquet", str(path), "", row_groups=(1, 5))  # rows 8..39
+    jsonl = tmp_path / "docs_shard_0_v2.jsonl"
+    jsonl.write_text("".join(json.dumps({"url": f"https://x/{k}", "text_list": [k], "image_info": []}) + "\n" for k in keys))
+    lines = ReadUnit("mmc4", "mmc4", str(jsonl), "")
+    for unit, whole in ((groups, keys[8:40]), (lines, keys)):
+        for start, stop in ((0, None), (3, 11), (7, 8), (10, None), (30, 45), (40, 40), (60, None)):
+            got = [r["key"] for t in read_unit_tables(unit, None, chunk_rows=5, start=start, stop=stop) for r in t.to_pylist()]
+            assert got == whole[start:stop], (unit.format, start, stop)
 
 
 def test_decoding_tower_records_never_loads_torch_or_the_tower_tokenizer():

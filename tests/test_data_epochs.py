@@ -174,3 +174,16 @@ def test_one_big_index_file_is_read_as_record_ranges_spread_over_the_ranks(ray_s
     for rank in (0, 1):
         windows, _ = rank_windows(plan, 0, rank, 2, None)
         assert {u.source for w in windows for u in w.units} == {"sharegpt4v", "openvid"}, rank
+
+
+def test_mix_by_tokens_weighs_each_source_by_its_estimated_tokens(ray_session, synthetic_data, tmp_path):
+    """data.mix_by: tokens makes the weights shares of trained tokens: a clip (8 frames of image
+    tokens) costs several pairs' tokens, so equal weights give the clips far fewer samples than by samples."""
+    root, _ = synthetic_data
+    sources = "data.lm_sources={coyo: {format: coyo_parquet, path: coyo/parquet}, openvid: {format: openvid, path: openvid}}"
+    repeat = {mix: {u.source: u.repeat for u in training_plan(_config(root, tmp_path, sources, f"data.mix_by={mix}"), "lm").units}
+              for mix in ("samples", "tokens")}
+    # By samples: a pair gives 2 samples, so coyo is read 0.75 times and openvid 1.5 times.
+    assert repeat["samples"] == {"coyo": 0.75, "openvid": 1.5}
+    assert repeat["tokens"]["openvid"] < repeat["samples"]["openvid"] / 3
+    assert repeat["tokens"]["coyo"] > repeat["samples"]["coyo"]

@@ -79,6 +79,7 @@ def fingerprint(config: Config, tower: TowerSource, tokenizer_path: str) -> dict
         "rows": {"seq_len": config.data.seq_len, "code_depth": tower.config.code_depth, "columns": list(ROW_COLUMNS)},
         "sources": sources,
         "shuffle_seed": config.data.shuffle_seed,
+        "mix_by": config.data.mix_by,
         "pack_window": config.data.pack_window,
         "builder": {
             "frames_per_video": lm.frames_per_video,

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
 import itertools
 import json
 import logging
-import math
 import os
 import posixpath
 import tarfile
@@ -93,15 +91,15 @@ class ShardError(RuntimeError):
 
 @dataclass(frozen=True)
 class ReadUnit:
-    """One shard of one source (or a range of a parquet shard's row groups), with how often each of its
-    records is taken (see mixture.py) and its size (bytes or records: what balances ranks)."""
+    """One shard of one source (or a range of a parquet shard's row groups), with its source's repeat
+    factor (records taken per record in an epoch, see mixture.py) and its size in records (exact for
+    parquet and counted index files, else estimated from its bytes; 1 when unknown)."""
 
     source: str
     format: str
     uri: str
     media_root: str
     repeat: float = 1.0
-    seed: int = 0
     row_groups: tuple[int, int] | None = None  # parquet: read only row groups [start, stop)
     # One file of many records (an OpenVid CSV or ShareGPT4V JSON index): read only its records
     # [start, stop) in file order (stop None: to the end), so that one file spreads over ranks.
@@ -114,15 +112,15 @@ class ReadUnit:
     @classmethod
     def from_json(cls, text: str) -> "ReadUnit":
         data = json.loads(text)
+        data.pop("seed", None)  # plans written before the mixer drew copies by pass
         for name in ("row_groups", "records"):
             if data.get(name) is not None:
                 data[name] = tuple(data[name])
         return cls(**data)
 
     @property
-    def weight(self) -> float:
-        """Expected share of an epoch's records (size times repeat): what rank assignment balances."""
-        return max(self.size, 1) * self.repeat
+    def records_estimate(self) -> int:
+        return max(self.size, 1)
 
 
 # ---------------------------------------------------------------- filesystems and retries
@@ -238,17 +236,56 @@ def _coyo_parquet(f, unit: ReadUnit) -> Iterator[dict]:
             yield _record(key, unit.source, KIND_IMAGE_TEXT, caption, [image] if image else [])
 
 
-def _coyo_parquet_tables(f, unit: ReadUnit) -> Iterator[pa.Table]:
-    """The same records as `_coyo_parquet`, built column-wise from Arrow (no Python object per image):
-    COYO is the bulk of stage 1, and this is a third of its read cost."""
+def _row_slice(group_rows: list[int], start: int, stop: int | None) -> tuple[list[int], int, int | None]:
+    """Which of a unit's row groups hold its records [start, stop): (their indices among the unit's
+    groups, rows to skip in the first of them, rows to take (None: to the end))."""
+    chosen, first, offset = [], 0, 0
+    for i, rows in enumerate(group_rows):
+        if offset + rows > start and (stop is None or offset < stop):
+            if not chosen:
+                first = start - offset
+            chosen.append(i)
+        offset += rows
+    return chosen, first, None if stop is None else max(stop - start, 0)
+
+
+def _parquet_batches(parquet: pq.ParquetFile, unit: ReadUnit, columns, batch_rows: int, start: int, stop: int | None) -> Iterator[pa.RecordBatch]:
+    """The unit's rows [start, stop) of a parquet file, reading only the row groups that hold them."""
+    groups = _row_groups(parquet, unit)
+    if groups is None:
+        groups = list(range(parquet.metadata.num_row_groups))
+    if start == 0 and stop is None:
+        yield from parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=groups)
+        return
+    chosen, skip, take = _row_slice([parquet.metadata.row_group(g).num_rows for g in groups], start, stop)
+    if not chosen or take == 0:
+        return
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=[groups[i] for i in chosen]):
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        batch, skip = batch.slice(skip), 0
+        if take is not None:
+            batch = batch.slice(0, take)
+            take -= batch.num_rows
+        if batch.num_rows:
+            yield batch
+        if take == 0:
+            return
+
+
+def _coyo_parquet_tables(f, unit: ReadUnit, start: int = 0, stop: int | None = None) -> Iterator[pa.Table]:
+    """The same records as `_coyo_parquet` (those in [start, stop) of the unit), built column-wise
+    from Arrow (no Python object per image): COYO is the bulk of stage 1, and this is a third of its
+    read cost."""
     parquet, columns = _open_coyo_parquet(f, unit)
-    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns, row_groups=_row_groups(parquet, unit)):
+    for batch in _parquet_batches(parquet, unit, columns, CHUNK_ROWS, start, stop):
         n = batch.num_rows
         images = batch.column(1).cast(pa.binary())
         present = pc.fill_null(pc.greater(pc.binary_length(images), 0), False)
         offsets = np.concatenate([[0], np.cumsum(present.to_numpy(zero_copy_only=False))]).astype(np.int32)
         no_lists = np.zeros(n + 1, dtype=np.int32)
-        table = pa.table(
+        yield pa.table(
             {
                 "key": batch.column(0).cast(pa.string()),
                 "source": pa.repeat(pa.scalar(unit.source, pa.string()), n),
@@ -260,10 +297,6 @@ def _coyo_parquet_tables(f, unit: ReadUnit) -> Iterator[pa.Table]:
             },
             schema=NORMALIZED_SCHEMA,
         )
-        if unit.repeat != 1.0:
-            keys = table.column("key").to_pylist()
-            table = table.take([i for i, key in enumerate(keys) for _ in range(copies(unit, key))])
-        yield table
 
 
 def _webdataset_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -378,8 +411,7 @@ _READERS = {
 
 
 def iter_records(unit: ReadUnit, s3: S3Settings | None) -> Iterator[dict]:
-    """The records of one shard (or of its record range), in file order (without the unit's repeat
-    factor applied)."""
+    """The records of one shard (or of its record range), in file order."""
     fs, path = fs_and_path(unit.uri, s3)
     try:
         f = with_retries(lambda: fs.open(path, "rb"), unit.uri)
@@ -397,28 +429,16 @@ def iter_records(unit: ReadUnit, s3: S3Settings | None) -> Iterator[dict]:
             raise ShardError(f"{unit.uri}: cannot read {unit.format} shard: {exc!r}") from exc
 
 
-def copies(unit: ReadUnit, key: str) -> int:
-    """How many times a record is taken: floor(repeat), plus one more for a seeded share of records.
-
-    The extra copy is decided by a hash of (seed, source, key), so it does not depend on which worker
-    reads the shard or in what order.
-    """
-    whole = math.floor(unit.repeat)
-    fraction = unit.repeat - whole
-    if fraction <= 0:
-        return whole
-    digest = hashlib.blake2b(f"{unit.seed}|{unit.source}|{key}".encode(), digest_size=8).digest()
-    return whole + (int.from_bytes(digest, "big") / 2**64 < fraction)
-
-
-def read_unit_tables(unit: ReadUnit, s3: S3Settings | None, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
-    """The unit's records (repeat factor applied) as NORMALIZED_SCHEMA tables of up to chunk_rows rows
-    (format "lm_cache": the tokenized cache's packed rows as they are stored)."""
+def read_unit_tables(unit: ReadUnit, s3: S3Settings | None, chunk_rows: int = CHUNK_ROWS, start: int = 0,
+                     stop: int | None = None) -> Iterator[pa.Table]:
+    """The unit's records [start, stop) (in file order; stop None: to its end) as NORMALIZED_SCHEMA
+    tables of up to chunk_rows rows (format "lm_cache": the tokenized cache's packed rows as they are
+    stored). Each record once: how often a source's records are taken is the mixer's business
+    (epochs.py reads a unit once per pass of its source)."""
     if unit.format == LM_CACHE:
         fs, path = fs_and_path(unit.uri, s3)
         with with_retries(lambda: fs.open(path, "rb"), unit.uri) as f:
-            parquet = pq.ParquetFile(f)
-            for batch in parquet.iter_batches(batch_size=chunk_rows, row_groups=_row_groups(parquet, unit)):
+            for batch in _parquet_batches(pq.ParquetFile(f), unit, None, chunk_rows, start, stop):
                 yield pa.Table.from_batches([batch])
         return
     if unit.format == "coyo_parquet":
@@ -429,15 +449,15 @@ def read_unit_tables(unit: ReadUnit, s3: S3Settings | None, chunk_rows: int = CH
             raise ShardError(f"{unit.uri}: cannot open shard: {exc}") from exc
         with f:
             try:
-                yield from _coyo_parquet_tables(f, unit)
+                yield from _coyo_parquet_tables(f, unit, start, stop)
             except ShardError:
                 raise
             except (OSError, pa.ArrowException) as exc:
                 raise ShardError(f"{unit.uri}: cannot read coyo_parquet shard: {exc!r}") from exc
         return
     chunk: list[dict] = []
-    for record in iter_records(unit, s3):
-        chunk.extend([record] * copies(unit, record["key"]))
+    for record in itertools.islice(iter_records(unit, s3), start, stop):
+        chunk.append(record)
         if len(chunk) >= chunk_rows:
             yield pa.Table.from_pylist(chunk, schema=NORMALIZED_SCHEMA)
             chunk = []

@@ -11,7 +11,7 @@ from ray.data.datasource import Datasource, ReadTask
 from orchestration.config import Config, ConfigError, SourceSection
 from orchestration.data.epochs import STREAM_SCHEMA, DataPosition, EpochPlan, Window, window_reader
 from orchestration.data.mixture import plan_reads
-from orchestration.data.records import FORMAT_KIND, KIND_IMAGE_TEXT
+from orchestration.data.records import FORMAT_KIND, KIND_IMAGE_TEXT, KIND_VIDEO
 from orchestration.data.synthetic import ensure_synthetic_dataset, synthetic_folder_state
 from orchestration.storage import S3Settings, is_s3
 
@@ -125,12 +125,26 @@ def plan_sources(config: Config, sources: dict[str, SourceSection], field: str, 
                  samples_per_record: dict[str, int] | None = None) -> EpochPlan:
     """The epoch plan of a stage's sources (the units listed and sized once, on the driver).
     ``samples_per_record``: how many trained samples a record of each source gives (default 1), so
-    that the weights are shares of samples (stage 2 trains a COYO pair both ways)."""
+    that the weights are shares of samples (stage 2 trains a COYO pair both ways); with
+    ``data.mix_by: tokens`` they are shares of tokens (see mixture.py)."""
     resolved = resolve_sources(config, sources, field, kinds)
     for name, n in (samples_per_record or {}).items():
         resolved[name]["samples_per_record"] = n
-    units = plan_reads(resolved, s3_settings(config), config.data.shuffle_seed)
+    if config.data.mix_by == "tokens":
+        per_media = visual_tokens(config)
+        for name, source in resolved.items():
+            source["tokens_per_media"] = per_media[FORMAT_KIND[source["format"]] == KIND_VIDEO]
+    units = plan_reads(resolved, s3_settings(config), config.data.shuffle_seed, mix_by=config.data.mix_by)
     return epoch_plan(config, units)
+
+
+def visual_tokens(config: Config) -> tuple[int, int]:
+    """Sequence positions of one image and of one video (their grid cells and two markers)."""
+    from vilau_model.config import get_lm_config, get_tower_config
+
+    grid = get_tower_config(config.model.tower, **config.model.tower_overrides()).grid_size
+    frames = get_lm_config(config.model.lm, **config.model.lm_overrides()).frames_per_video
+    return grid * grid + 2, frames * grid * grid + 2
 
 
 def epoch_plan(config: Config, units) -> EpochPlan:
