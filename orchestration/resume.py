@@ -87,7 +87,12 @@ def resume_problems(config: Config, stages: tuple[str, ...], mode: ResumeMode) -
         if stage not in SECTION:
             continue
         run_name = f"{config.run_name}-{stage}"
-        recorded = recorded_fields(config, run_name)
+        try:
+            recorded = recorded_fields(config, run_name)
+        except Exception as exc:  # storage unreachable (credentials, endpoint, permissions): say where
+            problems.append(f"cluster.storage_path: cannot read {run_config_path(config, run_name)} "
+                            f"({type(exc).__name__}: {exc})")
+            continue
         if recorded is None or mode == "fresh":
             continue
         changed = differences(recorded, trained_fields(config, stage))
