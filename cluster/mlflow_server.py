@@ -145,32 +145,36 @@ def job_credentials(home: str) -> tuple[str, str] | None:
     return (user, password) if user and password else None
 
 
-def pid_is_our_server(pid: int) -> bool:
-    """True while ``pid`` is an `mlflow server` leading its own process group (what `start` made)."""
+def start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22): with the PID, it
+    names one process; a PID reused by a later process has another start time."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        return os.getpgid(pid) == pid and any(a.endswith(b"mlflow") for a in argv) and b"server" in argv
-    except (OSError, ProcessLookupError):
-        return False
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]  # fields after "pid (comm)" start at field 3
 
 
-def recorded_pid(state: Path) -> int | None:
+def recorded_server(state: Path) -> tuple[int, str] | None:
+    """(pid, start time) from the PID file, if it names a process that is still that process."""
     try:
-        return int((state / "server.pid").read_text().strip())
+        pid_text, started = (state / "server.pid").read_text().split()
+        pid = int(pid_text)
     except (FileNotFoundError, ValueError):
         return None
+    return (pid, started) if start_time(pid) == started else None
 
 
 def stop(state: Path) -> None:
-    pid = recorded_pid(state)
-    if pid is None:
-        return
-    if pid_is_our_server(pid):
-        os.killpg(pid, signal.SIGTERM)
+    """End the process group of the server this state dir started, if it still runs; nothing else."""
+    server = recorded_server(state)
+    if server is not None:
+        pid, started = server
+        os.killpg(pid, signal.SIGTERM)  # start_new_session: the server leads its group (pgid == pid)
         deadline = time.monotonic() + STOP_DEADLINE_S
-        while pid_is_our_server(pid) and time.monotonic() < deadline:
+        while start_time(pid) == started and time.monotonic() < deadline:
             time.sleep(0.2)
-        if pid_is_our_server(pid):
+        if start_time(pid) == started:
             os.killpg(pid, signal.SIGKILL)
         print(f"stopped the MLflow server (pid {pid})")
     (state / "server.pid").unlink(missing_ok=True)
@@ -189,6 +193,13 @@ def api(base: str, path: str, auth: tuple[str, str], body: dict | None = None) -
         return err.code
 
 
+def server_argv(host: str, port: int, workers: int, artifacts_destination: str) -> list[str]:
+    """The server's command line: no secret in it (those travel in the environment)."""
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    return [mlflow, "server", "--app-name", "basic-auth", "--host", host, "--port", str(port),
+            "--workers", str(workers), "--artifacts-destination", artifacts_destination]
+
+
 def start(args: argparse.Namespace, state: Path) -> int:
     env = read_secrets(dict(os.environ), args.ssm_prefix, args.region)
     check_persistent("tracking store", env["MLFLOW_BACKEND_STORE_URI"], args.allow_ephemeral_store)
@@ -196,14 +207,12 @@ def start(args: argparse.Namespace, state: Path) -> int:
     env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config(state, env.pop("VILAU_MLFLOW_AUTH_DATABASE_URI")))
     env["MLFLOW_AUTH_ADMIN_USERNAME"] = ADMIN_USER
     host = args.host or default_host()
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    argv = [mlflow, "server", "--app-name", "basic-auth", "--host", host, "--port", str(args.port),
-            "--workers", str(args.workers), "--artifacts-destination", args.artifacts_destination]
+    argv = server_argv(host, args.port, args.workers, args.artifacts_destination)
     log_path = state / "server.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True, cwd=state)
-    write_private(state / "server.pid", f"{proc.pid}\n")
+    write_private(state / "server.pid", f"{proc.pid} {start_time(proc.pid)}\n")
     base = f"http://{host}:{args.port}"
     deadline = time.monotonic() + START_DEADLINE_S
     while True:
@@ -250,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.action in ("start", "restart"):
         if not args.artifacts_destination:
             parser.error("start needs --artifacts-destination")
-        running = recorded_pid(state)
-        if running is not None and pid_is_our_server(running):
+        if recorded_server(state) is not None:
             raise SystemExit("an MLflow server from this state dir is running; use restart")
         return start(args, state)
     return 0
