@@ -147,12 +147,14 @@ def job_credentials(home: str) -> tuple[str, str] | None:
 
 def start_time(pid: int) -> str | None:
     """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22): with the PID, it
-    names one process; a PID reused by a later process has another start time."""
+    names one process; a PID reused by a later process has another start time. None once it has exited
+    (a zombie waiting for its parent counts as exited)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2:].split()[19]  # fields after "pid (comm)" start at field 3
+    fields = stat[stat.rindex(")") + 2:].split()  # fields after "pid (comm)": state is field 3
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def recorded_server(state: Path) -> tuple[int, str] | None:
