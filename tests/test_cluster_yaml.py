@@ -116,6 +116,9 @@ def test_setup_installs_the_project_at_the_pinned_ray_version(prepared, pyprojec
         assert "-c ~/vilau-ray/constraints.txt" in commands  # the project's lock file
         assert re.search(r"-e ~/vilau-ray(\s|$)", commands)  # the project itself
     assert f"ray=={version}" in (ROOT / "constraints.txt").read_text().splitlines()
+    # The head's MLflow server talks to PostgreSQL: its driver is installed there, at the locked version.
+    assert re.search(r"-c ~/vilau-ray/constraints.txt psycopg2-binary$", " ".join(prepared["head_setup_commands"]))
+    assert any(line.startswith("psycopg2-binary==") for line in (ROOT / "constraints.txt").read_text().splitlines())
     assert prepared["file_mounts"]["~/vilau-ray"] == "."
 
     # The node images carry the same Ray, and a Python inside requires-python.
