@@ -16,7 +16,8 @@ cluster.yaml's head_start_ray_commands run `restart` (every `ray up`). What it d
 - The server runs MLflow's ``basic-auth`` app: every API call but ``/health`` needs a user and password.
   The admin is bootstrapped from ``admin-password``; the user the jobs log as comes from
   ``~/.mlflow/credentials`` (cluster.yaml ships that file to every node, as MLflow clients read it) and is
-  created here, once, with the EDIT permission of ``default_permission``.
+  created here, once, with the EDIT permission of ``default_permission`` (a later change of its secret
+  in that file needs MLflow's update-password API as well).
 - Secrets never appear in a command line or in cluster.yaml. Each is taken from the environment when
   set (names below), else from AWS SSM Parameter Store (SecureString) under ``--ssm-prefix``, which only
   the head's instance profile may read (cluster/iam/head-policy.json):
@@ -58,10 +59,6 @@ ADMIN_USER = "admin"
 NETWORK_FILESYSTEMS = {0x6969: "nfs", 0x0BD00BD0: "lustre", 0xFE534D42: "smb2", 0xFF534D42: "cifs"}
 START_DEADLINE_S = 300  # first start against an empty database runs its migrations
 STOP_DEADLINE_S = 30
-
-
-class RefusedStore(SystemExit):
-    pass
 
 
 def default_host() -> str:
@@ -106,7 +103,7 @@ def check_persistent(what: str, uri: str, allow_ephemeral: bool) -> None:
     path = local_store_path(uri)
     if path is None or allow_ephemeral or filesystem_kind(path):
         return
-    raise RefusedStore(
+    raise SystemExit(
         f"refused: the MLflow {what} {uri.split('://')[0]}:// file {path} is on this node's own disk, which "
         "`ray down` deletes with every run's history. Use a database URI (postgresql://... on RDS) or a file "
         "on EFS/NFS/FSx; --allow-ephemeral-store only for a throwaway server."
