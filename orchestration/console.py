@@ -5,8 +5,8 @@
         console.print("...")                   # -> the terminal (and the log file)
         callbacks = [console.progress(stage, total_steps)]   # a live progress display per stage
 
-Inside the block, file descriptors 1 and 2 point at ``<output_dir>/logs/<run_name>-<job>-<time>.log``,
-so everything Ray prints (controller and cleaner warnings, worker lines forwarded to the driver, report
+Inside the block, file descriptors 1 and 2 point at ``<output_dir>/logs/<run_name>-<job>-<time>.log``
+(with outputs on S3 or on a cluster: a new 0700 folder of the run's own under ``<tmp>/vilau-<uid>``), so everything Ray prints (controller and cleaner warnings, worker lines forwarded to the driver, report
 dicts, C++ warnings) lands there, and the terminal keeps only the job's own lines: one progress display
 per stage, a line per stage about its data, the summary. On a terminal the progress display is a live
 tqdm bar (step/total, loss, throughput, ETA); otherwise it is one line per report. An error is printed
@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -32,6 +31,7 @@ import ray
 from ray.train import UserCallback
 
 from orchestration.config import Config
+from orchestration.private_temp import open_private_append, private_run_dir
 from orchestration.storage import is_s3
 
 TIMING = logging.getLogger("orchestration.timing")
@@ -137,12 +137,17 @@ class JobConsole:
     def __init__(self, config: Config, job: str):
         self.config, self.job = config, job
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"{config.run_name}-{job}-{stamp}"
         # The log is written as the job runs, so it lives on a local disk: beside the outputs of a local
-        # run; in the temp dir when the outputs are on object storage or the job joins a cluster (where
-        # nothing may be written under output_dir before the cluster checks have passed).
+        # run; when the outputs are on object storage or the job joins a cluster (where nothing may be
+        # written under output_dir before the cluster checks have passed), in a new folder of this run's
+        # own under this user's private temp root (never a predictable shared path such as /tmp/logs).
         joins_cluster = bool(config.cluster.address or os.environ.get("RAY_ADDRESS"))
-        log_dir = tempfile.gettempdir() if is_s3(config.output_dir) or joins_cluster else config.output_dir
-        self.log_path = os.path.abspath(os.path.join(log_dir, "logs", f"{config.run_name}-{job}-{stamp}.log"))
+        if is_s3(config.output_dir) or joins_cluster:
+            log_dir = str(private_run_dir(f"{name}-"))
+        else:
+            log_dir = os.path.join(config.output_dir, "logs")
+        self.log_path = os.path.abspath(os.path.join(log_dir, f"{name}.log"))
         self.started = time.perf_counter()
         self._board = None
         self._saved_fds: tuple[int, int] | None = None
@@ -150,13 +155,13 @@ class JobConsole:
     # -- redirection ------------------------------------------------------------------------------
 
     def __enter__(self) -> "JobConsole":
-        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        os.makedirs(os.path.dirname(self.log_path), mode=0o700, exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
         self._saved_fds = (os.dup(1), os.dup(2))
         self.terminal = os.fdopen(os.dup(1), "w", buffering=1)
         self.interactive = self.terminal.isatty()
-        self._log = open(self.log_path, "a", buffering=1)
+        self._log = open_private_append(self.log_path)  # never through a symlink planted at that name
         os.dup2(self._log.fileno(), 1)
         os.dup2(self._log.fileno(), 2)
         self._ray_was_running = ray.is_initialized()

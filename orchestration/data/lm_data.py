@@ -97,15 +97,17 @@ def _lm_tokenizer_on_s3(config: Config) -> str:
     """output_dir on S3 (a cluster): the tokenizer lives at <output_dir>/lm_tokenizer; this returns a
     local copy of it, trained and uploaded first if missing, so every run of the job uses the same one.
 
-    The local copy is named by its content (``<tmp>/vilau-lm-tokenizer-<sha256>``): every call (driver,
-    each rank, each restart) reuses the one folder instead of leaving a new temp dir behind. Downloads
+    The local copy is named by its content (``<tmp>/vilau-<uid>/lm-tokenizer-<sha256>``, in this user's
+    private temp root): every call (driver, each rank, each restart) reuses the one folder instead of
+    leaving a new temp dir behind, after checking that its files still hash to that name. Downloads
     and training happen in a TemporaryDirectory: only a process killed during that copy leaves one."""
+    from orchestration.private_temp import user_temp_root
     from orchestration.storage import filesystem, join, upload_dir
 
     uri = join(config.output_dir, "lm_tokenizer")
     s3 = s3_settings(config)
     fs, path = filesystem(uri, s3)
-    with tempfile.TemporaryDirectory(prefix=".vilau-lm-tokenizer-staging-") as staging:
+    with tempfile.TemporaryDirectory(prefix=".lm-tokenizer-staging-", dir=user_temp_root()) as staging:
         local = Path(staging) / "lm_tokenizer"
         if fs.exists(f"{path}/tokenizer.json"):
             local.mkdir()
@@ -118,14 +120,21 @@ def _lm_tokenizer_on_s3(config: Config) -> str:
 
 
 def _content_addressed_copy(folder: Path) -> str:
-    """Move ``folder`` to ``<tmp>/vilau-lm-tokenizer-<sha256 of its files>`` unless that copy exists."""
+    """Move ``folder`` to ``<user temp root>/lm-tokenizer-<sha256 of its files>`` unless a copy whose
+    files still hash to that name is there (a leftover that does not is replaced, never trusted)."""
+    from orchestration.private_temp import user_temp_root
+
     digest = files_sha256(directory_files(str(folder)))  # as the tokenized cache fingerprints it
-    target = Path(tempfile.gettempdir()) / f"vilau-lm-tokenizer-{digest[:32]}"
-    if not (target / "tokenizer.json").is_file():
+    target = user_temp_root() / f"lm-tokenizer-{digest[:32]}"
+
+    def intact() -> bool:
+        return (target / "tokenizer.json").is_file() and files_sha256(directory_files(str(target))) == digest
+
+    if not intact():
         try:
             folder.rename(target)  # atomic: a concurrent reader sees all of it or none
         except OSError:  # another process got there first with the same content, or a broken leftover
-            if not (target / "tokenizer.json").is_file():
+            if not intact():
                 shutil.rmtree(target, ignore_errors=True)
                 folder.rename(target)
     return str(target)
