@@ -36,7 +36,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.autoscaler.tags import NODE_KIND_WORKER, TAG_RAY_CLUSTER_NAME, TAG_RAY_NODE_KIND
 
 from gloo_ranks import free_loopback_port
-from orchestration.cluster_checks import PLACEHOLDER
+from orchestration.config import PLACEHOLDER
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
