@@ -74,3 +74,28 @@ def test_position_weights_scale_each_positions_cross_entropies(chunk):
     ones = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], max_logits_per_chunk=chunk, weights=torch.ones(23))
     plain = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], max_logits_per_chunk=chunk)
     torch.testing.assert_close(ones, plain, rtol=1e-6, atol=1e-5)
+
+
+def test_no_visual_target_gives_a_zero_loss_that_keeps_the_graph_and_never_an_empty_attention_batch():
+    from torch.overrides import TorchFunctionMode
+
+    depth, codebook, h, codes = setup(0)
+
+    class AttentionBatches(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                self.batches.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    with AttentionBatches() as seen:
+        loss = depth_cross_entropy_sum(depth, h, codes, lambda c: codebook[c], 2**10)
+    assert seen.batches and 0 not in seen.batches  # CUDA's flash kernel rejects a batch of 0
+    assert float(loss) == 0.0
+    loss.backward()
+    # every depth parameter is in the graph (FSDP's gradient hooks fire on every rank) with gradient 0
+    for name, p in depth.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name

@@ -83,7 +83,7 @@ class DepthTransformer(nn.Module):
         assert d < self.code_depth, f"at most {self.code_depth - 1} prefix depths, got {d}"
         x = self.proj_h(h).unsqueeze(1)
         if d > 0:
-            cumulative = prefix_vectors.cumsum(dim=1).to(x.dtype)
+            cumulative = prefix_vectors.float().cumsum(dim=1).to(x.dtype)  # fp32 sums, as UnifiedLM.code_sum
             x = torch.cat([x, self.proj_c(cumulative)], dim=1)
         x = x + self.pos[: d + 1].to(x.dtype)
         for block in self.blocks:
@@ -105,11 +105,17 @@ def depth_cross_entropy_sum(
     code_vectors: codes [n, D] -> code vectors [n, D, code_width] (no gradient needed).
     max_logits_per_chunk: logits (positions x D x codebook) computed at once; chunks beyond the first are
         recomputed in the backward pass instead of kept. None = all positions at once (the unbounded
-        reference). N = 0 still runs the depth transformer (on an empty batch), so that every FSDP rank
-        runs the same modules whatever its data holds.
+        reference). N = 0 runs the depth transformer on one dummy position weighted 0 (never on an
+        empty batch), so that every FSDP rank runs the same modules whatever its data holds.
     weights: optional [N] per-position factors on the position's D cross-entropies (None = all 1).
     """
     n, d = target_codes.shape
+    if n == 0:
+        # No visual target: CUDA's flash attention refuses a batch of 0, yet under FSDP every rank must
+        # run the same modules (their all-gathers are collectives). One dummy position, weighted 0: the
+        # loss is 0 and every depth parameter (and h) stays in the graph with a zero gradient.
+        dummy = _depth_ce_sum(depth, h.new_zeros(1, h.shape[-1]), target_codes.new_zeros(1, d), code_vectors)
+        return dummy * 0.0 + h.sum() * 0.0
     per_chunk = n if max_logits_per_chunk is None else max(1, max_logits_per_chunk // (d * depth.codebook_size))
     if n <= per_chunk:
         return _depth_ce_sum(depth, h, target_codes, code_vectors, weights)

@@ -64,6 +64,10 @@ def sample(
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # A seeded generator draws on its own device (a CUDA tensor refuses a CPU generator): a CPU
+        # generator gives the same samples from the same probabilities whatever device the model is on.
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

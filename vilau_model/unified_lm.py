@@ -139,11 +139,16 @@ class UnifiedLM(nn.Module):
         with torch.no_grad():
             return self.tower.quantizer.lookup(codes.long())
 
+    def code_sum(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sum of the D code vectors in fp32, whatever the codebook's dtype: in bf16 the deepest residuals
+        vanish in the rounding. Summed as the quantizer sums them (cumsum over depth), so with an fp32
+        codebook training, export and generation see bitwise the same input. [..., D] -> [..., width]."""
+        with torch.no_grad():
+            return self.code_vectors(codes).float().cumsum(dim=-2)[..., -1, :]
+
     def visual_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         """LLM input embedding of visual positions: projector(sum of the D code vectors). [..., D] -> [..., hidden]."""
-        with torch.no_grad():
-            summed = self.tower.code_embeddings(codes.long())
-        return self.projector(summed.to(self.projector[0].weight.dtype))
+        return self.projector(self.code_sum(codes).to(self.projector[0].weight.dtype))
 
     def embed(self, input_ids: torch.Tensor, codes: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
         embeds = self.llm.get_input_embeddings()(input_ids.long())

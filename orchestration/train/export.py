@@ -239,13 +239,8 @@ def _meta_llm(lm_cfg, vocab_size: int):
     """The LLM on the meta device: its config and state-dict names, without weights."""
     from vilau_model.unified_lm import build_llm
 
-    if lm_cfg.pretrained_path:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        hf_config = AutoConfig.from_pretrained(lm_cfg.pretrained_path, local_files_only=True)
-        hf_config.vocab_size = vocab_size
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config)
+    # build_llm's own meta path: the pretrained config with the markers' rows and the run's RoPE scaling,
+    # so that config.json tells plain transformers the RoPE the model was trained with.
     with torch.device("meta"):
         return build_llm(lm_cfg, vocab_size)
 

@@ -2,7 +2,7 @@
 
 FSDP units: each LLM decoder layer, each depth-transformer block, and the root (embeddings, LM head,
 projector, depth input/output layers). Of the frozen tower, the training workers hold only the codebook
-(:class:`TowerCodebook`, bf16 on GPU, read alone from the stage-1 export): it is left out of FSDP
+(:class:`TowerCodebook`, fp32, read alone from the stage-1 export): it is left out of FSDP
 (``ignored_params``), every rank keeps it whole and it is never all-gathered. The LLM is built on the
 meta device and read shard-wise from ``model.lm_path`` (see ``orchestration.train.weights``).
 
@@ -98,8 +98,9 @@ class LMTask(Task):
         with torch.no_grad():
             for name, t in model.tower.named_buffers():
                 t.copy_(codebook[name].to(t.device))
-        if self.config.cluster.use_gpu:
-            model.tower.to(torch.bfloat16)  # frozen code vectors: bf16 is enough for an input embedding
+        # The code vectors stay fp32 (16384 x width: tens of MB): a visual position's input is the sum of
+        # its D code vectors, and in bf16 the deepest residuals vanish in the rounding, while the export
+        # and generation sum them in fp32.
 
     def _codebook(self) -> dict[str, torch.Tensor]:
         """The tower's quantizer tensors (``quantizer.*``), read alone from the export's safetensors: the
@@ -230,8 +231,16 @@ def save_lm_export(model: nn.Module, tokenizer, directory: str) -> None:
         json.dump(meta, f, indent=1)
 
 
-def load_lm_export(directory: str):
-    """(UnifiedLM, tokenizer) from a stage-2 export directory, without Ray."""
+def load_lm_export(directory: str, device: str | torch.device | None = None):
+    """(UnifiedLM, tokenizer) from a stage-2 export directory, without Ray, on ``device`` (default CPU)."""
+    model, tokenizer = read_lm_export(directory)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def read_lm_export(directory: str):
+    """(UnifiedLM in eval mode on the CPU, tokenizer) from the export's files."""
     from safetensors.torch import load_file
 
     from orchestration.train.tower import load_tower_export
@@ -257,15 +266,23 @@ def generate(model, tokenizer, prompts: list[str], seed: int = 0, num_frames: in
     from vilau_model.sequence import SequenceBuilder
 
     builder = SequenceBuilder(tokenizer, code_depth=model.code_depth)
+    # A CPU generator on any device (``generation.sample`` draws on it): the same seed, the same samples.
     generator = torch.Generator().manual_seed(seed)
     ids = [builder.generation_prompt(p) for p in prompts]
     return model.generate_images(ids, generator=generator, num_frames=num_frames, **kwargs).images
 
 
+def generation_device(name: str = "auto") -> torch.device:
+    """The device to generate on: ``auto`` = the (first) GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def generate_to_files(export_dir: str, prompts: list[str], out_dir: str, video: bool = False, seed: int = 0,
-                      **kwargs) -> list[str]:
+                      device: str = "auto", **kwargs) -> list[str]:
     """Write one PNG per prompt (or a folder of frame PNGs per prompt for video); returns the paths."""
-    model, tokenizer = load_lm_export(export_dir)
+    model, tokenizer = load_lm_export(export_dir, device=generation_device(device))
     frames = model.config.frames_per_video if video else 1
     results = generate(model, tokenizer, prompts, seed=seed, num_frames=frames, **kwargs)
     out_dir = os.path.abspath(out_dir)

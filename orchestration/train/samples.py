@@ -51,8 +51,9 @@ def generation_score(model, tokenizer, names: list[str], per_class: int, seed: i
     pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
     pixels = pixels.float().div_(255.0)
     tower = model.tower.eval()
-    class_emb = tower.encode_text(tower.tokenize(prompts)).float()
-    predicted = (tower.encode_image(pixels).float() @ class_emb.T).argmax(dim=1)
+    device = next(tower.parameters()).device  # the images come back as PIL images, the prompts as CPU ids
+    class_emb = tower.encode_text(tower.tokenize(prompts).to(device)).float()
+    predicted = (tower.encode_image(pixels.to(device)).float() @ class_emb.T).argmax(dim=1).cpu()
     return {
         "score": float((predicted == labels).float().mean()),
         "chance": 1.0 / len(names),
