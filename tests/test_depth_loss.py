@@ -36,7 +36,8 @@ def test_chunked_equals_full(positions_per_chunk):
     torch.testing.assert_close(chunked[0], full[0], rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(chunked[1], full[1], rtol=1e-5, atol=1e-6)
     for name, grad in full[2].items():
-        torch.testing.assert_close(chunked[2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 sums in another order: absolute error up to ~5e-7 of the gradient's largest entry (|g| ~ 7 here)
+        torch.testing.assert_close(chunked[2][name], grad, rtol=1e-5, atol=1e-5, msg=name)
     # and it is the plain mean-free CE over all positions x depths
     logits = depth(h, codebook[codes][:, :-1]).float()
     reference = torch.nn.functional.cross_entropy(logits.reshape(-1, K), codes.reshape(-1), reduction="sum")
