@@ -83,6 +83,27 @@ def test_gradients_reach_the_vision_encoder_through_the_quantizer(tower):
     assert tower.clip.token_embedding.weight.grad is None
 
 
+def test_logit_scale_learns_above_clips_old_clamp(tower):
+    """SigLIP-SO400M starts at log scale 4.72 (exp ~112): above CLIP's log(100) clamp, which would leave it
+    without gradient. Here it is used as is and gets a gradient."""
+    images, tokens = torch.rand(4, 3, 32, 32), tower.tokenize(["a red circle", "a blue square", "a cross", "a dot"])
+    saved = tower.clip.logit_scale.detach().clone()
+    try:
+        for log_scale in (4.72, 6.5):  # SO400M's, and one still under the generous bound of log(1000)
+            with torch.no_grad():
+                tower.clip.logit_scale.fill_(log_scale)
+            tower.zero_grad()
+            out = tower(images, tokens)
+            assert out["logit_scale"].item() == pytest.approx(torch.tensor(log_scale).exp().item(), rel=1e-5)
+            out["loss_contrastive"].backward()
+            grad = tower.clip.logit_scale.grad
+            assert grad is not None and grad.abs().item() > 0, log_scale
+    finally:
+        with torch.no_grad():
+            tower.clip.logit_scale.copy_(saved)
+        tower.zero_grad()
+
+
 def test_save_load_roundtrip(tower, tmp_path):
     path = str(tmp_path / "tower.safetensors")
     images = torch.rand(2, 3, 32, 32)
