@@ -138,6 +138,7 @@ def test_patchgan_adaptive_weight_and_start_step():
     assert tower.discriminator_loss(images, before["reconstruction"], step=0).item() == 0.0
 
     quantizer_state = {k: v.clone() for k, v in tower.quantizer.state_dict().items()}
+    rng = torch.get_rng_state()  # the quantizer's dead-code restarts draw from it
     out = tower(images, tokens, step=10)
     w = out["gan_adaptive_weight"].item()
     assert w > 0 and out["loss_gan"].item() != 0.0
@@ -145,9 +146,11 @@ def test_patchgan_adaptive_weight_and_start_step():
     torch.testing.assert_close(out["loss_recon"], expected)
 
     # the VQGAN weight by hand: ||grad_last(rec)|| / (||grad_last(gan)|| + 1e-4) at the decoder's last conv
-    tower.quantizer.load_state_dict(quantizer_state)  # the codebook before that step's EMA update
-    recon = tower.decoder(tower._grid(tower.quantizer.eval()(tower._features(images)).quantized))
-    rec = F.mse_loss(recon, images)
+    # the same quantization as that step: the codebook before its per-depth EMA updates, the same restarts
+    tower.quantizer.load_state_dict(quantizer_state)
+    torch.set_rng_state(rng)
+    recon = tower.decoder(tower._grid(tower.quantizer(tower._features(images)).quantized))
+    rec = F.mse_loss(recon * 2 - 1, images * 2 - 1)  # pixels on [-1, 1]
     gan = -tower.discriminator(recon).mean()
     g_rec = torch.autograd.grad(rec, tower.decoder.last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan, tower.decoder.last_layer)[0]

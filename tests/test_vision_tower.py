@@ -124,7 +124,9 @@ def test_loss_config_variants():
     tower = UnifiedVisionTower(cfg, TowerLossConfig(contrastive="softmax", pixel_loss="l1", w_contra=0.5))
     images = torch.rand(2, 3, 32, 32)
     out = tower(images, tower.tokenize(["a", "b"]))
-    torch.testing.assert_close(out["loss_pixel"], F.l1_loss(out["reconstruction"], images))
+    # on [-1, 1] (RQ-VAE's scale): twice the L1 distance of the [0, 1] images
+    torch.testing.assert_close(out["loss_pixel"], F.l1_loss(out["reconstruction"] * 2 - 1, images * 2 - 1))
+    torch.testing.assert_close(out["loss_pixel"], 2 * F.l1_loss(out["reconstruction"], images))
     assert tower.quantizer.embed.shape[0] == cfg.code_depth
     with pytest.raises(ValueError):
         TowerLossConfig(pixel_loss="l2")

@@ -2,6 +2,7 @@
 
     loss = w_contra * L_contra + w_recon * L_recon + commitment_weight * L_commit
     L_recon = L_pixel + perceptual_weight * L_perceptual + gan_weight * adaptive_weight * L_gan
+    (L_pixel on pixels in [-1, 1], RQ-VAE's scale)
 
 The contrastive terms reuse open_clip's SigLipLoss / ClipLoss with this process's rank and world
 size, so the negatives come from the whole global batch. With W ranks, the mean over ranks of the
@@ -92,6 +93,9 @@ class ContrastiveLoss(nn.Module):
 
 
 def pixel_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """MSE or L1 between images given in [0, 1], measured on [-1, 1] as RQ-VAE / VQGAN do, so that a
+    reconstruction weight means what it means there (MSE: 4x the [0, 1] value, L1: 2x)."""
+    reconstruction, target = reconstruction * 2 - 1, target * 2 - 1
     if kind == "l1":
         return F.l1_loss(reconstruction, target)
     return F.mse_loss(reconstruction, target)
