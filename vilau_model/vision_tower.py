@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vilau_model.config import VisionTowerConfig
-from vilau_model.decoder import PixelDecoder
+from vilau_model.decoder import build_decoder
 from vilau_model.encoders import (
     ClipSource,
     build_clip,
@@ -106,7 +106,7 @@ class UnifiedVisionTower(nn.Module):
             dead_code_threshold=config.dead_code_threshold,
             chunk_size=config.search_chunk_size,
         )
-        self.decoder = PixelDecoder(config.width, config.decoder_channels, config.image_size, config.decoder_res_blocks)
+        self.decoder = build_decoder(config)
 
         self.contrastive = ContrastiveLoss(lc.contrastive, lc.siglip_dist_impl)
         self.perceptual: PerceptualLoss | None = None
