@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from gloo_ranks import run_on_gloo_ranks
 from vilau_model.config import get_tower_config
-from vilau_model.losses import ContrastiveLoss, PerceptualLoss, TowerLossConfig
+from vilau_model.losses import ContrastiveLoss, PerceptualLoss, TowerLossConfig, save_stand_in_perceptual_weights
 from vilau_model.vision_tower import UnifiedVisionTower
 
 WORLD, LOCAL_BATCH, DIM = 2, 6, 16
@@ -123,6 +123,52 @@ def test_perceptual_loss_from_local_weights(tmp_path):
     # the frozen VGG is not part of the tower's trainable or saved weights
     assert not any(p is q for p in tower.trainable_parameters() for q in loss_fn.parameters())
     assert not any(k.startswith("perceptual.") for k in tower._saved_state())
+
+
+def test_perceptual_loss_with_a_small_stand_in_trunk(tmp_path):
+    """A VGG16-layout trunk with 1/8 of the channels loads like the real one (what tiny runs and tests use)."""
+    path = save_stand_in_perceptual_weights(str(tmp_path / "stand_in.safetensors"))
+    loss_fn = PerceptualLoss(path)
+    assert loss_fn.lin_source == "uniform" and loss_fn.lin4.shape == (1, 64, 1, 1)
+    assert sum(p.numel() for p in loss_fn.parameters()) < 300_000  # VGG16's trunk: 14.7M
+    a = torch.rand(2, 3, 32, 32)
+    b = (a + 0.2 * torch.randn_like(a)).clamp(0, 1).requires_grad_(True)
+    assert loss_fn(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    d = loss_fn(b, a)
+    d.backward()
+    assert d.item() > 0 and b.grad.abs().sum() > 0
+
+    tower = _tiny_tower(perceptual_weight=1.0, perceptual_weights_path=path)
+    out = tower(a, tower.tokenize(["x", "y"]))
+    assert out["perceptual_enabled"].item() == 1.0
+    torch.testing.assert_close(out["loss_recon"], out["loss_pixel"] + out["loss_perceptual"])
+    with pytest.raises(ValueError, match="features.28.weight"):  # a trunk cut short
+        from safetensors.torch import load_file, save_file
+
+        state = {k: v for k, v in load_file(path).items() if not k.startswith("features.28.")}
+        save_file(state, str(tmp_path / "short.safetensors"))
+        PerceptualLoss(str(tmp_path / "short.safetensors"))
+
+
+def test_perceptual_loss_equals_the_lpips_package(tmp_path):
+    """Same trunk, same calibrated lin layers: our distance on [0, 1] images is lpips.LPIPS on [-1, 1]."""
+    lpips = pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    reference = lpips.LPIPS(net="vgg", pnet_rand=True, pretrained=True, verbose=False).eval()  # random trunk
+    path = str(tmp_path / "lpips_vgg.pt")
+    torch.save(reference.state_dict(), path)  # its own key layout: net.sliceK.N.*, lin{k}.model.1.weight
+    ours = PerceptualLoss(path)
+    assert ours.lin_source == "weights file"
+    a, b = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(a * 2 - 1, b * 2 - 1).mean()
+    torch.testing.assert_close(ours(a, b), expected, rtol=1e-4, atol=1e-6)
+    # a torchvision-layout trunk without lin layers takes the calibrated ones the package ships (no hub)
+    trunk = {f"features.{k.split('.', 2)[2]}": v for k, v in reference.state_dict().items() if k.startswith("net.slice")}
+    torch.save(trunk, str(tmp_path / "vgg16_features.pt"))
+    from_package = PerceptualLoss(str(tmp_path / "vgg16_features.pt"))
+    assert from_package.lin_source == "lpips package"
+    torch.testing.assert_close(from_package(a, b), expected, rtol=1e-4, atol=1e-6)
 
 
 # -- PatchGAN --------------------------------------------------------------------------------
