@@ -219,7 +219,8 @@ class ResidualQuantizer(nn.Module):
         # codebook-sized statistics per step instead of one (vilau-384: 16 x 75 MB); they cannot be bucketed,
         # since depth d+1's search needs the codebook after depth d's update.
         stats = torch.zeros(self.codebook_size, self.dim + 1, device=residual.device)
-        stats.index_add_(0, idx, torch.cat([residual, residual.new_ones(residual.shape[0], 1)], dim=1))
+        stats[:, : self.dim].index_add_(0, idx, residual)
+        stats[:, self.dim] = torch.bincount(idx, minlength=self.codebook_size).float()
         if world > 1:
             # Every rank applies the same global statistics, so the codebooks stay identical.
             dist.all_reduce(stats)
