@@ -211,3 +211,32 @@ def test_patchgan_adaptive_weight_and_start_step():
     d_loss.backward()
     assert all(p.grad is not None for p in d_params)
     assert all(p.grad is None for p in tower.decoder.parameters())
+
+
+def test_lpips_and_patchgan_recipe_trains_without_nan(tmp_path):
+    """The paper recipe's model side, in one process: generator steps on the full loss (pixels, stand-in
+    LPIPS, adaptive-weight GAN from its start step) alternating with hinge discriminator steps."""
+    path = save_stand_in_perceptual_weights(str(tmp_path / "stand_in.safetensors"))
+    tower = _tiny_tower(perceptual_weight=1.0, perceptual_weights_path=path, gan_weight=0.5, gan_start_step=3)
+    g_opt = torch.optim.AdamW(tower.trainable_parameters(), lr=2e-3, weight_decay=0.0)
+    d_opt = torch.optim.AdamW(tower.discriminator_parameters(), lr=2e-3, weight_decay=0.0)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = tower.tokenize(["a red circle", "a blue square"] * 4)
+    d_before = [p.detach().clone() for p in tower.discriminator_parameters()]
+    pixel = []
+    for step in range(8):
+        out = tower(images, tokens, step=step)
+        g_opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        g_opt.step()
+        d_opt.zero_grad(set_to_none=True)  # the generator's GAN term reached the discriminator too
+        d_loss = tower.discriminator_loss(images, out["reconstruction"], step)
+        d_loss.backward()
+        d_opt.step()
+        assert all(torch.isfinite(out[k]) for k in ("loss", "loss_perceptual", "loss_gan")) and torch.isfinite(d_loss)
+        assert (out["loss_gan"].item() != 0.0) == (step >= 3) and (out["gan_adaptive_weight"].item() > 0) == (step >= 3)
+        if step == 2:  # before its start the discriminator has not moved
+            assert all(torch.equal(a, b) for a, b in zip(d_before, tower.discriminator_parameters()))
+        pixel.append(out["loss_pixel"].item())
+    assert not all(torch.equal(a, b) for a, b in zip(d_before, tower.discriminator_parameters()))
+    assert pixel[-1] < pixel[0]
