@@ -142,11 +142,11 @@ def test_perceptual_loss_with_a_small_stand_in_trunk(tmp_path):
     out = tower(a, tower.tokenize(["x", "y"]))
     assert out["perceptual_enabled"].item() == 1.0
     torch.testing.assert_close(out["loss_recon"], out["loss_pixel"] + out["loss_perceptual"])
-    with pytest.raises(ValueError, match="features.28.weight"):  # a trunk cut short
-        from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save_file
 
-        state = {k: v for k, v in load_file(path).items() if not k.startswith("features.28.")}
-        save_file(state, str(tmp_path / "short.safetensors"))
+    state = {k: v for k, v in load_file(path).items() if not k.startswith("features.28.")}  # a trunk cut short
+    save_file(state, str(tmp_path / "short.safetensors"))
+    with pytest.raises(ValueError, match="features.28.weight"):
         PerceptualLoss(str(tmp_path / "short.safetensors"))
 
 

@@ -152,7 +152,7 @@ def _lpips_package_lins() -> dict[str, torch.Tensor]:
     """LPIPS's calibrated VGG linear layers, shipped inside the `lpips` package (a local file: no hub), or
     {} when the package is not installed."""
     try:
-        import lpips  # noqa: F401
+        import lpips
     except ImportError:
         return {}
     path = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
