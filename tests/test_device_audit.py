@@ -373,8 +373,9 @@ def test_generate_job_runs_on_cuda(lm_export, fake_cuda, files_read_for_real, tm
     spec.loader.exec_module(generate_job)
     out = tmp_path / "generated"
     with fake_cuda():
-        generate_job.main(["--checkpoint", lm_export, "--prompt", "a red circle", "--out", str(out), "--device", "cuda"])
-    assert sorted(p.name for p in out.iterdir()) == ["image_00.png", "prompts.txt"]
+        generate_job.main(["--checkpoint", lm_export, "--prompt", "a red circle", "--out", str(out), "--device", "cuda",
+                           "--num-samples", "2"])
+    assert sorted(p.name for p in (out / "gen-0001").iterdir()) == ["prompt00_sample00.png", "prompt00_sample01.png", "prompts.txt"]
     _on_cuda(files_read_for_real[0][0])
 
 

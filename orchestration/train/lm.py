@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -279,28 +278,42 @@ def generation_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def generate_to_files(export_dir: str, prompts: list[str], out_dir: str, video: bool = False, seed: int = 0,
-                      device: str = "auto", **kwargs) -> list[str]:
-    """Write one PNG per prompt (or a folder of frame PNGs per prompt for video); returns the paths."""
-    model, tokenizer = load_lm_export(export_dir, device=generation_device(device))
-    frames = model.config.frames_per_video if video else 1
-    results = generate(model, tokenizer, prompts, seed=seed, num_frames=frames, **kwargs)
+def fresh_output_folder(out_dir: str) -> str:
+    """The next unused ``<out_dir>/gen-NNNN`` folder, made now: a rerun never overwrites earlier outputs."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    n = 1 + max((int(name[4:]) for name in os.listdir(out_dir) if name.startswith("gen-") and name[4:].isdigit()), default=0)
+    while True:
+        folder = os.path.join(out_dir, f"gen-{n:04d}")
+        try:
+            os.makedirs(folder)  # exclusive: two concurrent runs never share a folder
+            return folder
+        except FileExistsError:
+            n += 1
+
+
+def generate_to_files(export_dir: str, prompts: list[str], out_dir: str, video: bool = False, seed: int = 0,
+                      device: str = "auto", num_samples: int = 1, **kwargs) -> list[str]:
+    """``num_samples`` PNGs per prompt (or a folder of frame PNGs per sample for video) in a new folder
+    under ``out_dir`` (see fresh_output_folder); returns the paths, prompt by prompt."""
+    model, tokenizer = load_lm_export(export_dir, device=generation_device(device))
+    frames = model.config.frames_per_video if video else 1
+    batch = [p for p in prompts for _ in range(num_samples)]  # one sampling stream: every sample differs
+    results = generate(model, tokenizer, batch, seed=seed, num_frames=frames, **kwargs)
+    folder = fresh_output_folder(out_dir)
     paths = []
-    for i, result in enumerate(results):
+    for k, result in enumerate(results):
+        name = f"prompt{k // num_samples:02d}_sample{k % num_samples:02d}"
         if video:
-            folder = os.path.join(out_dir, f"video_{i:02d}")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.makedirs(folder)
+            os.makedirs(os.path.join(folder, name))
             for t, frame in enumerate(result):
-                paths.append(os.path.join(folder, f"frame_{t:02d}.png"))
+                paths.append(os.path.join(folder, name, f"frame_{t:02d}.png"))
                 frame.save(paths[-1])
         else:
-            paths.append(os.path.join(out_dir, f"image_{i:02d}.png"))
+            paths.append(os.path.join(folder, f"{name}.png"))
             result.save(paths[-1])
-    with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
-        f.write("\n".join(prompts) + "\n")
+    with open(os.path.join(folder, "prompts.txt"), "w") as f:
+        f.write("\n".join(f"prompt{i:02d}: {p}" for i, p in enumerate(prompts)) + f"\nseed: {seed}\n")
     return paths
 
 
