@@ -94,6 +94,10 @@ class LMTask(Task):
             embeddings = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}
             grow = [clean_name(n) for n, p in llm.named_parameters() if any(p is e for e in embeddings)]
             load_pretrained(llm, path, seed, grow_rows=grow, init_module=lambda n, m: init_module(f"llm.{n}", m))
+        if self.config.model.init_from:  # projector + depth transformer of the export too
+            from orchestration.released import load_heads
+
+            load_heads(model, self.config.model.init_from)
         codebook = self._codebook()
         with torch.no_grad():
             for name, t in model.tower.named_buffers():
