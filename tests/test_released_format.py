@@ -331,3 +331,21 @@ def test_conversation_template_matches_the_reference_format():
     assert VICUNA_V1.prompt("a red circle") == f"{system} USER: a red circle ASSISTANT:"
     # the unconditional prompt: the template with an empty user turn
     assert VICUNA_V1.prompt(" ") == f"{system} USER:ASSISTANT:"
+
+
+def test_generation_uses_the_released_template(release, tmp_path):
+    """An imported model generates from the release's chat template; its unconditional stream is the template
+    with an empty user turn (DESIGN.md 4), tokenized as the reference tokenizes `prompt + " <im_start>"`."""
+    from orchestration.released import import_released
+    from orchestration.train.lm import generate, read_lm_export
+    from vilau_model.released_format import VICUNA_V1, template_prompt_ids
+
+    out = str(tmp_path / "imported")
+    import_released(release, out)
+    model, tokenizer = read_lm_export(out)
+    assert model.conversation == VICUNA_V1
+    uncond = template_prompt_ids(tokenizer, VICUNA_V1, "", "<im_start>")
+    # the space of " <im_start>" stays a token before the marker, as in the reference's one-string tokenization
+    assert tokenizer.decode(uncond[1:]) == VICUNA_V1.system + " USER:ASSISTANT: "
+    images = generate(model, tokenizer, ["a red circle"], seed=0, temperature=0.0)
+    assert len(images) == 1 and images[0].size == (32, 32)
