@@ -46,6 +46,9 @@ from vilau_model.released_format import (
 
 log = logging.getLogger(__name__)
 
+# The export's file names, as orchestration.train.lm / .tower write them (not imported from there: those
+# modules call into this one; tests/test_released_format.py checks they agree).
+LM_WEIGHTS, LM_META, TOWER_FILE, TOWER_META = "vilau_lm.safetensors", "vilau_lm.json", "tower.safetensors", "tower.json"
 RELEASED_DIR = "released"
 RELEASED_META = "released.json"
 EXTRAS_FILE = "extras.safetensors"
@@ -141,8 +144,6 @@ def import_released(src: str, out: str, lm_base: LMConfig | None = None) -> dict
     """Write this project's stage-2 export (module docstring) from the released directory `src`."""
     from safetensors.torch import save_file
 
-    from orchestration.train.lm import LM_META, LM_WEIGHTS
-    from orchestration.train.tower import TOWER_FILE, TOWER_META
     from vilau_model.losses import TowerLossConfig
     from vilau_model.vision_tower import UnifiedVisionTower
 
@@ -227,11 +228,12 @@ def export_released(export_dir: str, out: str) -> dict:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from orchestration.train.lm import LM_META, LM_WEIGHTS, resolve_export
-    from orchestration.train.tower import TOWER_FILE, TOWER_META
     from vilau_model.encoders import ClipSource
 
-    export_dir = resolve_export(export_dir)
+    export_dir = next((d for d in (export_dir, os.path.join(export_dir, "export"))
+                       if os.path.isfile(os.path.join(d, LM_META))), None)
+    if export_dir is None:
+        raise FileNotFoundError(f"not a stage-2 export (no {LM_META}); pass <storage_path>/<run_name>-lm/export")
     tower_meta = _read_json(os.path.join(export_dir, TOWER_META))
     tower_cfg = VisionTowerConfig(**tower_meta["tower_config"])
     lm_meta = _read_json(os.path.join(export_dir, LM_META))
@@ -287,7 +289,6 @@ def export_released(export_dir: str, out: str) -> dict:
 
 def export_tower_config(path: str, **overrides) -> VisionTowerConfig:
     """The tower config an export was written with (its tower.json), with the run's explicit overrides."""
-    from orchestration.train.tower import TOWER_META
 
     saved = VisionTowerConfig(**_read_json(os.path.join(path, TOWER_META))["tower_config"])
     return dataclasses.replace(saved, **overrides)
@@ -302,7 +303,6 @@ ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_he
 def export_lm_config(path: str, base: LMConfig, rope_from_run: bool) -> LMConfig:
     """`base` (the run's preset and overrides) with the export's architecture; its RoPE scaling too unless
     the run sets model.rope_scaling."""
-    from orchestration.train.lm import LM_META
 
     saved = _read_json(os.path.join(path, LM_META))["lm_config"]
     fields = list(ARCHITECTURE_FIELDS) + ([] if rope_from_run else ["rope_scaling_type", "rope_scaling_factor"])
@@ -310,7 +310,6 @@ def export_lm_config(path: str, base: LMConfig, rope_from_run: bool) -> LMConfig
 
 
 def export_conversation(path: str) -> ConversationTemplate | None:
-    from orchestration.train.lm import LM_META
 
     saved = _read_json(os.path.join(path, LM_META)).get("conversation")
     return ConversationTemplate.from_dict(saved) if saved else None
@@ -322,7 +321,6 @@ def load_heads(model: torch.nn.Module, path: str) -> list[str]:
     each rank copies its own slices). Raises when the file and the model do not hold the same tensors."""
     from safetensors import safe_open
 
-    from orchestration.train.lm import LM_WEIGHTS
     from orchestration.train.weights import clean_name, copy_local_part
 
     targets = {clean_name(n): p for n, p in model.named_parameters() if clean_name(n).startswith(("projector.", "depth."))}
@@ -345,7 +343,6 @@ def tower_from_export(path: str, config: VisionTowerConfig, loss_config):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from orchestration.train.tower import TOWER_FILE
     from vilau_model.encoders import ClipSource
     from vilau_model.vision_tower import UnifiedVisionTower
 

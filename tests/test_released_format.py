@@ -349,3 +349,11 @@ def test_generation_uses_the_released_template(release, tmp_path):
     assert tokenizer.decode(uncond[1:]) == VICUNA_V1.system + " USER:ASSISTANT: "
     images = generate(model, tokenizer, ["a red circle"], seed=0, temperature=0.0)
     assert len(images) == 1 and images[0].size == (32, 32)
+
+
+def test_export_file_names_agree():
+    import orchestration.released as released
+    from orchestration.train import lm, tower
+
+    assert (released.LM_WEIGHTS, released.LM_META) == (lm.LM_WEIGHTS, lm.LM_META)
+    assert (released.TOWER_FILE, released.TOWER_META) == (tower.TOWER_FILE, tower.TOWER_META)
