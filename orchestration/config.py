@@ -99,10 +99,28 @@ class ModelSection(Section):
     rope_scaling: RopeScalingSection | None = None
     # Paper presets refuse to start without tower_pretrained / lm_path; true lets them train from random init.
     allow_random_init: bool = False
+    # A stage-2 export to start from (a run's <run>-lm/export, or `python jobs/import_vila_u.py` of a released
+    # VILA-U): lm_path and tower_checkpoint default to its llm/ and its tower, the LM's and the tower's
+    # architecture come from its vilau_lm.json / tower.json, stage 2 also starts its projector and depth
+    # transformer from it, and stage 1 starts the whole tower from it.
+    init_from: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _init_from_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("init_from"):
+            data = dict(data)
+            root = absolute_local_path(data["init_from"])
+            data["init_from"] = root
+            if not data.get("lm_path"):
+                data["lm_path"] = os.path.join(root, "llm")
+            if not data.get("tower_checkpoint"):
+                data["tower_checkpoint"] = root
+        return data
 
     @model_validator(mode="after")
     def _pretrained_weights_for_paper_presets(self) -> "ModelSection":
-        if self.allow_random_init:
+        if self.allow_random_init or self.init_from:
             return self
         if self.tower in PAPER_TOWER_PRESETS and not self.tower_pretrained:
             raise ValueError(

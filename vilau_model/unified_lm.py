@@ -45,7 +45,10 @@ def build_llm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
         pretrained.vocab_size = vocab_size
         for key, value in rope.items():
             setattr(pretrained, key, value)
-        return AutoModelForCausalLM.from_config(pretrained, attn_implementation=config.attn_implementation)
+        # fp32 master weights whatever the checkpoint's torch_dtype (LLaMA-2 and VILA-U say float16/bfloat16):
+        # from_config would otherwise build in that dtype, unlike from_pretrained below
+        return AutoModelForCausalLM.from_config(pretrained, attn_implementation=config.attn_implementation,
+                                                dtype=torch.float32)
     if config.pretrained_path:
         llm = AutoModelForCausalLM.from_pretrained(
             config.pretrained_path, local_files_only=True, attn_implementation=config.attn_implementation, **rope

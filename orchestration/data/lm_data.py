@@ -71,7 +71,12 @@ DECODED_SCHEMA = pa.schema(
 
 
 def lm_config(config: Config) -> LMConfig:
-    return get_lm_config(config.model.lm, **config.model.lm_overrides())
+    cfg = get_lm_config(config.model.lm, **config.model.lm_overrides())
+    if config.model.init_from:  # the export's architecture (orchestration.released)
+        from orchestration.released import export_lm_config
+
+        cfg = export_lm_config(config.model.init_from, cfg, rope_from_run=config.model.rope_scaling is not None)
+    return cfg
 
 
 # ---------------------------------------------------------------- the LLM tokenizer
@@ -205,7 +210,9 @@ class TowerSource:
     def safetensors_uri(self, s3: S3Settings | None) -> str:
         fs, path = fs_and_path(self.path, s3)
         if fs.isdir(path):
+            # a stage-2 export holds the tower beside llm/*.safetensors: its tower.safetensors first
             found = sorted(p for p in fs.find(path) if p.endswith(".safetensors"))
+            found = [p for p in found if p.rsplit("/", 1)[-1] == "tower.safetensors"] or found
             if not found:
                 raise FileNotFoundError(f"{self.path}: no .safetensors tower export inside")
             return ("s3://" + found[0]) if is_s3(self.path) else found[0]

@@ -304,7 +304,14 @@ def export_lm_from_checkpoint(
         if not heads:
             raise ExportError(f"{checkpoint_uri}: no projector/depth-transformer weights in the checkpoint")
         write_safetensors(out.open, out.path(LM_WEIGHTS), {n: checkpoint.specs[n] for n in heads}, checkpoint.stream(heads))
-        out.write_json(LM_META, {"lm_config": dataclasses.asdict(lm_cfg), "special_ids": dataclasses.asdict(special)})
+        lm_meta = {"lm_config": dataclasses.asdict(lm_cfg), "special_ids": dataclasses.asdict(special)}
+        if config.model.init_from:  # a run started from an import keeps the release's chat template
+            from orchestration.released import export_conversation
+
+            template = export_conversation(config.model.init_from)
+            if template is not None:
+                lm_meta["conversation"] = template.to_dict()
+        out.write_json(LM_META, lm_meta)
 
     # The frozen tower, as stage 1 exported it.
     src_fs, src = filesystem(tower_path, s3)

@@ -93,6 +93,10 @@ class LMTask(Task):
             embeddings = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}
             grow = [clean_name(n) for n, p in llm.named_parameters() if any(p is e for e in embeddings)]
             load_pretrained(llm, path, seed, grow_rows=grow, init_module=lambda n, m: init_module(f"llm.{n}", m))
+        if self.config.model.init_from:  # projector + depth transformer of the export too
+            from orchestration.released import load_heads
+
+            load_heads(model, self.config.model.init_from)
         codebook = self._codebook()
         with torch.no_grad():
             for name, t in model.tower.named_buffers():
@@ -226,6 +230,8 @@ def save_lm_export(model: nn.Module, tokenizer, directory: str) -> None:
     save_file(heads, os.path.join(directory, LM_WEIGHTS))
     save_tower_export(model.tower, directory)
     meta = {"lm_config": dataclasses.asdict(model.config), "special_ids": dataclasses.asdict(model.special)}
+    if getattr(model, "conversation", None) is not None:
+        meta["conversation"] = model.conversation.to_dict()
     with open(os.path.join(directory, LM_META), "w") as f:
         json.dump(meta, f, indent=1)
 
@@ -256,6 +262,10 @@ def read_lm_export(directory: str):
     missing = [k for k in missing if k.startswith(("projector.", "depth."))]
     if missing or unexpected:
         raise RuntimeError(f"{directory}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if meta.get("conversation"):  # an imported release's template, for generation (orchestration.released)
+        from vilau_model.released_format import ConversationTemplate
+
+        model.conversation = ConversationTemplate.from_dict(meta["conversation"])
     return model.eval(), tokenizer
 
 
@@ -267,7 +277,16 @@ def generate(model, tokenizer, prompts: list[str], seed: int = 0, num_frames: in
     builder = SequenceBuilder(tokenizer, code_depth=model.code_depth)
     # A CPU generator on any device (``generation.sample`` draws on it): the same seed, the same samples.
     generator = torch.Generator().manual_seed(seed)
-    ids = [builder.generation_prompt(p) for p in prompts]
+    template = getattr(model, "conversation", None)
+    if template is not None:  # an imported release: its chat template, its unconditional prompt (empty user turn)
+        from vilau_model.released_format import template_prompt_ids
+        from vilau_model.tokenizer import IM_START, VI_START
+
+        marker = VI_START if num_frames > 1 else IM_START
+        ids = [template_prompt_ids(tokenizer, template, p, marker) for p in prompts]
+        kwargs.setdefault("unconditional", template_prompt_ids(tokenizer, template, "", marker))
+    else:
+        ids = [builder.generation_prompt(p) for p in prompts]
     return model.generate_images(ids, generator=generator, num_frames=num_frames, **kwargs).images
 
 
