@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from vilau_model.config import LMConfig
-from vilau_model.depth_transformer import DepthTransformer, depth_cross_entropy_sum
+from vilau_model.depth_transformer import DepthTransformer
 from vilau_model.packed_attention import llm_attn_implementation, segment_block_mask
 from vilau_model.sequence import IGNORE_INDEX
 from vilau_model.tokenizer import SpecialIds
@@ -244,8 +244,10 @@ class UnifiedLM(nn.Module):
         # Depth-head CE in chunks of positions (never all [N, D, K] logits at once); it runs, like the LM
         # head, also when N = 0, so every rank goes through the same FSDP modules.
         target_codes = codes[:, 1:][image_sel].long()  # [N, D]
-        sum_image = depth_cross_entropy_sum(
-            self.depth, h[image_sel], target_codes, self.code_vectors, self.config.depth_loss_chunk_logits,
+        # One call of the depth module for all chunks: under FSDP its parameters are gathered once.
+        sum_image = self.depth(
+            h[image_sel], target_codes=target_codes, code_vectors=self.code_vectors,
+            max_logits_per_chunk=self.config.depth_loss_chunk_logits,
             weights=self.visual_position_weights(codes, is_visual, image_sel),
         )
 
