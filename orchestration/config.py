@@ -97,6 +97,11 @@ class ModelSection(Section):
     # RoPE scaling of the LLM (transformers `rope_scaling`), e.g. {type: linear, factor: 2.0} to train
     # 8192-token rows on LLaMA-2's 4096 context.
     rope_scaling: RopeScalingSection | None = None
+    # Attention over packed rows (vilau_model/packed_attention.py): sdpa_dense = a [B,1,L,L] mask (any
+    # device; the tiny default), flex = FlexAttention with a block mask from the segment ids (never
+    # [L,L], skips other samples' tiles; GPU only for training: torch 2.14 has no CPU flex backward),
+    # flash_varlen = flash-attn's varlen kernel (GPU, the `gpu` extra: pip install '.[gpu]').
+    attention: Literal["sdpa_dense", "flex", "flash_varlen"] = "sdpa_dense"
     # Paper presets refuse to start without tower_pretrained / lm_path; true lets them train from random init.
     allow_random_init: bool = False
     # A stage-2 export to start from (a run's <run>-lm/export, or `python jobs/import_vila_u.py` of a released
@@ -170,6 +175,7 @@ class ModelSection(Section):
         if self.rope_scaling is not None:
             overrides["rope_scaling_type"] = self.rope_scaling.type
             overrides["rope_scaling_factor"] = self.rope_scaling.factor
+        overrides["attention"] = self.attention
         return overrides
 
 
@@ -469,6 +475,16 @@ class Config(Section):
             return path
         root = self.data.root
         return f"{root.rstrip('/')}/{path}" if "://" in root else str(Path(root) / path)
+
+    @model_validator(mode="after")
+    def _gpu_attention_on_gpu(self) -> "Config":
+        if self.model.attention != "sdpa_dense" and not self.cluster.use_gpu:
+            raise ValueError(
+                f"model.attention: {self.model.attention} trains on GPU workers only (torch has no CPU "
+                "FlexAttention backward; flash-attn is CUDA only) but cluster.use_gpu is false; "
+                "use model.attention=sdpa_dense on CPU"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tracking_store_reachable(self) -> "Config":

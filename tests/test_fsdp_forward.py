@@ -31,7 +31,8 @@ def build_model(special: SpecialIds) -> UnifiedLM:
 
     torch.manual_seed(0)
     tower = UnifiedVisionTower(get_tower_config("tiny")).eval()
-    return UnifiedLM(get_lm_config("tiny"), tower, special)
+    # Small depth-loss chunks (4 positions): the sharded depth unit runs many chunks in one call.
+    return UnifiedLM(get_lm_config("tiny", depth_loss_chunk_logits=4 * 4 * 256), tower, special)
 
 
 def make_batches(tokenizer, depth: int, grid: int):
@@ -60,10 +61,11 @@ def _rank(rank: int, world: int, special: SpecialIds, state: dict, batches: list
     model = build_model(special)
     model.load_state_dict(state)
     mesh = init_device_mesh("cpu", (world,))
-    # Each part its own unit, so a module one rank skips would leave a collective unmatched.
-    units = [*model.llm.get_decoder().layers, model.projector, *model.depth.blocks, model.depth]
-    for unit in units:
+    # Each part its own unit, so a module one rank skips would leave a collective unmatched; the depth
+    # transformer as stage 2 shards it (one unit, not resharded after forward: orchestration.train.lm.lm_units).
+    for unit in [*model.llm.get_decoder().layers, model.projector]:
         fully_shard(unit, mesh=mesh)
+    fully_shard(model.depth, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, ignored_params=set(model.tower.parameters()))
     model.train()
     loss = loss_of(model, batches[rank])

@@ -93,8 +93,11 @@ class LMConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-5  # LLaMA-2's
     rope_theta: float = 10000.0
-    # transformers attention backend: "sdpa" (CPU and GPU), "eager", or "flash_attention_2" (GPU, varlen
-    # over packed rows read from the restarting position_ids)
+    # Attention over packed rows (see vilau_model.packed_attention): "sdpa_dense" (a [B,1,L,L] mask, any
+    # device), "flex" (FlexAttention block mask, never [L,L]; GPU training: no CPU backward in torch 2.14)
+    # or "flash_varlen" (flash-attn's varlen kernel; the `gpu` extra).
+    attention: str = "sdpa_dense"
+    # transformers backend of sdpa_dense: "sdpa" or "eager" ("flash_attention_2" = flash_varlen)
     attn_implementation: str = "sdpa"
     depth_layers: int = 2
     depth_heads: int = 4

@@ -15,6 +15,12 @@ One output head, shared by all depths, scores the codebook.
 vilau-384 one 8192-token row holds 5832 visual positions x 16 depths x 16384 codes, ~6 GB in fp32 (and
 as much again for the softmax and the gradient), so it runs in chunks of positions, each recomputed in
 the backward pass: memory is bounded by the chunk, whatever N, D and the codebook size.
+
+The loss runs inside one call of the module (`depth(h, target_codes=..., code_vectors=...)`), and the
+chunks call `logits`, not the module: under FSDP2 the depth transformer is one unit whose hooks wrap
+module calls, so its parameters are all-gathered once for all chunks (and their recomputes), and the
+gradients reduce-scattered once. One module call per chunk would all-gather per chunk, in forward and
+again in the backward recompute, and reduce-scatter per chunk.
 """
 
 from __future__ import annotations
@@ -71,7 +77,23 @@ class DepthTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(hidden_size)
         self.head = nn.Linear(hidden_size, codebook_size)
 
-    def forward(self, h: torch.Tensor, prefix_vectors: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        prefix_vectors: torch.Tensor | None = None,
+        *,
+        target_codes: torch.Tensor | None = None,
+        code_vectors: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        max_logits_per_chunk: int | None = 2**25,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for `prefix_vectors` (see `logits`), or with `target_codes` the teacher-forced
+        cross-entropy sum over all positions (see `depth_cross_entropy_sum`), in this one module call."""
+        if target_codes is None:
+            return self.logits(h, prefix_vectors)
+        return depth_cross_entropy_sum(self, h, target_codes, code_vectors, max_logits_per_chunk, weights)
+
+    def logits(self, h: torch.Tensor, prefix_vectors: torch.Tensor) -> torch.Tensor:
         """Codebook logits for depths 0..d.
 
         h: [N, llm_hidden] the LLM state predicting each position.
@@ -99,7 +121,8 @@ def depth_cross_entropy_sum(
     max_logits_per_chunk: int | None = 2**25,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum over positions and depths of the cross-entropy of the teacher-forced depth logits.
+    """Sum over positions and depths of the cross-entropy of the teacher-forced depth logits. Under FSDP
+    call it as `depth(h, target_codes=..., code_vectors=...)`: one gather for all chunks (module doc).
 
     h: [N, llm_hidden] the states predicting each position; target_codes: LongTensor[N, D];
     code_vectors: codes [n, D] -> code vectors [n, D, code_width] (no gradient needed).
@@ -135,7 +158,7 @@ def _depth_ce_sum(
 ) -> torch.Tensor:
     with torch.no_grad():
         vectors = code_vectors(codes)  # [n, D, width]
-    logits = depth(h, vectors[:, :-1]).float()  # [n, D, K]; fp32 for the softmax
+    logits = depth.logits(h, vectors[:, :-1]).float()  # [n, D, K]; fp32 for the softmax
     if weights is None:
         return F.cross_entropy(logits.reshape(-1, depth.codebook_size), codes.reshape(-1), reduction="sum")
     ce = F.cross_entropy(logits.reshape(-1, depth.codebook_size), codes.reshape(-1), reduction="none")

@@ -11,7 +11,9 @@ all-reduces its own statistics and restart choices (and every rank starts from t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -109,3 +111,28 @@ def shard_model(
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored_params or None)
     return model
+
+
+@contextlib.contextmanager
+def count_fsdp_collectives() -> Iterator[dict[str, Counter]]:
+    """Counts FSDP2's all-gathers and reduce-scatters per unit while the block runs: yields
+    ``{"all_gather": Counter, "reduce_scatter": Counter}`` keyed by the unit's first parameter name (e.g.
+    ``depth.proj_h.weight``). For benchmarks and tests: it wraps FSDP2's private per-group collective
+    functions (torch 2.14), so it counts what the unit schedule does on any backend, fake ones included."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
+
+    counts = {"all_gather": Counter(), "reduce_scatter": Counter()}
+    gather, reduce = group_module.foreach_all_gather, group_module.foreach_reduce
+
+    def counted(kind, fn):
+        def wrapper(fsdp_params, *args, **kwargs):
+            counts[kind][fsdp_params[0]._param_fqn if fsdp_params else "?"] += 1
+            return fn(fsdp_params, *args, **kwargs)
+        return wrapper
+
+    group_module.foreach_all_gather = counted("all_gather", gather)
+    group_module.foreach_reduce = counted("reduce_scatter", reduce)
+    try:
+        yield counts
+    finally:
+        group_module.foreach_all_gather, group_module.foreach_reduce = gather, reduce

@@ -1,7 +1,7 @@
 """Stage 2: the unified LM (LLM + projector + depth transformer) over the frozen stage-1 tower.
 
-FSDP units: each LLM decoder layer, each depth-transformer block, and the root (embeddings, LM head,
-projector, depth input/output layers). Of the frozen tower, the training workers hold only the codebook
+FSDP units: each LLM decoder layer, the depth transformer (one unit, gathered once per micro-batch for
+all its loss chunks: ``LMTask.extra_units``), and the root (embeddings, LM head, projector). Of the frozen tower, the training workers hold only the codebook
 (:class:`TowerCodebook`, fp32, read alone from the stage-1 export): it is left out of FSDP
 (``ignored_params``), every rank keeps it whole and it is never all-gathered. The LLM is built on the
 meta device and read shard-wise from ``model.lm_path`` (see ``orchestration.train.weights``).
@@ -142,7 +142,10 @@ class LMTask(Task):
         self._step_counts = counts.clamp(min=1.0)
 
     def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:
-        return [model.llm.get_decoder().layers, model.depth.blocks]
+        return lm_units(model)[0]
+
+    def extra_units(self, model: nn.Module) -> list[nn.Module]:
+        return lm_units(model)[1]
 
     def ignored_params(self, model: nn.Module) -> set[nn.Parameter]:
         return set(model.tower.parameters())
@@ -173,6 +176,17 @@ class LMTask(Task):
 
     def flops_per_token(self, model: nn.Module) -> float:
         return 6.0 * sum(p.numel() for p in model.trainable_parameters())
+
+
+def lm_units(model: nn.Module) -> tuple[list[nn.ModuleList], list[nn.Module]]:
+    """The FSDP units of the unified LM besides the root: (checkpointed block lists, other units).
+
+    The decoder layers one by one; the whole depth transformer as one unit, listed last so that
+    ``shard_model`` does not reshard it after forward. Its loss runs all chunks in one module call
+    (``UnifiedLM.forward``), so its blocks and head are gathered once per micro-batch and kept until its
+    backward, which comes first; only the head + loss are chunked (activations recomputed per chunk, the
+    parameters never re-gathered). Not activation-checkpointed: the chunks already recompute."""
+    return [model.llm.get_decoder().layers], [model.depth]
 
 
 class TowerCodebook(nn.Module):
