@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -63,7 +64,7 @@ class StageMemory:
     tracked_peak_bytes: int  # what FSDPMemTracker saw at the step's peak
     tracked: dict[str, int]  # that peak by category (parameters, gradients, optimizer state, ...)
     margins: dict[str, int]  # what the fake run cannot see, by name
-    running_peaks: list[int] = field(default_factory=list)  # tracked peak so far after each micro-batch
+    micro_batch_peaks: list[int] = field(default_factory=list)  # tracked peak within each micro-batch
     batch_description: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -92,9 +93,9 @@ class StageMemory:
         for name, value in self.breakdown().items():
             if value:
                 out.append(f"  {name:<{width}}  {value / GIB:8.2f} GiB")
-        if len(self.running_peaks) > 1:
-            peaks = ", ".join(f"{p / GIB:.2f}" for p in self.running_peaks)
-            out.append(f"  tracked peak after each micro-batch (GiB): {peaks}")
+        if self.micro_batch_peaks:
+            peaks = ", ".join(f"{p / GIB:.2f}" for p in self.micro_batch_peaks)
+            out.append(f"  tracked peak within each micro-batch's forward + backward (GiB): {peaks}")
         out.extend(f"  note: {n}" for n in self.notes)
         return out
 
@@ -110,11 +111,16 @@ def estimate_stage_memory(
     hsdp_replicas: int | None = None,
     grad_accum: int | None = None,
     sync_policy: str = REDUCE_SCATTER_EVERY,
+    lm_overrides: dict | None = None,
+    sample_depth_chunks: bool = True,
 ) -> StageMemory:
     """Per-GPU peak of one optimizer step of ``stage`` ("tower" or "lm") as ``config`` would train it on
     GPUs: ``cluster.num_workers`` ranks (``world_size`` overrides), ``cluster.hsdp_replicas`` (or
     ``hsdp_replicas``), the stage's ``grad_accum`` (or ``grad_accum``), its batch size, sequence length and
     activation checkpointing. Shapes only: no weights are read, nothing is allocated.
+    ``lm_overrides``: fields of the LM preset to change (``vilau_model.config.LMConfig``), e.g.
+    ``{"attn_implementation": "flash_attention_2"}`` or a cut-down model in tests.
+    ``sample_depth_chunks``: run 3 of the depth loss's identical chunks (see ``_sampled_depth_chunks``).
 
     In a process that already has a default process group (a Ray Train worker, a test's gloo ranks) the
     estimate runs in a fresh child process, leaving that group alone."""
@@ -124,7 +130,7 @@ def estimate_stage_memory(
         raise ValueError(f"stage must be 'tower' or 'lm', got {stage!r}")
     if sync_policy not in SYNC_POLICIES:
         raise ValueError(f"unknown gradient sync policy {sync_policy!r}; known: {SYNC_POLICIES}")
-    args = (config, stage, world_size, hsdp_replicas, grad_accum, sync_policy)
+    args = (config, stage, world_size, hsdp_replicas, grad_accum, sync_policy, lm_overrides, sample_depth_chunks)
     if dist.is_available() and dist.is_initialized():
         import concurrent.futures
         import multiprocessing
@@ -134,7 +140,8 @@ def estimate_stage_memory(
     return _estimate(*args)
 
 
-def _estimate(config: Config, stage: str, world_size, hsdp_replicas, grad_accum, sync_policy) -> StageMemory:
+def _estimate(config: Config, stage: str, world_size, hsdp_replicas, grad_accum, sync_policy, lm_overrides,
+              sample_depth_chunks) -> StageMemory:
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -151,7 +158,8 @@ def _estimate(config: Config, stage: str, world_size, hsdp_replicas, grad_accum,
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         with torch.random.fork_rng(devices=[]):
-            result = _run_step(config, stage, section, world, replicas, accum, sync_policy, notes)
+            result = _run_step(config, stage, section, world, replicas, accum, sync_policy, notes, lm_overrides,
+                               sample_depth_chunks)
     finally:
         dist.destroy_process_group()
     result.seconds = time.perf_counter() - started
@@ -185,10 +193,9 @@ def _task(config: Config, stage: str):
     return TowerTask(config)
 
 
-def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes) -> StageMemory:
+def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes, lm_overrides,
+              sample_depth_chunks) -> StageMemory:
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from orchestration.train.fsdp import build_sharded_model, data_parallel_mesh, is_sharded
@@ -198,6 +205,11 @@ def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes
     # The GPU run's policy (fsdp.mixed_precision gives fp32 for a cpu device): bf16 compute, fp32 reduction.
     gpu_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     task = _task(config, stage)
+    if stage == "lm" and lm_overrides:
+        import dataclasses
+
+        task.lm_cfg = dataclasses.replace(task.lm_cfg, **lm_overrides)
+        notes.append(f"LM preset {task.lm_cfg.name!r} changed: {lm_overrides}")
     mesh = data_parallel_mesh(device, replicas)  # outside fake mode: it creates process groups
     steps, description = _micro_batches(config, stage, task, section, accum)  # real, small: before fake mode
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
@@ -218,23 +230,23 @@ def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if is_sharded(model):
-            tracker = FSDPMemTracker(model, optimizer)
-        else:
-            tracker = MemTracker()
-            tracker.track_external(model, optimizer)
+        if not is_sharded(model):
+            raise ValueError("the memory plan needs at least 2 ranks (one rank trains without FSDP)")
+        tracker = _StepPeakTracker(model, optimizer)
         tracker.track_inputs(tuple(steps))
-        running = []
-        with tracker, known:
+        micro_peaks = []
+        sampling = _sampled_depth_chunks(notes) if sample_depth_chunks else nullcontext()
+        with tracker, known, sampling:
             for micro_batches in steps:
                 task.prepare_step(micro_batches)
                 scale = 1.0 if task.loss_sums_over_step else 1.0 / accum
                 for i, batch in enumerate(micro_batches):
+                    tracker.start_window()
                     set_micro_batch_sync(model, is_last=i == accum - 1, policy=sync_policy)
                     out = task.forward(model, batch, step=0)
                     (out["loss"] * scale).backward()
                     del out
-                    running.append(_total(tracker.get_tracker_snapshot("peak")))
+                    micro_peaks.append(tracker.window_peak)
                     tracker.reset_mod_stats()  # the next micro-batch's forward is a new module call
                 clip_grad_norm(params, section.optim.grad_clip)
                 optimizer.step()
@@ -250,9 +262,63 @@ def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes
     return StageMemory(
         stage=stage, world_size=world, hsdp_replicas=replicas, grad_accum=accum,
         micro_batch_size=section.batch_size_per_worker, sync_policy=sync_policy,
-        tracked_peak_bytes=tracked_total, tracked=tracked, margins=margins, running_peaks=running,
+        tracked_peak_bytes=tracked_total, tracked=tracked, margins=margins, micro_batch_peaks=micro_peaks,
         batch_description=description, notes=notes,
     )
+
+
+@contextmanager
+def _sampled_depth_chunks(notes: list[str]):
+    """The depth loss runs its positions in chunks, each checkpointed: a chunk's logits and activations
+    are freed before the next chunk starts, and in backward each is recomputed and freed in turn, so
+    every chunk holds the same memory (what stays is the loss's running sum). At 7B a row full of
+    images is ~60 chunks, each a few hundred fake ops: the plan runs the first two and the last (the
+    peak of all of them; tests/test_memory_plan.py checks it against running every chunk)."""
+    from vilau_model import depth_transformer
+
+    original = depth_transformer.chunk_starts
+    sampled = []
+
+    def first_two_and_last(n: int, per_chunk: int):
+        starts = original(n, per_chunk)
+        if len(starts) <= 3:
+            return starts
+        sampled.append(len(starts))
+        return [starts[0], starts[1], starts[-1]]
+
+    depth_transformer.chunk_starts = first_two_and_last
+    try:
+        yield
+    finally:
+        depth_transformer.chunk_starts = original
+    if sampled:
+        notes.append(f"depth loss: 3 of its {max(sampled)} chunks run (each holds the same memory, freed before the next)")
+
+
+def _step_peak_tracker_class():
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    class StepPeakTracker(FSDPMemTracker):
+        """FSDPMemTracker without its per-module peaks (unused here: it walks every tracked module on
+        every op, a third of the plan's run time at 7B), plus the peak of a window (a micro-batch)."""
+
+        window_peak = 0
+
+        def start_window(self) -> None:
+            self.window_peak = _total(self._curr_mem_snap)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, dev_snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                    self._peak_mem[dev] = dev_snap["Total"]
+                    self._peak_mem_snap[dev] = dict(dev_snap)
+            self.window_peak = max(self.window_peak, _total(self._curr_mem_snap))
+
+    return StepPeakTracker
+
+
+def _StepPeakTracker(model, optimizer):
+    return _step_peak_tracker_class()(model, optimizer)
 
 
 def _total(snapshot: dict) -> int:
@@ -286,14 +352,8 @@ def _model_sizes(model, params, mesh) -> _ModelSizes:
         if isinstance(module, FSDPModule):
             group = module._get_fsdp_state()._fsdp_param_group
             if group is not None:
-                largest = max(largest, sum(fp.sharded_param.numel() * _shard_count(mesh) for fp in group.fsdp_params))
+                largest = max(largest, sum(fp.sharded_param.numel() for fp in group.fsdp_params))  # global numel
     return _ModelSizes(total, largest)
-
-
-def _shard_count(mesh) -> int:
-    if mesh is None:
-        return 1
-    return mesh.size(mesh.ndim - 1)  # the shard dimension (the last one under HSDP)
 
 
 def _margins(config, stage, task, section, sizes: _ModelSizes, tracked_total: int, replicas: int) -> dict[str, int]:
@@ -482,6 +542,10 @@ class _KnownIntegerValues(TorchDispatchMode):
                 result = real.nonzero()
             return self.adopt(result)
         out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.numel() > KNOWN_VALUE_LIMIT):
+            if func._schema.is_mutable:
+                self._forget_mutated(func, args)
+            return out  # the common case: floating-point results are never followed
         self._follow(func, args, kwargs, out)
         return out
 
