@@ -65,6 +65,7 @@ class StageMemory:
     tracked: dict[str, int]  # that peak by category (parameters, gradients, optimizer state, ...)
     margins: dict[str, int]  # what the fake run cannot see, by name
     micro_batch_peaks: list[int] = field(default_factory=list)  # tracked peak within each micro-batch
+    trainable_params: int = 0
     batch_description: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -215,9 +216,12 @@ def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     known = _KnownIntegerValues(fake_mode)
     steps = [[{name: known.adopt(real) for name, real in batch.items()} for batch in step] for step in steps]
+    # Built and sharded on the meta device as the trainer does, then given fake storage (to_empty).
+    model = build_sharded_model(task, mesh, gpu_policy)
     with fake_mode:
-        model = build_sharded_model(task, mesh, gpu_policy)
+        fake_mode.allow_non_fake_inputs = True  # to_empty reads the meta tensors' shapes
         model.to_empty(device=device)
+        fake_mode.allow_non_fake_inputs = False
         if stage == "lm":
             model.tower.to(torch.bfloat16)  # as LMTask.init_weights does on GPU workers
         model.train()
@@ -236,7 +240,7 @@ def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes
         tracker.track_inputs(tuple(steps))
         micro_peaks = []
         sampling = _sampled_depth_chunks(notes) if sample_depth_chunks else nullcontext()
-        with tracker, known, sampling:
+        with tracker, known, sampling, _untracked_sharding_propagation():
             for micro_batches in steps:
                 task.prepare_step(micro_batches)
                 scale = 1.0 if task.loss_sums_over_step else 1.0 / accum
@@ -262,7 +266,7 @@ def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes
     return StageMemory(
         stage=stage, world_size=world, hsdp_replicas=replicas, grad_accum=accum,
         micro_batch_size=section.batch_size_per_worker, sync_policy=sync_policy,
-        tracked_peak_bytes=tracked_total, tracked=tracked, margins=margins, micro_batch_peaks=micro_peaks,
+        tracked_peak_bytes=tracked_total, tracked=tracked, margins=margins, micro_batch_peaks=micro_peaks, trainable_params=sizes.trainable_params,
         batch_description=description, notes=notes,
     )
 
@@ -295,6 +299,38 @@ def _sampled_depth_chunks(notes: list[str]):
         notes.append(f"depth loss: 3 of its {max(sampled)} chunks run (each holds the same memory, freed before the next)")
 
 
+class _Depth:
+    """A re-entrant context manager that counts how deep inside it the code is."""
+
+    depth = 0
+
+    def __enter__(self):
+        self.depth += 1
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+
+
+_PROPAGATION = _Depth()
+
+
+@contextmanager
+def _untracked_sharding_propagation():
+    """DTensor infers an op's output shape by running it on global-shaped fake tensors in the active
+    fake mode, which is ours: FSDPMemTracker would count those as allocated (a foreach op over all
+    gradients of the clip or the optimizer step: the whole model's fp32 size at once). DTensor wraps
+    that inference in ``ShardingPropagator._fake_mode_lock`` (a no-op lock by default); our tracker
+    ignores the ops run inside it."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._fake_mode_lock
+    ShardingPropagator._fake_mode_lock = _PROPAGATION
+    try:
+        yield
+    finally:
+        ShardingPropagator._fake_mode_lock = original
+
+
 def _step_peak_tracker_class():
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
@@ -303,6 +339,11 @@ def _step_peak_tracker_class():
         every op, a third of the plan's run time at 7B), plus the peak of a window (a micro-batch)."""
 
         window_peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if _PROPAGATION.depth:
+                return func(*args, **(kwargs or {}))  # DTensor's shape inference, not this rank's memory
+            return super().__torch_dispatch__(func, types, args, kwargs)
 
         def start_window(self) -> None:
             self.window_peak = _total(self._curr_mem_snap)
@@ -541,6 +582,14 @@ class _KnownIntegerValues(TorchDispatchMode):
             with _disable_current_modes():
                 result = real.nonzero()
             return self.adopt(result)
+        if func is torch.ops.aten.bincount.default and self._real(args[0]) is None:
+            # Counts of values below minlength (the quantizer's codes < codebook size): minlength bins.
+            weights = args[1] if len(args) > 1 else kwargs.get("weights")
+            minlength = args[2] if len(args) > 2 else kwargs.get("minlength", 0)
+            dtype = torch.int64 if weights is None else (torch.float64 if weights.dtype == torch.float64 else torch.float32)
+            with _disable_current_modes():
+                bins = torch.zeros(minlength, dtype=dtype)
+            return self.fake_mode.from_tensor(bins)
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.numel() > KNOWN_VALUE_LIMIT):
             if func._schema.is_mutable:
