@@ -554,15 +554,24 @@ class _KnownIntegerValues(TorchDispatchMode):
         super().__init__()
         self.fake_mode = fake_mode
         self.values = WeakIdKeyDictionary()
+        # Storages written by an op whose result is not followed: every tensor viewing them (a slice
+        # filled in place, its base) is unknown from then on, until the storage is allocated anew.
+        self.stale: set[int] = set()
         self.empty_nonzero = 0
 
     def adopt(self, real: torch.Tensor) -> torch.Tensor:
         fake = self.fake_mode.from_tensor(real)
+        self.stale.discard(_storage_key(fake))
         self.values[fake] = real
         return fake
 
     def _real(self, x):
-        return self.values.get(x) if isinstance(x, torch.Tensor) else None
+        if not isinstance(x, torch.Tensor):
+            return None
+        real = self.values.get(x)
+        if real is None or _storage_key(x) in self.stale:
+            return None
+        return real
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.distributed.tensor import DTensor
@@ -651,8 +660,12 @@ class _KnownIntegerValues(TorchDispatchMode):
         with _disable_current_modes():
             real_out = func(*real_args, **real_kwargs)
         real_outs = real_out if isinstance(real_out, (tuple, list)) else (real_out,)
+        inputs = {_storage_key(a) for a in flat_in}
         for fake, real in zip(outs, real_outs):
             if isinstance(fake, torch.Tensor) and isinstance(real, torch.Tensor):
+                key = _storage_key(fake)
+                if key not in inputs:
+                    self.stale.discard(key)  # a new allocation (possibly at a freed storage's address)
                 self.values[fake] = real
 
     def _forget_mutated(self, func, args) -> None:
@@ -662,6 +675,12 @@ class _KnownIntegerValues(TorchDispatchMode):
         for arg, schema_arg in zip(args, func._schema.arguments):
             if schema_arg.alias_info is not None and schema_arg.alias_info.is_write and isinstance(arg, torch.Tensor):
                 self.values.pop(arg, None)
+                self.stale.add(_storage_key(arg))
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    """Identity of a tensor's storage, shared by all its views."""
+    return t.untyped_storage()._cdata
 
 
 def _flatten(x):
