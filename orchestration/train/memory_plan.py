@@ -408,8 +408,7 @@ def _margins(config, stage, task, section, sizes: _ModelSizes, tracked_total: in
     # unit computes, and a resharded unit's memory returns to the allocator only when the compute
     # stream is done with it. The CPU run frees it at once: add one more unit's bf16 parameters.
     margins["all-gather overlap (one more unit's bf16 parameters)"] = 2 * sizes.largest_unit_params
-    if stage == "lm":
-        margins["attention kernel workspace"] = _attention_workspace(config, task, section)
+    margins["attention kernel workspace"] = _attention_workspace(config, stage, task, section)
     # The caching allocator keeps freed blocks per stream and rounds block sizes (2 MiB for large
     # requests): reserved memory exceeds the live bytes FSDPMemTracker counts by ~5-15% in FSDP
     # training (FSDP's communication buffers live on other streams than compute); 10% of the peak.
@@ -417,14 +416,18 @@ def _margins(config, stage, task, section, sizes: _ModelSizes, tracked_total: in
     return margins
 
 
-def _attention_workspace(config, task, section) -> int:
-    """The GPU attention kernel's buffers that no tensor of the fake run stands for.
+def _attention_workspace(config, stage, task, section) -> int:
+    """The GPU attention kernel's buffers that no tensor of the fake run stands for (one layer's at a
+    time: layers run one after the other).
 
-    With a dense boolean [B, 1, L, L] mask (sdpa), SDPA turns it into an additive mask of the compute
-    dtype before the memory-efficient kernel (bf16, B x L x L x 2 bytes), once in forward and once in
-    the recomputed forward; its backward accumulates the query gradient in fp32 (B x heads x L x
-    head_dim x 4 bytes). flash_attention_2 (varlen) has no mask, only the fp32 accumulator.
+    Backward of the flash / memory-efficient kernels accumulates the query gradient in fp32
+    (B x heads x L x head_dim x 4 bytes = B x L x width x 4). With the LM's dense boolean [B, 1, L, L]
+    mask (sdpa), SDPA also turns the mask into an additive one of the compute dtype before the
+    memory-efficient kernel (bf16, B x L x L x 2 bytes); flash_attention_2 (varlen) has no mask.
     """
+    if stage == "tower":
+        cfg = task.tower_cfg
+        return section.batch_size_per_worker * cfg.grid_size**2 * cfg.width * 4
     cfg = task.lm_cfg
     B, L = section.batch_size_per_worker, config.data.seq_len
     fp32_accumulator = B * L * cfg.hidden_size * 4
