@@ -143,7 +143,7 @@ def depth_cross_entropy_sum(
     if n <= per_chunk:
         return _depth_ce_sum(depth, h, target_codes, code_vectors, weights)
     total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, per_chunk):
+    for start in chunk_starts(n, per_chunk):
         part = slice(start, start + per_chunk)
         chunk = (h[part], target_codes[part], code_vectors, None if weights is None else weights[part])
         if torch.is_grad_enabled():
@@ -151,6 +151,12 @@ def depth_cross_entropy_sum(
         else:
             total = total + _depth_ce_sum(depth, *chunk)
     return total
+
+
+def chunk_starts(n: int, per_chunk: int) -> range:
+    """First position of each chunk of the depth loss (the memory plan runs a sample of them: each
+    chunk holds the same memory and frees it before the next)."""
+    return range(0, n, per_chunk)
 
 
 def _depth_ce_sum(

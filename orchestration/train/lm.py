@@ -37,14 +37,21 @@ class LMTask(Task):
     columns = {name: (torch.bool if name == "is_visual" else torch.int64) for name in ROW_COLUMNS}
     ignore_frozen = True
 
-    def __init__(self, config: Config, tokenizer_files: dict[str, bytes]):
+    def __init__(self, config: Config, tokenizer_files: dict[str, bytes] | None):
+        """``tokenizer_files`` None: shapes only (the memory plan): the special ids of LLaMA-2's layout
+        over the preset's text vocabulary, no tokenizer read or trained."""
         super().__init__(config, config.lm_train)
         from orchestration.data.lm_data import lm_config, tower_source
-        from vilau_model.tokenizer import load_tokenizer_from_files
+        from vilau_model.tokenizer import SpecialIds, load_tokenizer_from_files
 
         self.tokenizer_files = tokenizer_files
-        self.tokenizer = load_tokenizer_from_files(tokenizer_files)
         self.lm_cfg: LMConfig = lm_config(config)
+        if tokenizer_files is None:
+            self.tokenizer = None
+            self.special = SpecialIds.llama(self.lm_cfg.vocab_size)
+        else:
+            self.tokenizer = load_tokenizer_from_files(tokenizer_files)
+            self.special = SpecialIds.from_tokenizer(self.tokenizer)
         self.tower_source = tower_source(config, config.model.tower_checkpoint)
 
     def _tower(self) -> nn.Module:
@@ -55,14 +62,13 @@ class LMTask(Task):
     def build_model(self) -> nn.Module:
         """Under the trainer's meta build: the LM over :class:`TowerCodebook` (all that training needs of
         the frozen tower). Otherwise (export, generation): over the whole tower from its source."""
-        from vilau_model.tokenizer import SpecialIds
         from vilau_model.unified_lm import UnifiedLM
 
         if torch.empty(0).device.type == "meta":
             tower = TowerCodebook(self.tower_source.config)
         else:
             tower = self._tower()
-        return UnifiedLM(self.lm_cfg, tower, SpecialIds.from_tokenizer(self.tokenizer))
+        return UnifiedLM(self.lm_cfg, tower, self.special)
 
     def init_weights(self, model: nn.Module, seed: int) -> None:
         """LLM, projector and depth transformer: random init per module from (seed, name), the same
