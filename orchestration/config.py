@@ -206,7 +206,8 @@ class SourceSection(Section):
     # Where referenced images/videos live (MMC4, OpenVid, ShareGPT4V); None = the dataset's own layout
     # beside the index files (<path>/images, <path>/videos, <path>). Relative paths are under data.root.
     media_root: str | None = None
-    # Image-text pairs in stage 2: [image, text] (understanding), [text, image] (generation), or both.
+    # Image-text pairs and video clips in stage 2: [image/video, text] (understanding), [text,
+    # image/video] (generation), or both (two samples per record).
     image_text_task: Literal["understanding", "generation", "both"] = "both"
 
 
@@ -329,6 +330,8 @@ class TowerTrainSection(StageSection):
 class LMTrainSection(StageSection):
     # Share of generation samples whose prompt is emptied (trains the CFG unconditional branch).
     caption_dropout: float = Field(default=LMConfig.caption_dropout, ge=0.0, le=1.0)
+    # Images generated per eval class at the end of stage 2 (the generation score); the understanding
+    # score on the held-back images runs in the same task. 0 turns both off.
     generate_samples: NonNegativeInt = 2
 
 

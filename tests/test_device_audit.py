@@ -365,6 +365,19 @@ def test_generation_score_on_cuda(lm_export, fake_cuda, files_read_for_real):
     assert result["images"].shape[0] == 2 and result["predicted"].device.type == "cpu"
 
 
+def test_understanding_score_on_cuda(lm_export, fake_cuda, files_read_for_real):
+    from orchestration.train.lm import load_lm_export
+    from orchestration.train.samples import understanding_score
+
+    with fake_cuda():
+        model, tokenizer = load_lm_export(lm_export)
+        model.to(CUDA)  # as run_generation_eval places it
+        size = model.tower.config.image_size
+        pixels = np.zeros((2, 3, size, size), np.uint8)  # uint8 CPU arrays, as build_eval_split gives them
+        result = understanding_score(model, tokenizer, pixels, [0, 1], ["red circle", "blue square"])
+    assert len(result["answers"]) == 2 and result["class_chance"] == 0.5
+
+
 def test_generate_job_runs_on_cuda(lm_export, fake_cuda, files_read_for_real, tmp_path):
     """jobs/generate.py's path with ``--device cuda`` (what ``auto`` picks where there is a GPU, below):
     the model goes to CUDA and the whole generation runs there."""

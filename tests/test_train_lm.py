@@ -93,8 +93,13 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
     assert run.data.metrics["eval/generation_chance"] == pytest.approx(1 / 16)
     assert 0.0 <= run.data.metrics["eval/generation_score"] <= 1.0
     assert result.metrics["eval/generation_score"] == run.data.metrics["eval/generation_score"]
+    # The understanding score (answers about the held-back images) beside it, with its chance levels.
+    assert run.data.metrics["eval/understanding_chance"] == pytest.approx(1 / 16)
+    assert run.data.metrics["eval/understanding_shape_chance"] == pytest.approx(1 / 4)
+    assert result.metrics["eval/understanding_score"] == run.data.metrics["eval/understanding_score"]
     samples = [a.path for a in client.list_artifacts(result.mlflow_run_id, "samples")]
     assert f"samples/generation_step_{STEPS:07d}.png" in samples
+    assert f"samples/understanding_step_{STEPS:07d}.tsv" in samples
 
     # The export (on S3) loads and generates without Ray.
     assert result.export_path.startswith(f"{storage}/t-lm/")

@@ -362,6 +362,7 @@ class TokenizePool:
             ConversationSample,
             GenerationSample,
             InterleavedSample,
+            VideoCaptionSample,
             VideoSample,
         )
 
@@ -375,7 +376,14 @@ class TokenizePool:
                 out.append(GenerationSample(text=text, codes=codes[0]))
             return out
         if kind == KIND_VIDEO:
-            return [VideoSample(text=text, codes=codes)]
+            # Clips train both directions as image-text pairs do: frames -> caption, caption -> frames.
+            task = self.image_text_tasks.get(record["source"], "both")
+            out = []
+            if task in ("understanding", "both"):
+                out.append(VideoCaptionSample(codes=codes, text=text))
+            if task in ("generation", "both"):
+                out.append(VideoSample(text=text, codes=codes))
+            return out
         if kind == KIND_INTERLEAVED:
             return [InterleavedSample(sentences=json.loads(text), images=list(codes), image_sentence=list(record["media_slots"]))]
         if kind == KIND_CONVERSATION:
@@ -471,10 +479,10 @@ def plan_lm_data(config: Config) -> EpochPlan:
 
 
 def lm_samples_per_record(config: Config) -> dict[str, int]:
-    """Samples a record of each stage-2 source gives: 2 for an image-text pair trained both ways
-    (understanding and generation, ``image_text_task: both``), else 1."""
+    """Samples a record of each stage-2 source gives: 2 for an image-text pair or a clip trained both
+    ways (understanding and generation, ``image_text_task: both``), else 1."""
     return {
-        name: 2 if FORMAT_KIND[s.format] == KIND_IMAGE_TEXT and s.image_text_task == "both" else 1
+        name: 2 if FORMAT_KIND[s.format] in (KIND_IMAGE_TEXT, KIND_VIDEO) and s.image_text_task == "both" else 1
         for name, s in config.data.lm_sources.items()
     }
 
