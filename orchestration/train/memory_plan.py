@@ -144,7 +144,6 @@ def estimate_stage_memory(
 def _estimate(config: Config, stage: str, world_size, hsdp_replicas, grad_accum, sync_policy, lm_overrides,
               sample_depth_chunks) -> StageMemory:
     import torch.distributed as dist
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     started = time.perf_counter()
@@ -211,6 +210,15 @@ def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes
 
         task.lm_cfg = dataclasses.replace(task.lm_cfg, **lm_overrides)
         notes.append(f"LM preset {task.lm_cfg.name!r} changed: {lm_overrides}")
+    if stage == "lm" and task.lm_cfg.attention == "flex":
+        import dataclasses
+
+        # A FlexAttention block mask is built from the rows' real segment ids, which fake tensors do not
+        # have: trace the dense-mask path instead. It holds a [B,1,L,L] mask (and SDPA's additive copy)
+        # that flex never builds, so the peak is an upper bound by those (B x L x L x 3 bytes).
+        task.lm_cfg = dataclasses.replace(task.lm_cfg, attention="sdpa_dense")
+        notes.append("model.attention=flex traced as sdpa_dense (block masks need real segment ids): an upper "
+                     "bound by the dense [B,1,L,L] mask and its additive copy")
     mesh = data_parallel_mesh(device, replicas)  # outside fake mode: it creates process groups
     steps, description = _micro_batches(config, stage, task, section, accum)  # real, small: before fake mode
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
