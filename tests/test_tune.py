@@ -128,3 +128,33 @@ def test_interrupted_sweep_resumes_and_completes(ray_session, tiny_config, tmp_p
     weights = {(float(c.data.params["tower_train.w_contra"]), float(c.data.params["tower_train.w_recon"])) for c in children}
     assert weights == {(1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0)}
     assert OBJECTIVE not in parent.data.params
+
+
+def test_a_trial_that_always_fails_is_retried_and_shows_its_error(ray_session, tiny_config, tmp_path):
+    """A trial made to fail at its start in every attempt: Tune retries it tune.trial_max_failures times,
+    then the sweep summary and the trial's MLflow run (FAILED, under the sweep's parent) carry its error.
+    (It fails before its Train run starts: this sweep trains nothing.)"""
+    config = tiny_config(
+        "run_name=failing", "tune.search=grid", "tune.w_contra.values=[1.0]", "tune.w_recon.values=[1.0]",
+        "tune.trial_max_failures=1", "cluster.fault_injection.trial_index=0",
+        "cluster.fault_injection.trial_failures=1000",
+    )
+    summary = run_sweep(config)
+    assert len(summary.trials) == 1
+    trial = summary.trials[0]
+    assert trial.status == "error" and trial.objective is None and summary.best is None
+    assert trial.retries == 1, summary.table()
+    assert trial.error.startswith("InjectedTrialFailure: injected failure of trial"), trial.error
+    assert "attempt 2 of 1000" in trial.error  # the last attempt's error, after the one retry
+    row = [line for line in summary.table().splitlines() if line.startswith(trial.trial_id)]
+    assert row and "error: InjectedTrialFailure: injected failure" in row[0], summary.table()
+
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    table = open(client.download_artifacts(summary.parent_run_id, "summary.txt", dst_path=str(tmp_path))).read()
+    assert "error: InjectedTrialFailure: injected failure" in table  # the sweep's parent run keeps the summary
+    parent = client.get_run(summary.parent_run_id)
+    (child,) = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary.parent_run_id}'"
+    )
+    assert child.info.status == "FAILED"
+    assert child.data.tags["vilau.last_error"] == trial.error
