@@ -328,6 +328,10 @@ class FaultInjectionSection(Section):
     # that never goes away). None: no trial fails.
     trial_index: NonNegativeInt | None = None
     trial_failures: PositiveInt = 1
+    # After each restore from a checkpoint, rank 0 writes restored_state_step<N>.json into the run's
+    # directory: sums of every restored model and optimizer tensor, for tests to hold against the
+    # checkpoint's own files (gathers each tensor whole: tiny models only).
+    record_restored_state: bool = False
 
 
 class ClusterSection(Section):

@@ -64,6 +64,14 @@ def _finished_trials(sweep_dir: str) -> dict[str, str]:
     return done
 
 
+def _trial_statuses(sweep_dir: str) -> list[str]:
+    """Each trial's status in the sweep state on disk (the newest experiment_state file)."""
+    latest = max(glob.glob(os.path.join(sweep_dir, "experiment_state-*.json")), key=os.path.getmtime)
+    with open(latest) as f:
+        trial_data = json.load(f)["trial_data"]
+    return [json.loads(trial_json)["status"] for trial_json, _ in trial_data]
+
+
 @pytest.mark.e2e
 def test_interrupted_sweep_resumes_and_completes(ray_session, tiny_config, tmp_path):
     config = tiny_config()
@@ -101,12 +109,22 @@ def test_interrupted_sweep_resumes_and_completes(ray_session, tiny_config, tmp_p
         log.close()
         output = log_path.read_text(errors="replace")
     assert finished_before, f"no trial finished before the deadline:\n{output[-3000:]}"
+    # The first attempt died of the kill (not of its own accord), with trials left unfinished on disk.
+    assert first.returncode == -signal.SIGKILL, (first.returncode, output[-3000:])
+    statuses = _trial_statuses(sweep_dir)
+    assert 1 <= statuses.count("TERMINATED") < 4, statuses
+    # The last grid point (trial 3) can only start once two others have ended: it had not finished.
+    assert not any("_00003_" in os.path.basename(d) for d in finished_before), finished_before
 
-    # Second attempt: the same command resumes the sweep and completes it.
-    resumed = load_config(None, overrides)
+    # Second attempt: the same command resumes the sweep and completes it. Trial 3 fails once at its
+    # start (a transient failure): Tune retries it and it finishes.
+    resumed = load_config(None, [*overrides, "cluster.fault_injection.trial_index=3",
+                                 "cluster.fault_injection.trial_failures=1"])
     summary = run_sweep(resumed)
     assert len(summary.trials) == 4
-    assert all(t.status == "done" for t in summary.trials), summary.table()
+    assert all(t.status == "done" and t.error is None for t in summary.trials), summary.table()
+    retried = {t.trial_id.rsplit("_", 1)[-1]: t.retries for t in summary.trials}
+    assert retried == {"00000": 0, "00001": 0, "00002": 0, "00003": 1}, summary.table()
     # Trials finished before the interruption were not run again.
     for trial_dir, text in finished_before.items():
         assert open(os.path.join(trial_dir, "result.json")).read() == text
@@ -127,6 +145,11 @@ def test_interrupted_sweep_resumes_and_completes(ray_session, tiny_config, tmp_p
     )
     weights = {(float(c.data.params["tower_train.w_contra"]), float(c.data.params["tower_train.w_recon"])) for c in children}
     assert weights == {(1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0)}
+    # The retried trial's run records the failure it recovered from, and finished.
+    errors = {c.data.tags["vilau.run_name"]: c.data.tags.get("vilau.last_error") for c in children}
+    assert {name.split("-")[1].rsplit("_", 1)[-1]: bool(error) for name, error in errors.items()} == {
+        "00000": False, "00001": False, "00002": False, "00003": True}, errors
+    assert all(c.info.status == "FINISHED" for c in children)
     assert OBJECTIVE not in parent.data.params
 
 
