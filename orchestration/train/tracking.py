@@ -207,11 +207,16 @@ def error_line(error: BaseException, limit: int = 2000) -> str:
 
 
 def record_failure(config: Config, run_id: str | None, error: BaseException) -> None:
-    """The run ends FAILED, tagged ``vilau.last_error`` with what went wrong (credentials scrubbed). A
-    later attempt that reopens the run and finishes it leaves the tag: the run shows it recovered."""
+    """An error ends the run FAILED, tagged ``vilau.last_error`` with what went wrong (credentials
+    scrubbed); a later attempt that reopens the run and finishes it leaves the tag: the run shows it
+    recovered. A run stopped from outside (SystemExit, KeyboardInterrupt: ASHA stopping a trial, Ctrl-C)
+    ends KILLED, with no error."""
     if run_id is None:
         return
     client = _client(config.tracking_uri)
+    if not isinstance(error, Exception):
+        client.set_terminated(run_id, status="KILLED")
+        return
     client.set_tag(run_id, ERROR_TAG, scrub(error_line(error), secret_values(config)))
     client.set_terminated(run_id, status="FAILED")
 
