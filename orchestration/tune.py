@@ -227,7 +227,8 @@ def _summarise(result_grid, max_evaluations: int, secrets: set[str] = frozenset(
                 evaluations=evaluations,
                 stopped_early=result.error is None and evaluations < max_evaluations,
                 status="error" if result.error else "done",
-                retries=failures.get(os.path.basename(result.path or "?"), 0) - (1 if result.error else 0),
+                # the failure that ended an errored trial was not retried
+                retries=max(0, failures.get(os.path.basename(result.path or "?"), 0) - (1 if result.error else 0)),
                 error=scrub(error_line(result.error), secrets) if result.error else None,
             )
         )
