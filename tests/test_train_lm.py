@@ -106,6 +106,7 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
     assert result.history == [[1, CHECKPOINT_EVERY], [CHECKPOINT_EVERY + 1, STEPS]]
     # What the rerun held right after its restore is what the step-3 checkpoint's files hold: every
     # model and optimizer tensor (sum and sum of squares of the whole tensor), none missing or extra.
+    fs.invalidate_cache()  # s3fs remembers the listings made before the rerun wrote new files
     restored = json.loads(fs.cat_file(f"{run_dir}/restored_state_step{CHECKPOINT_EVERY:07d}.json"))
     assert restored["checkpoint"].rstrip("/").endswith(Path(saved_dir).name) and restored["step"] == CHECKPOINT_EVERY
     expected = _sums(saved)
