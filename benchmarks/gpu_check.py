@@ -1,8 +1,8 @@
 """GPU check of stage 2: bf16 FSDP2 steps of the unified LM on a ~1B LLaMA-shaped config.
 
-Built the way the trainer builds it (meta device, fully_shard per decoder layer and depth block,
-to_empty, per-module init from the seed), bf16 compute with fp32 reduction, attention through SDPA
-(flash kernel) or flash_attention_2 when the flash-attn package is installed, packed rows of
+Built the way the trainer builds it (meta device, fully_shard per decoder layer, the depth transformer
+one unit, to_empty, per-module init from the seed), bf16 compute with fp32 reduction, attention over
+packed rows as `model.attention` flash_varlen (flash-attn installed) or flex (FlexAttention block mask), packed rows of
 ``--seq`` tokens with half of the positions visual. Prints step time, tokens/s and MFU (model FLOPs
 6 * trainable parameters per token, over the GPU's dense bf16 peak). Run through benchmarks/gpu_check.sh.
 """
@@ -28,13 +28,15 @@ from orchestration.train.optim import build_optimizer, clip_grad_norm  # noqa: E
 from orchestration.train.weights import default_module_init, init_by_name  # noqa: E402
 
 
-def attention_backend() -> str:
+def attention_choice(cuda: bool) -> str:
+    """model.attention for this machine: flash-attn's varlen kernel when installed, else FlexAttention on a
+    GPU (the paper presets' choice), else the dense mask (CPU: no FlexAttention backward)."""
     try:
         import flash_attn  # noqa: F401
 
-        return "flash_attention_2"
+        return "flash_varlen"
     except ImportError:
-        return "sdpa"
+        return "flex" if cuda else "sdpa_dense"
 
 
 def batch(rows: int, seq: int, depth: int, vocab: int, codebook: int, device) -> dict[str, torch.Tensor]:
@@ -83,7 +85,7 @@ def main() -> None:
     tower_cfg = get_tower_config("tiny", codebook_size=16384, code_depth=4)
     lm_cfg = get_lm_config("tiny", hidden_size=args.hidden, intermediate_size=args.intermediate,
                            num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.heads, vocab_size=32000,
-                           max_position_embeddings=args.seq, attn_implementation=attention_backend(),
+                           max_position_embeddings=args.seq, attention=attention_choice(cuda),
                            depth_layers=3, depth_heads=16, depth_hidden_size=1024)
     with torch.device("meta"):
         model = UnifiedLM(lm_cfg, UnifiedVisionTower(tower_cfg))
@@ -92,7 +94,7 @@ def main() -> None:
         for i, layer in enumerate(layers):
             layers[i] = checkpoint_wrapper(layer)
     mesh = data_parallel_mesh(device)
-    blocks = list(layers) + list(model.depth.blocks)
+    blocks = list(layers) + [model.depth]  # as stage 2 shards it (orchestration.train.lm.lm_units)
     model = shard_model(model, blocks, mesh, mixed_precision(device), set(model.tower.parameters()))
     model.to_empty(device=device)
     init_by_name(model, seed=0, init_module=default_module_init, skip=lambda name, m: name.startswith("tower"))
@@ -122,7 +124,7 @@ def main() -> None:
     if rank == 0:
         name = torch.cuda.get_device_name(device) if cuda else "CPU"
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-        print(f"{name} x {dist.get_world_size()}, {lm_cfg.attn_implementation}, "
+        print(f"{name} x {dist.get_world_size()}, {lm_cfg.attention}, "
               f"{n_params / 1e9:.2f}B trainable parameters, {args.rows} x {args.seq} tokens per GPU per step: "
               f"step {step_s * 1000:.0f} ms, {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}%, "
               f"peak memory {memory:.1f} GiB, last loss {float(out['loss'].detach()):.3f}")

@@ -97,12 +97,35 @@ class ModelSection(Section):
     # RoPE scaling of the LLM (transformers `rope_scaling`), e.g. {type: linear, factor: 2.0} to train
     # 8192-token rows on LLaMA-2's 4096 context.
     rope_scaling: RopeScalingSection | None = None
+    # Attention over packed rows (vilau_model/packed_attention.py): sdpa_dense = a [B,1,L,L] mask (any
+    # device; the tiny default), flex = FlexAttention with a block mask from the segment ids (never
+    # [L,L], skips other samples' tiles; GPU only for training: torch 2.14 has no CPU flex backward),
+    # flash_varlen = flash-attn's varlen kernel (GPU, the `gpu` extra: pip install '.[gpu]').
+    attention: Literal["sdpa_dense", "flex", "flash_varlen"] = "sdpa_dense"
     # Paper presets refuse to start without tower_pretrained / lm_path; true lets them train from random init.
     allow_random_init: bool = False
+    # A stage-2 export to start from (a run's <run>-lm/export, or `python jobs/import_vila_u.py` of a released
+    # VILA-U): lm_path and tower_checkpoint default to its llm/ and its tower, the LM's and the tower's
+    # architecture come from its vilau_lm.json / tower.json, stage 2 also starts its projector and depth
+    # transformer from it, and stage 1 starts the whole tower from it.
+    init_from: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _init_from_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("init_from"):
+            data = dict(data)
+            root = absolute_local_path(data["init_from"])
+            data["init_from"] = root
+            if not data.get("lm_path"):
+                data["lm_path"] = os.path.join(root, "llm")
+            if not data.get("tower_checkpoint"):
+                data["tower_checkpoint"] = root
+        return data
 
     @model_validator(mode="after")
     def _pretrained_weights_for_paper_presets(self) -> "ModelSection":
-        if self.allow_random_init:
+        if self.allow_random_init or self.init_from:
             return self
         if self.tower in PAPER_TOWER_PRESETS and not self.tower_pretrained:
             raise ValueError(
@@ -152,6 +175,7 @@ class ModelSection(Section):
         if self.rope_scaling is not None:
             overrides["rope_scaling_type"] = self.rope_scaling.type
             overrides["rope_scaling_factor"] = self.rope_scaling.factor
+        overrides["attention"] = self.attention
         return overrides
 
 
@@ -182,7 +206,8 @@ class SourceSection(Section):
     # Where referenced images/videos live (MMC4, OpenVid, ShareGPT4V); None = the dataset's own layout
     # beside the index files (<path>/images, <path>/videos, <path>). Relative paths are under data.root.
     media_root: str | None = None
-    # Image-text pairs in stage 2: [image, text] (understanding), [text, image] (generation), or both.
+    # Image-text pairs and video clips in stage 2: [image/video, text] (understanding), [text,
+    # image/video] (generation), or both (two samples per record).
     image_text_task: Literal["understanding", "generation", "both"] = "both"
 
 
@@ -305,6 +330,8 @@ class TowerTrainSection(StageSection):
 class LMTrainSection(StageSection):
     # Share of generation samples whose prompt is emptied (trains the CFG unconditional branch).
     caption_dropout: float = Field(default=LMConfig.caption_dropout, ge=0.0, le=1.0)
+    # Images generated per eval class at the end of stage 2 (the generation score); the understanding
+    # score on the held-back images runs in the same task. 0 turns both off.
     generate_samples: NonNegativeInt = 2
 
 
@@ -464,6 +491,16 @@ class Config(Section):
             return path
         root = self.data.root
         return f"{root.rstrip('/')}/{path}" if "://" in root else str(Path(root) / path)
+
+    @model_validator(mode="after")
+    def _gpu_attention_on_gpu(self) -> "Config":
+        if self.model.attention != "sdpa_dense" and not self.cluster.use_gpu:
+            raise ValueError(
+                f"model.attention: {self.model.attention} trains on GPU workers only (torch has no CPU "
+                "FlexAttention backward; flash-attn is CUDA only) but cluster.use_gpu is false; "
+                "use model.attention=sdpa_dense on CPU"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tracking_store_reachable(self) -> "Config":

@@ -521,6 +521,8 @@ def _eval_cell(r: StageResult, chance: float | None) -> str:
         cells.append(f"PSNR {m['eval/psnr']:.1f} dB")
     if "eval/generation_score" in m:
         cells.append(f"generation score {m['eval/generation_score']:.3f} (chance {m['eval/generation_chance']:.3f})")
+    if "eval/understanding_score" in m:
+        cells.append(f"understanding score {m['eval/understanding_score']:.3f} (chance {m['eval/understanding_chance']:.3f})")
     return ", ".join(cells) or "-"
 
 

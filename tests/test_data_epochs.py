@@ -180,10 +180,11 @@ def test_mix_by_tokens_weighs_each_source_by_its_estimated_tokens(ray_session, s
     """data.mix_by: tokens makes the weights shares of trained tokens: a clip (8 frames of image
     tokens) costs several pairs' tokens, so equal weights give the clips far fewer samples than by samples."""
     root, _ = synthetic_data
-    sources = "data.lm_sources={coyo: {format: coyo_parquet, path: coyo/parquet}, openvid: {format: openvid, path: openvid}}"
+    sources = ("data.lm_sources={coyo: {format: coyo_parquet, path: coyo/parquet}, "
+               "openvid: {format: openvid, path: openvid, image_text_task: generation}}")
     repeat = {mix: {u.source: u.repeat for u in training_plan(_config(root, tmp_path, sources, f"data.mix_by={mix}"), "lm").units}
               for mix in ("samples", "tokens")}
-    # By samples: a pair gives 2 samples, so coyo is read 0.75 times and openvid 1.5 times.
+    # By samples: a pair gives 2 samples, a clip trained one way 1, so coyo is read 0.75 times and openvid 1.5 times.
     assert repeat["samples"] == {"coyo": 0.75, "openvid": 1.5}
     assert repeat["tokens"]["openvid"] < repeat["samples"]["openvid"] / 3
     assert repeat["tokens"]["coyo"] > repeat["samples"]["coyo"]

@@ -165,3 +165,23 @@ def test_stage2_resume_trains_the_rest_of_the_epoch_exactly_once(ray_session, ma
     assert sorted(k for *_, keys in full for k in keys) == sorted(
         [k for *_, keys in full[:consumed] for k in keys] + [k for *_, keys in rest for k in keys]
     )
+
+
+def test_clips_train_both_directions_as_pairs_do():
+    """An OpenVid clip gives [video, caption] (understanding) and [caption, video] (generation) samples
+    under ``image_text_task: both``, and the epoch plan counts 2 samples per clip."""
+    from types import SimpleNamespace
+
+    from orchestration.data.lm_data import TokenizePool, lm_samples_per_record
+    from vilau_model.sequence import VideoCaptionSample, VideoSample
+
+    assert lm_samples_per_record(load_config(None)) == {"coyo": 2, "mmc4": 1, "openvid": 2, "sharegpt4v": 1}
+    one_way = load_config(None, ["data.lm_sources.openvid.image_text_task=generation"])
+    assert lm_samples_per_record(one_way)["openvid"] == 1
+    codes = np.zeros((8, 2, 2, 4), np.int16)
+    record = {"kind": "video", "source": "openvid", "text": "a red circle moving left"}
+    for task, kinds in (("both", [VideoCaptionSample, VideoSample]), ("understanding", [VideoCaptionSample]),
+                        ("generation", [VideoSample])):
+        pool = SimpleNamespace(image_text_tasks={"openvid": task})  # samples() reads only the tasks
+        samples = TokenizePool.samples(pool, record, codes)
+        assert [type(s) for s in samples] == kinds and all(s.text == record["text"] for s in samples)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from vilau_model.evaluation import (
     InceptionFeatureNet,
+    answer_accuracy,
+    parse_answer,
     RandomConvFeatureNet,
     codebook_usage,
     evaluate_tower,
@@ -191,6 +193,24 @@ def test_zero_shot_accuracy_on_a_constructed_case():
     gen = torch.Generator().manual_seed(0)
     images = F.normalize(classes[target] + 0.1 * torch.rand(8, 4, generator=gen), dim=-1)
     assert zero_shot_accuracy(images, classes, labels) == pytest.approx(6 / 8)
+
+
+# ---------------------------------------------------------------- answers of the LM
+
+
+def test_answers_are_scored_by_the_class_words_they_name_first():
+    names = [f"{c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle", "cross")]
+    assert parse_answer("The image shows a Red circle, drawn on a plain light background.", names) == ["red", "circle"]
+    assert parse_answer("a red square next to a blue circle", names) == ["red", "square"]  # the first named
+    assert parse_answer("a reddish circles", names) == [None, None]  # whole words only
+    answers = ["The image shows a red circle.", "a blue circle", "a green", "nothing at all"]
+    labels = [names.index("red circle"), names.index("red circle"), names.index("green cross"), names.index("yellow cross")]
+    result = answer_accuracy(answers, labels, names)
+    assert result["class_acc"] == pytest.approx(1 / 4) and result["class_chance"] == pytest.approx(1 / 16)
+    assert result["slot_acc"] == pytest.approx([2 / 4, 2 / 4])  # colours: red, green; shapes: circle, circle
+    assert result["slot_chance"] == pytest.approx([1 / 4, 1 / 4])
+    with pytest.raises(ValueError, match="labels"):
+        answer_accuracy(answers[:2], labels, names)
 
 
 # ---------------------------------------------------------------- codebook usage

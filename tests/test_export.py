@@ -100,3 +100,41 @@ def test_lm_export_from_a_sharded_checkpoint_loads_with_from_pretrained(tmp_path
     reloaded = loaded.state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded[key], value), key
+
+
+def test_lm_export_config_carries_the_rope_scaling_of_the_run(tmp_path, read_groups):
+    """Plain transformers loading of export/llm gets the RoPE the model was trained with, also when the
+    LLM came from a pretrained directory whose own config.json has none."""
+    from transformers import AutoConfig
+
+    from orchestration.data.lm_data import directory_files, lm_config
+    from orchestration.train.tower import save_tower_export
+    from vilau_model.config import get_lm_config, get_tower_config
+    from vilau_model.tokenizer import SpecialIds, train_bpe_tokenizer
+    from vilau_model.unified_lm import UnifiedLM, build_llm
+    from vilau_model.vision_tower import UnifiedVisionTower
+
+    tokenizer = train_bpe_tokenizer(["a red circle in the top left", "a blue square"] * 20, tmp_path / "tok")
+    special = SpecialIds.from_tokenizer(tokenizer)
+    torch.manual_seed(0)
+    build_llm(get_lm_config("tiny"), special.vocab_size).save_pretrained(tmp_path / "pretrained")
+    assert "rope_scaling" not in json.loads((tmp_path / "pretrained" / "config.json").read_text()) or \
+        json.loads((tmp_path / "pretrained" / "config.json").read_text())["rope_scaling"] is None
+    config = load_config(None, [f"output_dir={tmp_path}", f"model.lm_path={tmp_path / 'pretrained'}",
+                                "model.rope_scaling.type=linear", "model.rope_scaling.factor=2.0"])
+    tower = UnifiedVisionTower(get_tower_config("tiny"))
+    save_tower_export(tower, str(tmp_path / "tower"))
+    model = UnifiedLM(lm_config(config), tower, special)
+    assert model.llm.config.rope_scaling["factor"] == 2.0
+    _save_checkpoint({k: v for k, v in model.state_dict().items() if not k.startswith("tower.")}, tmp_path / "ckpt")
+
+    export.export_lm_from_checkpoint(config, str(tmp_path / "ckpt"), str(tmp_path / "export"),
+                                     directory_files(str(tmp_path / "tok")), str(tmp_path / "tower"))
+    written = json.loads((tmp_path / "export" / "llm" / "config.json").read_text())["rope_scaling"]
+    assert written["factor"] == 2.0 and written.get("rope_type", written.get("type")) == "linear"
+    assert AutoConfig.from_pretrained(tmp_path / "export" / "llm").rope_scaling["factor"] == 2.0
+
+    from orchestration.train.lm import save_lm_export  # the in-process export writes it too
+
+    save_lm_export(model, tokenizer, str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "llm" / "config.json").read_text())["rope_scaling"]["factor"] == 2.0

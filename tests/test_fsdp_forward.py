@@ -31,7 +31,8 @@ def build_model(special: SpecialIds) -> UnifiedLM:
 
     torch.manual_seed(0)
     tower = UnifiedVisionTower(get_tower_config("tiny")).eval()
-    return UnifiedLM(get_lm_config("tiny"), tower, special)
+    # Small depth-loss chunks (4 positions): the sharded depth unit runs many chunks in one call.
+    return UnifiedLM(get_lm_config("tiny", depth_loss_chunk_logits=4 * 4 * 256), tower, special)
 
 
 def make_batches(tokenizer, depth: int, grid: int):
@@ -60,10 +61,11 @@ def _rank(rank: int, world: int, special: SpecialIds, state: dict, batches: list
     model = build_model(special)
     model.load_state_dict(state)
     mesh = init_device_mesh("cpu", (world,))
-    # Each part its own unit, so a module one rank skips would leave a collective unmatched.
-    units = [*model.llm.get_decoder().layers, model.projector, *model.depth.blocks, model.depth]
-    for unit in units:
+    # Each part its own unit, so a module one rank skips would leave a collective unmatched; the depth
+    # transformer as stage 2 shards it (one unit, not resharded after forward: orchestration.train.lm.lm_units).
+    for unit in [*model.llm.get_decoder().layers, model.projector]:
         fully_shard(unit, mesh=mesh)
+    fully_shard(model.depth, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, ignored_params=set(model.tower.parameters()))
     model.train()
     loss = loss_of(model, batches[rank])
@@ -96,3 +98,61 @@ def test_fsdp2_ranks_with_and_without_images_match_one_process(tmp_path):
         assert reference[name].abs().sum() > 0, name  # both kinds of loss reach the grads compared
     for name, grad in reference.items():
         torch.testing.assert_close(sharded[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+ACCUM_SETUPS = [("legacy_sync_last", 1), ("reduce_scatter_every", 1), ("reduce_scatter_every", 2)]
+
+
+def _micro_batches(rank: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(4, 8, generator=generator) for _ in range(3)]
+
+
+def _small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def _accumulating_rank(rank: int, world: int, out: str):
+    """Three micro-batches a step under each (sync policy, HSDP replicas); rank 0 saves the gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from orchestration.train.fsdp import set_micro_batch_sync
+
+    torch.set_num_threads(1)
+    results = {}
+    for policy, replicas in ACCUM_SETUPS:
+        model = _small_model()
+        if replicas == 1:
+            mesh = init_device_mesh("cpu", (world,))
+        else:
+            mesh = init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        batches = _micro_batches(rank)
+        for i, x in enumerate(batches):
+            set_micro_batch_sync(model, is_last=i == len(batches) - 1, policy=policy)
+            model(x).square().mean().backward()
+        results[f"{policy}/{replicas}"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(results, out)
+
+
+def test_gradient_accumulation_gives_the_same_gradients_under_every_sync_policy_and_hsdp(tmp_path):
+    """The trainer's accumulation (reduce-scatter every micro-batch; under HSDP the all-reduce on the
+    last only) sums the same gradients as the old sync-on-the-last pattern and as one process."""
+    world = 2
+    model = _small_model()
+    for rank in range(world):
+        for x in _micro_batches(rank):
+            (model(x).square().mean() / world).backward()  # FSDP averages over the ranks
+    reference = {n: p.grad for n, p in model.named_parameters()}
+
+    out = tmp_path / "grads.pt"
+    run_on_gloo_ranks(_accumulating_rank, world, str(out))
+    results = torch.load(out)
+    assert set(results) == {f"{p}/{r}" for p, r in ACCUM_SETUPS}
+    for setup, grads in results.items():
+        for name, grad in reference.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"{setup}: {name}")

@@ -138,3 +138,21 @@ def test_sampling_temperature_defaults_to_the_model_config(setup):
     finally:
         model.config = config
     assert torch.equal(greedy[0], explicit.codes) and torch.equal(greedy[1], explicit.codes)
+
+
+def test_understanding_score_decodes_greedy_answers_to_the_trained_question_layout(setup):
+    from orchestration.train.samples import ANSWER_TOKENS, UNDERSTANDING_QUESTION, understanding_score
+    from vilau_model.evaluation import answer_accuracy
+
+    model, builder = setup
+    size = model.tower.config.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 3, size, size), dtype=np.uint8)
+    names = ["red circle", "blue circle", "red square", "blue square"]
+    result = understanding_score(model, builder.tokenizer, pixels, [0, 1, 3], names, batch_size=2)
+    # one image at a time, by hand: the tower's codes in the ShareGPT4V template, greedy, decoded
+    codes = model.tower.encode_codes(torch.from_numpy(pixels).float() / 255).numpy()
+    for i in range(3):
+        ids = model.generate_text([builder.question_prompt(codes[i], UNDERSTANDING_QUESTION)], max_new_tokens=ANSWER_TOKENS)[0]
+        assert result["answers"][i] == builder.tokenizer.decode(ids, skip_special_tokens=True)
+    expected = answer_accuracy(result["answers"], [0, 1, 3], names)
+    assert {k: result[k] for k in expected} == expected and result["class_chance"] == 0.25

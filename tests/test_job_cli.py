@@ -42,3 +42,13 @@ def test_print_config_gives_yaml_that_loads_back(job, tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(proc.stdout)
     assert load_config(path).tower_train.steps == 7
+
+
+def test_generation_outputs_go_to_a_new_folder_each_run(tmp_path):
+    from orchestration.train.lm import fresh_output_folder
+
+    first, second = fresh_output_folder(str(tmp_path / "gen")), fresh_output_folder(str(tmp_path / "gen"))
+    assert Path(first).name == "gen-0001" and Path(second).name == "gen-0002"
+    (Path(first) / "prompt00_sample00.png").write_bytes(b"earlier")
+    assert fresh_output_folder(str(tmp_path / "gen")).endswith("gen-0003")
+    assert (Path(first) / "prompt00_sample00.png").read_bytes() == b"earlier"

@@ -50,7 +50,7 @@ def test_pretrain_with_no_arguments_then_generate(tmp_path):
         assert f"[{stage}] step" in done.stdout
         assert re.search(rf"\[{stage} data\] [1-9]\d* samples trained \(\w+ \d+%", done.stdout), done.stdout
     assert "zero-shot acc" in done.stdout and "(chance 0.062)" in done.stdout
-    assert "generation score" in done.stdout
+    assert "generation score" in done.stdout and "understanding score" in done.stdout
     assert (tmp_path / "data" / "synthetic" / "manifest.json").is_file()
     assert (outputs / "ray" / "tiny-tower" / "export" / "tower.safetensors").is_file()
     assert (outputs / "ray" / "tiny-lm" / "export" / "llm" / "config.json").is_file()

@@ -33,6 +33,7 @@ def test_paper_preset_carries_the_recipe(name):
     lm_cfg = get_lm_config(config.model.lm, **config.model.lm_overrides())
     assert lm_cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     assert lm_cfg.pretrained_path == "/weights/llama-2-7b"
+    assert lm_cfg.attention == "flex"  # packed 8192-token rows: no [L,L] mask, other samples' tiles skipped
 
 
 @pytest.mark.parametrize("name", PRESETS)

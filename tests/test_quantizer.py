@@ -20,19 +20,21 @@ def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:
     return x + torch.randn(n, dim, generator=g)
 
 
-def _trained_quantizer(**kw) -> tuple[ResidualQuantizer, torch.Tensor]:
+def _trained_quantizer(steps: int = 20, **kw) -> tuple[ResidualQuantizer, torch.Tensor]:
     torch.manual_seed(0)
     rq = ResidualQuantizer(dim=8, codebook_size=32, depth=4, **kw)
     data = _clustered(2048, 8, seed=1)
     rq.train()
-    for _ in range(20):
+    for _ in range(steps):
         rq(data)
     return rq.eval(), data
 
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_residual_norm_falls_with_depth(shared):
-    rq, data = _trained_quantizer(shared_codebook=shared)
+    # 40 steps: a shared book's first step restarts its dead codes from depth 0's input (the reference's
+    # rule), so all codes start at the data's scale and take steps to spread to the finer depths' scales.
+    rq, data = _trained_quantizer(steps=40, shared_codebook=shared)
     x = data[:512]
     codes = rq.encode(x)
     cumulative = rq.lookup(codes).cumsum(dim=-2)  # [N, D, dim]
@@ -100,6 +102,48 @@ def test_one_ema_step_equals_hand_calculation():
     assert out.stats["codebook_usage"].item() == pytest.approx(2 / 3)
 
 
+def test_shared_codebook_takes_one_ema_step_per_depth_by_hand():
+    """D=2, one shared codebook: depth 0's assignments update it before depth 1 is searched (the reference's
+    order), and each depth outputs the code as it was when chosen. Every number below is worked by hand."""
+    decay, eps = 0.5, 1e-5
+    rq = ResidualQuantizer(dim=2, codebook_size=3, depth=2, decay=decay, eps=eps)
+    rq.embed.copy_(torch.tensor([[[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]]))
+    rq.ema_count.fill_(5.0)
+    rq.ema_sum.copy_(rq.embed * 5.0)
+    x = torch.tensor([[15.3, 0.0], [0.0, 1.0]])
+
+    def embed_from(count, sums):
+        n = sum(count)
+        smoothed = [(c + eps) / (n + 3 * eps) * n for c in count]
+        return [[v / sm for v in row] for row, sm in zip(sums, smoothed)]
+
+    # depth 0 on the initial book: (15.3, 0) -> code 1 (10, 0), (0, 1) -> code 0; counts [1, 1, 0]
+    count0 = [0.5 * 5 + 0.5 * 1, 0.5 * 5 + 0.5 * 1, 0.5 * 5]  # [3, 3, 2.5]
+    sums0 = [[0.0, 0.5 * 1.0], [0.5 * 50 + 0.5 * 15.3, 0.0], [0.0, 0.5 * 50]]  # (0, .5), (32.65, 0), (0, 25)
+    book0 = embed_from(count0, sums0)  # ~ (0, 0.1667), (10.883, 0), (0, 10)
+    # depth 1 searches the UPDATED book: residual (5.3, 0) is 5.303 from code 0 and 5.583 from code 1 (it
+    # would pick code 1, 4.7 away, in the book before the update); (0, 1) -> code 0. counts [2, 0, 0]
+    count1 = [0.5 * 3 + 0.5 * 2, 0.5 * 3, 0.5 * 2.5]  # [2.5, 1.5, 1.25]: all >= 1, no restarts
+    sums1 = [[0.5 * 0.0 + 0.5 * 5.3, 0.5 * 0.5 + 0.5 * 1.0], [0.5 * 32.65, 0.0], [0.0, 0.5 * 25]]
+    book1 = embed_from(count1, sums1)
+
+    out = rq.train()(x)
+    assert out.codes.tolist() == [[1, 0], [0, 0]]
+    torch.testing.assert_close(rq.ema_count[0], torch.tensor(count1))
+    torch.testing.assert_close(rq.ema_sum[0], torch.tensor(sums1))
+    torch.testing.assert_close(rq.embed[0], torch.tensor(book1))
+    # the output: depth 0's code from the initial book, depth 1's from the book after depth 0's update
+    expected_sum = torch.tensor([[10.0 + book0[0][0], book0[0][1]], [0.0 + book0[0][0], book0[0][1]]])
+    torch.testing.assert_close(out.code_sum, expected_sum)
+    expected_commitment = 0.5 * (
+        torch.nn.functional.mse_loss(x, torch.tensor([[10.0, 0.0], [0.0, 0.0]]))
+        + torch.nn.functional.mse_loss(x, expected_sum)
+    )
+    torch.testing.assert_close(out.commitment_loss, expected_commitment)
+    assert out.stats["codebook_restarts"].item() == 0
+    assert out.stats["codebook_usage"].item() == pytest.approx(2 / 3)  # codes 0 and 1 used this step
+
+
 def test_never_chosen_code_is_restarted_from_batch_vectors():
     rq = ResidualQuantizer(dim=2, codebook_size=4, depth=1, decay=0.99)
     rq.embed.copy_(torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1000.0, 1000.0]]]))
@@ -121,8 +165,9 @@ def test_first_training_step_initialises_every_code_from_data():
     torch.manual_seed(0)
     rq = ResidualQuantizer(dim=4, codebook_size=16, depth=2)
     out = rq.train()(torch.randn(256, 4) + 50.0)  # data far from the random init
-    # one code (the one nearest to the data) takes every vector; the 15 unused ones restart on data
-    assert out.stats["codebook_restarts"].item() == 15
+    # at depth 0 one code (the one nearest to the data) takes every vector and the 15 unused ones restart on
+    # data; at depth 1 restarted codes that no vector picks (count 1 -> 0.99) restart once more
+    assert 15 <= out.stats["codebook_restarts"].item() <= 30
     assert (rq.embed[0] > 40).all()
 
 
@@ -162,21 +207,29 @@ def _rank_worker(rank: int, world: int, outdir: str) -> None:
         rq(x)
     torch.save({k: v.clone() for k, v in rq.state_dict().items()}, os.path.join(outdir, f"rank{rank}.pt"))
 
-    # One EMA step (no dead codes) under 2 ranks equals one step on the concatenated batch.
-    rq2 = ResidualQuantizer(dim=8, codebook_size=16, depth=2, shared_codebook=False).train()
+    # One training step (no dead codes) under 2 ranks equals one step on the concatenated batch, for
+    # per-depth books and for the shared book (whose per-depth updates each all-reduce their statistics).
+    for shared in (False, True):
+        rq2 = _ema_reference_quantizer(shared)
+        rq2(_clustered(128, 8, seed=rank))
+        torch.save(rq2.state_dict(), os.path.join(outdir, f"ema_shared{shared}_rank{rank}.pt"))
+
+
+def _ema_reference_quantizer(shared: bool) -> ResidualQuantizer:
+    rq = ResidualQuantizer(dim=8, codebook_size=16, depth=2, shared_codebook=shared).train()
     torch.manual_seed(0)
-    rq2.embed.copy_(torch.randn_like(rq2.embed))
-    rq2.ema_count.fill_(100.0)
-    rq2.ema_sum.copy_(rq2.embed * 100.0)
-    rq2(_clustered(128, 8, seed=rank))
-    torch.save(rq2.state_dict(), os.path.join(outdir, f"ema_rank{rank}.pt"))
+    rq.embed.copy_(torch.randn_like(rq.embed))
+    rq.ema_count.fill_(100.0)
+    rq.ema_sum.copy_(rq.embed * 100.0)
+    return rq
 
 
 def test_two_gloo_ranks_keep_identical_codebooks():
     with tempfile.TemporaryDirectory() as tmp:
         run_on_gloo_ranks(_rank_worker, 2, tmp)
         r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1))
-        e0, e1 = (torch.load(os.path.join(tmp, f"ema_rank{r}.pt")) for r in (0, 1))
+        ema = {shared: [torch.load(os.path.join(tmp, f"ema_shared{shared}_rank{r}.pt")) for r in (0, 1)]
+               for shared in (False, True)}
 
     for key in ("embed", "ema_count", "ema_sum"):
         assert torch.equal(r0[key], r1[key]), key
@@ -184,12 +237,9 @@ def test_two_gloo_ranks_keep_identical_codebooks():
     assert (r0["embed"][0].mean(dim=1) > 10).any()
 
     # single-process reference on the concatenated batch
-    rq = ResidualQuantizer(dim=8, codebook_size=16, depth=2, shared_codebook=False).train()
-    torch.manual_seed(0)
-    rq.embed.copy_(torch.randn_like(rq.embed))
-    rq.ema_count.fill_(100.0)
-    rq.ema_sum.copy_(rq.embed * 100.0)
-    rq(torch.cat([_clustered(128, 8, seed=0), _clustered(128, 8, seed=1)]))
-    for key in ("embed", "ema_count", "ema_sum"):
-        assert torch.equal(e0[key], e1[key]), key
-        torch.testing.assert_close(e0[key], rq.state_dict()[key], rtol=1e-5, atol=1e-5)
+    for shared, (e0, e1) in ema.items():
+        rq = _ema_reference_quantizer(shared)
+        rq(torch.cat([_clustered(128, 8, seed=0), _clustered(128, 8, seed=1)]))
+        for key in ("embed", "ema_count", "ema_sum"):
+            assert torch.equal(e0[key], e1[key]), (shared, key)
+            torch.testing.assert_close(e0[key], rq.state_dict()[key], rtol=1e-5, atol=1e-5, msg=f"{shared} {key}")

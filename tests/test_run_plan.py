@@ -92,3 +92,17 @@ def test_a_pool_without_its_resources_fails_within_its_deadline_naming_them(tiny
     message = str(err.value)
     assert "GPU 1" in message and "data.actor_start_timeout_s=3" in message and "data.tokenizer_actor_gpus" in message
     assert waited < 120  # a deadline, not a hang (generous: tokenizer training and Ray Data start-up come first)
+
+
+def test_a_step_over_the_gpus_memory_is_refused_naming_the_fields():
+    from orchestration.run_plan import memory_problems, plan_run, report_lines
+
+    # The tiny preset held against GPUs of 1 MiB: the computed step (fake tensors, 2 fake ranks) cannot fit.
+    config = load_config(None, ["cluster.use_gpu=true", "cluster.gpu_memory_gib=0.001", "cluster.cluster_yaml=cluster.yaml"])
+    plan = plan_run(config, ("tower",))
+    assert plan.memory["tower"].peak_bytes > 0.001 * 2**30
+    assert len(plan.problems) == 1 and "cluster.gpu_memory_gib=0.001" in plan.problems[0]
+    assert "tower_train.batch_size_per_worker" in plan.problems[0]
+    assert "DOES NOT FIT:" in report_lines(config, plan)
+    roomy = load_config(None, ["cluster.use_gpu=true", "cluster.gpu_memory_gib=80", "cluster.cluster_yaml=cluster.yaml"])
+    assert memory_problems(roomy, plan.memory) == []

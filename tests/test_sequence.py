@@ -18,6 +18,8 @@ from vilau_model.sequence import (
     GenerationSample,
     InterleavedSample,
     SequenceBuilder,
+    Turn,
+    VideoCaptionSample,
     VideoSample,
 )
 from vilau_model.tokenizer import MARKERS, SpecialIds, load_tokenizer, train_bpe_tokenizer
@@ -132,6 +134,33 @@ def test_video_is_one_block_of_eight_frames(tokenizer):
     assert (seq.codes[seq.is_visual] == frames.reshape(-1, D)).all()  # frame after frame
     with pytest.raises(ValueError, match="8 frames"):
         b.build(VideoSample(text="x", codes=frames[:4]))
+
+
+def test_video_understanding_supervises_the_caption_only(tokenizer):
+    b = SequenceBuilder(tokenizer, code_depth=D)
+    frames = np.stack([grid(1, 2, start=10 * t) for t in range(8)])
+    seq = b.build(VideoCaptionSample(codes=frames, text="a blue square moving right"))
+    assert render(tokenizer, seq) == "<s><vi_start>" + "#" * 16 + "<vi_end>{a blue square moving right</s>}"
+    check_invariants(seq, b.ids)
+    assert (seq.codes[seq.is_visual] == frames.reshape(-1, D)).all()
+    # the captioning prompt of a clip is the same layout cut before the caption
+    prompt = b.understanding_prompt(frames)
+    assert prompt.input_ids.tolist() == seq.input_ids[: len(prompt)].tolist()
+    with pytest.raises(ValueError, match="8 frames"):
+        b.build(VideoCaptionSample(codes=frames[:4], text="x"))
+
+
+def test_question_prompt_is_the_trained_conversation_cut_before_the_answer(tokenizer):
+    b = SequenceBuilder(tokenizer, code_depth=D, system_prompt="SYS")
+    codes = grid(2, 2)
+    prompt = b.question_prompt(codes, "what is in the image?")
+    assert render(tokenizer, prompt) == "<s>SYS USER: <im_start>####<im_end>\nwhat is in the image? ASSISTANT:"
+    trained = b.build(ConversationSample([Turn("human", "<image>\nwhat is in the image?"), Turn("gpt", "a red circle.")], codes))
+    n = len(prompt)
+    # same ids, codes and visual mask as the trained sample up to the answer, whose first token is supervised next
+    assert prompt.input_ids.tolist() == trained.input_ids[:n].tolist()
+    assert (prompt.codes == trained.codes[:n]).all() and (prompt.is_visual == trained.is_visual[:n]).all()
+    assert (trained.labels[:n] == IGNORE_INDEX).all() and trained.labels[n] != IGNORE_INDEX
 
 
 def test_interleaved_doc_places_images_before_their_sentence_at_most_six(tokenizer):

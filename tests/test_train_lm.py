@@ -148,6 +148,17 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
     matches = sum(prompted == classified for prompted, classified in rows)
     assert run.data.metrics["eval/generation_score"] == pytest.approx(matches / 16)
     assert result.metrics["eval/generation_score"] == run.data.metrics["eval/generation_score"]
+    # The understanding score (answers about the held-back images) beside it, with its chance levels: the
+    # share of images whose answer named their true class, as its per-image table lists them.
+    assert run.data.metrics["eval/understanding_chance"] == pytest.approx(1 / 16)
+    assert run.data.metrics["eval/understanding_shape_chance"] == pytest.approx(1 / 4)
+    assert result.metrics["eval/understanding_score"] == run.data.metrics["eval/understanding_score"]
+    answers = Path(client.download_artifacts(result.mlflow_run_id, f"samples/understanding_step_{STEPS:07d}.tsv",
+                                             dst_path=str(tmp_path / "tsv"))).read_text().splitlines()[2:]
+    named = [line.split("\t")[:2] for line in answers]
+    assert len(named) >= 16, answers[:5]
+    right = sum(true == said for true, said in named)
+    assert run.data.metrics["eval/understanding_score"] == pytest.approx(right / len(named))
 
     # The export (on S3) loads and generates without Ray.
     assert result.export_path.startswith(f"{storage}/t-lm/")

@@ -204,3 +204,30 @@ def test_visual_change_weight_weighs_cells_whose_depth0_code_changes(tiny_tower,
     assert weighted["num_image"] == plain["num_image"] == len(cells)
     # off by default at paper scale
     assert get_lm_config("vilau-7b").visual_change_weight == 1.0
+
+
+def test_visual_inputs_sum_the_code_vectors_in_fp32_whatever_the_codebook_dtype():
+    """Stage 2 sums a position's D code vectors in fp32, as export and generation do: a small residual
+    survives next to a large first code (in bf16, 1 + 0.001 rounds back to 1)."""
+    from orchestration.train.lm import TowerCodebook
+    from vilau_model.config import get_lm_config, get_tower_config
+
+    tower = TowerCodebook(get_tower_config("tiny"))
+    embed = tower.quantizer.embed
+    with torch.no_grad():
+        embed.zero_()
+        embed[..., 1, :] = 1.0  # code 1: the coarse vector
+        embed[..., 2, :] = 1e-3  # code 2: a fine residual
+    model = UnifiedLM(get_lm_config("tiny"), tower)
+    D = model.code_depth
+    codes = torch.tensor([[1] + [2] * (D - 1)])
+    exact = 1.0 + (D - 1) * 1e-3
+    assert torch.allclose(model.code_sum(codes), torch.full((1, embed.shape[-1]), exact), rtol=1e-6)
+    tower.to(torch.bfloat16)  # a bf16 codebook: each vector rounds, the sum still keeps the residuals
+    assert model.code_sum(codes).dtype == torch.float32
+    assert float(model.code_sum(codes)[0, 0]) == pytest.approx(exact, rel=1e-3)
+    assert float(tower.code_embeddings(codes)[0, 0]) == 1.0  # what the bf16 sum gave stage 2 before
+    # the depth transformer's prefix sums too
+    prefix = model.code_vectors(codes)[:, :-1]
+    assert prefix.dtype == torch.bfloat16
+    model.depth(torch.zeros(1, model.llm.config.hidden_size), prefix)  # runs: fp32 cumsum, then the layer dtype

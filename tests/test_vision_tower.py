@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vilau_model import TowerLossConfig, UnifiedVisionTower, get_tower_config
+from vilau_model.decoder import PixelDecoder, RQVAEAttnBlock, RQVAEDecoder, build_decoder
 from vilau_model.encoders import TimmViTAdapter, vision_adapter
 
 
@@ -83,6 +84,27 @@ def test_gradients_reach_the_vision_encoder_through_the_quantizer(tower):
     assert tower.clip.token_embedding.weight.grad is None
 
 
+def test_logit_scale_learns_above_clips_old_clamp(tower):
+    """SigLIP-SO400M starts at log scale 4.72 (exp ~112): above CLIP's log(100) clamp, which would leave it
+    without gradient. Here it is used as is and gets a gradient."""
+    images, tokens = torch.rand(4, 3, 32, 32), tower.tokenize(["a red circle", "a blue square", "a cross", "a dot"])
+    saved = tower.clip.logit_scale.detach().clone()
+    try:
+        for log_scale in (4.72, 6.5):  # SO400M's, and one still under the generous bound of log(1000)
+            with torch.no_grad():
+                tower.clip.logit_scale.fill_(log_scale)
+            tower.zero_grad()
+            out = tower(images, tokens)
+            assert out["logit_scale"].item() == pytest.approx(torch.tensor(log_scale).exp().item(), rel=1e-5)
+            out["loss_contrastive"].backward()
+            grad = tower.clip.logit_scale.grad
+            assert grad is not None and grad.abs().item() > 0, log_scale
+    finally:
+        with torch.no_grad():
+            tower.clip.logit_scale.copy_(saved)
+        tower.zero_grad()
+
+
 def test_save_load_roundtrip(tower, tmp_path):
     path = str(tmp_path / "tower.safetensors")
     images = torch.rand(2, 3, 32, 32)
@@ -103,7 +125,9 @@ def test_loss_config_variants():
     tower = UnifiedVisionTower(cfg, TowerLossConfig(contrastive="softmax", pixel_loss="l1", w_contra=0.5))
     images = torch.rand(2, 3, 32, 32)
     out = tower(images, tower.tokenize(["a", "b"]))
-    torch.testing.assert_close(out["loss_pixel"], F.l1_loss(out["reconstruction"], images))
+    # on [-1, 1] (RQ-VAE's scale): twice the L1 distance of the [0, 1] images
+    torch.testing.assert_close(out["loss_pixel"], F.l1_loss(out["reconstruction"] * 2 - 1, images * 2 - 1))
+    torch.testing.assert_close(out["loss_pixel"], 2 * F.l1_loss(out["reconstruction"], images))
     assert tower.quantizer.embed.shape[0] == cfg.code_depth
     with pytest.raises(ValueError):
         TowerLossConfig(pixel_loss="l2")
@@ -185,6 +209,56 @@ def test_paper_presets_build_on_meta_and_report_parameter_counts(name, grid, wid
     assert tokens.shape == (1, grid * grid, width)
     assert embedding.shape == (1, cfg.embed_dim)
     assert image.shape == (1, 3, cfg.image_size, cfg.image_size)
+
+
+def _rqvae_decoder_parameters(width: int, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z=256) -> int:
+    """RQ-VAE's (VQGAN's) decoder parameter count, summed from its layer list by hand."""
+    conv = lambda cin, cout, k: cin * cout * k * k + cout  # noqa: E731
+    norm = lambda c: 2 * c  # noqa: E731
+    res = lambda cin, cout: norm(cin) + conv(cin, cout, 3) + norm(cout) + conv(cout, cout, 3) + (  # noqa: E731
+        conv(cin, cout, 1) if cin != cout else 0)
+    attn = lambda c: norm(c) + 4 * conv(c, c, 1)  # noqa: E731
+    c = ch * ch_mult[-1]
+    total = conv(width, z, 1) + conv(z, c, 3) + 2 * res(c, c) + attn(c)  # projection, stem, middle block
+    for level in reversed(range(len(ch_mult))):
+        for _ in range(num_res_blocks + 1):
+            total += res(c, ch * ch_mult[level]) + (attn(ch * ch_mult[level]) if level == len(ch_mult) - 1 else 0)
+            c = ch * ch_mult[level]
+        total += conv(c, c, 3) if level else 0  # upsample conv
+    return total + norm(c) + conv(c, 3, 3)
+
+
+@pytest.mark.parametrize("name", ["vilau-256", "vilau-384"])
+def test_paper_presets_use_rqvae_decoder_capacity(name):
+    cfg = get_tower_config(name)
+    assert (cfg.decoder, cfg.decoder_ch, cfg.decoder_ch_mult, cfg.decoder_res_blocks) == ("rqvae", 128, (1, 1, 2, 2, 4), 2)
+    with torch.device("meta"):
+        decoder = build_decoder(cfg)
+        image = decoder(torch.empty(2, cfg.width, cfg.grid_size, cfg.grid_size))
+    assert image.shape == (2, 3, cfg.image_size, cfg.image_size)  # 27x27 (384 px) is resized to 24x24 first
+    count = sum(p.numel() for p in decoder.parameters())
+    assert count == _rqvae_decoder_parameters(cfg.width)
+    assert 42_000_000 < count < 43_000_000  # VQGAN's f16 decoder, ~42M, plus the code-width projection
+    # attention only at the lowest resolution: the middle block and each block of the last level
+    attention = [n for n, m in decoder.named_modules() if isinstance(m, RQVAEAttnBlock)]
+    assert attention == ["mid.attn_1"] + [f"up.4.attn.{i}" for i in range(3)]
+    assert isinstance(build_decoder(get_tower_config("tiny")), PixelDecoder)  # tiny keeps its small decoder
+
+
+def test_rqvae_decoder_trains_in_a_tiny_tower():
+    torch.manual_seed(0)
+    cfg = get_tower_config("tiny", decoder="rqvae", decoder_ch=32, decoder_ch_mult=(1, 2, 2, 2), decoder_res_blocks=1)
+    tower = UnifiedVisionTower(cfg)
+    assert isinstance(tower.decoder, RQVAEDecoder)
+    assert tower.num_parameters()["decoder"] == _rqvae_decoder_parameters(64, 32, (1, 2, 2, 2), 1)
+    images = torch.rand(2, 3, 32, 32)
+    out = tower(images, tower.tokenize(["a", "b"]))
+    assert out["reconstruction"].shape == images.shape and torch.isfinite(out["loss"])
+    out["loss_pixel"].backward()
+    assert tower.decoder.last_layer.grad.abs().sum() > 0
+    assert tower.clip.visual.conv1.weight.grad.abs().sum() > 0  # through the decoder and the straight-through
+    with pytest.raises(ValueError, match="decoder"):
+        get_tower_config("tiny", decoder="big")
 
 
 def test_siglip_tokenizer_needs_a_local_path():

@@ -55,7 +55,22 @@ class VisionTowerConfig:
     image_std: tuple[float, float, float] | None = None
     # Local HF tokenizer directory for open_clip models whose tokenizer needs the hub (SigLIP).
     tokenizer_path: str | None = None
-    decoder_res_blocks: int = 1  # residual blocks per decoder stage
+    decoder_res_blocks: int = 1  # residual blocks per decoder stage ("rqvae": RQ-VAE's num_res_blocks, +1 per level)
+    # Pixel decoder kind: "small" (decoder_channels, decoder_res_blocks per stage) or "rqvae" (RQ-VAE's capacity:
+    # decoder_ch x decoder_ch_mult, attention at the lowest resolution, a 1x1 projection to decoder_z_channels).
+    decoder: str = "small"
+    decoder_ch: int = 128
+    decoder_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    decoder_z_channels: int = 256
+
+    def __post_init__(self):
+        if self.decoder not in ("small", "rqvae"):
+            raise ValueError(f"decoder must be 'small' or 'rqvae', got {self.decoder!r}")
+        # tuples also when the config comes back from JSON (exports), so configs compare equal
+        for name in ("decoder_channels", "decoder_ch_mult", "image_mean", "image_std"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
 
     @property
     def grid_size(self) -> int:
@@ -78,8 +93,11 @@ class LMConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-5  # LLaMA-2's
     rope_theta: float = 10000.0
-    # transformers attention backend: "sdpa" (CPU and GPU), "eager", or "flash_attention_2" (GPU, varlen
-    # over packed rows read from the restarting position_ids)
+    # Attention over packed rows (see vilau_model.packed_attention): "sdpa_dense" (a [B,1,L,L] mask, any
+    # device), "flex" (FlexAttention block mask, never [L,L]; GPU training: no CPU backward in torch 2.14)
+    # or "flash_varlen" (flash-attn's varlen kernel; the `gpu` extra).
+    attention: str = "sdpa_dense"
+    # transformers backend of sdpa_dense: "sdpa" or "eager" ("flash_attention_2" = flash_varlen)
     attn_implementation: str = "sdpa"
     depth_layers: int = 2
     depth_heads: int = 4
@@ -126,8 +144,9 @@ TOWER_PRESETS: dict[str, VisionTowerConfig] = {
         codebook_size=256,
         code_depth=4,
         search_chunk_size=1024,
-        # Stage 1 runs 150 steps: a 10-step EMA time constant lets the codebook follow the encoder (0.99's
-        # 100 steps lag it for most of the run).
+        # Stage 1 runs 150 steps: a fast EMA lets the codebook follow the encoder (0.99's 100-step time constant
+        # lags it for most of the run). The shared book takes one update per depth, so per step it keeps
+        # 0.9**4 ~ 0.66 of its statistics (a ~2.5-step time constant).
         ema_decay=0.9,
         init_logit_scale=30.0,
     ),
@@ -168,7 +187,9 @@ TOWER_PRESETS: dict[str, VisionTowerConfig] = {
         embed_dim=1024,
         codebook_size=16384,
         code_depth=4,
-        decoder_channels=(512, 256, 128, 64),
+        # RQ-VAE's decoder (ch 128, ch_mult 1-1-2-2-4, num_res_blocks 2, attention at the lowest resolution)
+        decoder="rqvae",
+        decoder_res_blocks=2,
     ),
     # SigLIP-SO400M/14 at 384 px: 27x27 grid, D=16
     "vilau-384": VisionTowerConfig(
@@ -188,7 +209,9 @@ TOWER_PRESETS: dict[str, VisionTowerConfig] = {
         embed_dim=1152,
         codebook_size=16384,
         code_depth=16,
-        decoder_channels=(512, 256, 128, 64),
+        # RQ-VAE's decoder (ch 128, ch_mult 1-1-2-2-4, num_res_blocks 2, attention at the lowest resolution)
+        decoder="rqvae",
+        decoder_res_blocks=2,
     ),
 }
 

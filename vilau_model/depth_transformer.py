@@ -15,6 +15,12 @@ One output head, shared by all depths, scores the codebook.
 vilau-384 one 8192-token row holds 5832 visual positions x 16 depths x 16384 codes, ~6 GB in fp32 (and
 as much again for the softmax and the gradient), so it runs in chunks of positions, each recomputed in
 the backward pass: memory is bounded by the chunk, whatever N, D and the codebook size.
+
+The loss runs inside one call of the module (`depth(h, target_codes=..., code_vectors=...)`), and the
+chunks call `logits`, not the module: under FSDP2 the depth transformer is one unit whose hooks wrap
+module calls, so its parameters are all-gathered once for all chunks (and their recomputes), and the
+gradients reduce-scattered once. One module call per chunk would all-gather per chunk, in forward and
+again in the backward recompute, and reduce-scatter per chunk.
 """
 
 from __future__ import annotations
@@ -71,7 +77,23 @@ class DepthTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(hidden_size)
         self.head = nn.Linear(hidden_size, codebook_size)
 
-    def forward(self, h: torch.Tensor, prefix_vectors: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        prefix_vectors: torch.Tensor | None = None,
+        *,
+        target_codes: torch.Tensor | None = None,
+        code_vectors: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        max_logits_per_chunk: int | None = 2**25,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for `prefix_vectors` (see `logits`), or with `target_codes` the teacher-forced
+        cross-entropy sum over all positions (see `depth_cross_entropy_sum`), in this one module call."""
+        if target_codes is None:
+            return self.logits(h, prefix_vectors)
+        return depth_cross_entropy_sum(self, h, target_codes, code_vectors, max_logits_per_chunk, weights)
+
+    def logits(self, h: torch.Tensor, prefix_vectors: torch.Tensor) -> torch.Tensor:
         """Codebook logits for depths 0..d.
 
         h: [N, llm_hidden] the LLM state predicting each position.
@@ -83,7 +105,7 @@ class DepthTransformer(nn.Module):
         assert d < self.code_depth, f"at most {self.code_depth - 1} prefix depths, got {d}"
         x = self.proj_h(h).unsqueeze(1)
         if d > 0:
-            cumulative = prefix_vectors.cumsum(dim=1).to(x.dtype)
+            cumulative = prefix_vectors.float().cumsum(dim=1).to(x.dtype)  # fp32 sums, as UnifiedLM.code_sum
             x = torch.cat([x, self.proj_c(cumulative)], dim=1)
         x = x + self.pos[: d + 1].to(x.dtype)
         for block in self.blocks:
@@ -99,22 +121,29 @@ def depth_cross_entropy_sum(
     max_logits_per_chunk: int | None = 2**25,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum over positions and depths of the cross-entropy of the teacher-forced depth logits.
+    """Sum over positions and depths of the cross-entropy of the teacher-forced depth logits. Under FSDP
+    call it as `depth(h, target_codes=..., code_vectors=...)`: one gather for all chunks (module doc).
 
     h: [N, llm_hidden] the states predicting each position; target_codes: LongTensor[N, D];
     code_vectors: codes [n, D] -> code vectors [n, D, code_width] (no gradient needed).
     max_logits_per_chunk: logits (positions x D x codebook) computed at once; chunks beyond the first are
         recomputed in the backward pass instead of kept. None = all positions at once (the unbounded
-        reference). N = 0 still runs the depth transformer (on an empty batch), so that every FSDP rank
-        runs the same modules whatever its data holds.
+        reference). N = 0 runs the depth transformer on one dummy position weighted 0 (never on an
+        empty batch), so that every FSDP rank runs the same modules whatever its data holds.
     weights: optional [N] per-position factors on the position's D cross-entropies (None = all 1).
     """
     n, d = target_codes.shape
+    if n == 0:
+        # No visual target: CUDA's flash attention refuses a batch of 0, yet under FSDP every rank must
+        # run the same modules (their all-gathers are collectives). One dummy position, weighted 0: the
+        # loss is 0 and every depth parameter (and h) stays in the graph with a zero gradient.
+        dummy = _depth_ce_sum(depth, h.new_zeros(1, h.shape[-1]), target_codes.new_zeros(1, d), code_vectors)
+        return dummy * 0.0 + h.sum() * 0.0
     per_chunk = n if max_logits_per_chunk is None else max(1, max_logits_per_chunk // (d * depth.codebook_size))
     if n <= per_chunk:
         return _depth_ce_sum(depth, h, target_codes, code_vectors, weights)
     total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, per_chunk):
+    for start in chunk_starts(n, per_chunk):
         part = slice(start, start + per_chunk)
         chunk = (h[part], target_codes[part], code_vectors, None if weights is None else weights[part])
         if torch.is_grad_enabled():
@@ -124,12 +153,18 @@ def depth_cross_entropy_sum(
     return total
 
 
+def chunk_starts(n: int, per_chunk: int) -> range:
+    """First position of each chunk of the depth loss (the memory plan runs a sample of them: each
+    chunk holds the same memory and frees it before the next)."""
+    return range(0, n, per_chunk)
+
+
 def _depth_ce_sum(
     depth: DepthTransformer, h: torch.Tensor, codes: torch.Tensor, code_vectors, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     with torch.no_grad():
         vectors = code_vectors(codes)  # [n, D, width]
-    logits = depth(h, vectors[:, :-1]).float()  # [n, D, K]; fp32 for the softmax
+    logits = depth.logits(h, vectors[:, :-1]).float()  # [n, D, K]; fp32 for the softmax
     if weights is None:
         return F.cross_entropy(logits.reshape(-1, depth.codebook_size), codes.reshape(-1), reduction="sum")
     ce = F.cross_entropy(logits.reshape(-1, depth.codebook_size), codes.reshape(-1), reduction="none")

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
+SIGLIP_CONFIG_PREFIX = "siglip-config:"  # clip_model = "siglip-config:DIR": a transformers SigLIP of DIR/config.json
 SIGLIP_DEFAULT_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # transformers' SiglipImageProcessor defaults
 
 
@@ -111,6 +112,17 @@ def clip_source(config: VisionTowerConfig) -> ClipSource:
         weights = name[len("local-dir:"):]
         if not os.path.isfile(os.path.join(weights, OPEN_CLIP_CONFIG)):
             raise FileNotFoundError(f"clip_model={name!r}: no {OPEN_CLIP_CONFIG} in that directory")
+    elif name.startswith(SIGLIP_CONFIG_PREFIX):
+        # a transformers SigLIP architecture from a directory's config.json; weights (if any) from `pretrained`
+        # (an imported VILA-U release keeps its tower weights in the tower export, not here)
+        directory = Path(name[len(SIGLIP_CONFIG_PREFIX):])
+        if not _is_siglip_hf_dir(directory):
+            raise FileNotFoundError(f"clip_model={name!r}: no SigLIP config.json (model_type 'siglip') in that directory")
+        processor = directory / "preprocessor_config.json"
+        preprocess = _mean_std(_read_json(processor), "image_mean", "image_std") if processor.is_file() else None
+        return ClipSource("siglip_hf", name, weights if weights and os.path.isdir(weights) else None,
+                          _read_json(directory / "config.json"),
+                          preprocess or _mean_std({"mean": SIGLIP_DEFAULT_MEAN_STD[0], "std": SIGLIP_DEFAULT_MEAN_STD[1]}))
     elif name.startswith("hf-hub:"):
         from open_clip.factory import _get_hf_config
 

@@ -8,6 +8,10 @@ both sides):
   and of their reconstructions;
 - the quantizer: codebook usage share and perplexity on the eval set.
 
+The unified LM's understanding is scored on its text answers about held-back images
+(`answer_accuracy`): an answer names a class when it names each of the class's words (e.g. the colour
+and the shape of "red circle"), read off the answer as the first word of each word slot that occurs in it.
+
 `evaluate_tower` runs all of them against a tower through its public API. Every metric function
 takes tensors and returns Python floats, so callers (training loops, Tune) can log them directly.
 Metric keys only use characters MLflow accepts in metric names (no "@").
@@ -31,6 +35,8 @@ from torch import nn
 
 __all__ = [
     "FrechetFeatureNet",
+    "answer_accuracy",
+    "parse_answer",
     "InceptionFeatureNet",
     "RandomConvFeatureNet",
     "codebook_usage",
@@ -284,6 +290,50 @@ def zero_shot_accuracy(
     """Top-1 accuracy of classifying each image as the class whose text embedding is most similar."""
     pred = (image_emb.float() @ class_text_emb.float().T).argmax(1)
     return float((pred == labels.to(pred.device)).float().mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Understanding by the LM: answers parsed for the class words
+# --------------------------------------------------------------------------------------------
+
+
+def _slot_vocabularies(class_names: Sequence[str]) -> list[list[str]]:
+    """Per word position of the class names, the words that occur there ("red circle": colours, shapes)."""
+    words = [name.lower().split() for name in class_names]
+    if len({len(w) for w in words}) != 1:
+        words = [[" ".join(w)] for w in words]  # names of differing length: one slot, the whole name
+    return [sorted({w[i] for w in words}) for i in range(len(words[0]))]
+
+
+def parse_answer(answer: str, class_names: Sequence[str]) -> list[str | None]:
+    """The word of each slot that the answer names first (None: the answer names none of that slot)."""
+    text = " " + " ".join("".join(c if c.isalnum() else " " for c in answer.lower()).split()) + " "
+    found = []
+    for vocabulary in _slot_vocabularies(class_names):
+        hits = [(text.find(f" {word} "), word) for word in vocabulary if f" {word} " in text]
+        found.append(min(hits)[1] if hits else None)
+    return found
+
+
+def answer_accuracy(answers: Sequence[str], labels: Sequence[int], class_names: Sequence[str]) -> dict:
+    """How often answers name the true class, and each of its word slots, with the chance levels of a
+    uniform guess: {"class_acc", "class_chance", "slot_acc": [...], "slot_chance": [...], "named": [...]}.
+
+    An answer is right when every slot's first-named word is the true one ("a red circle" for "red
+    circle"; "a red square" or "a circle" are wrong)."""
+    if len(answers) != len(labels):
+        raise ValueError(f"{len(answers)} answers for {len(labels)} labels")
+    vocabularies = _slot_vocabularies(class_names)
+    truth = [parse_answer(class_names[label], class_names) for label in labels]
+    named = [parse_answer(answer, class_names) for answer in answers]
+    n = max(len(answers), 1)
+    return {
+        "class_acc": sum(p == t for p, t in zip(named, truth)) / n,
+        "class_chance": 1.0 / len(class_names),
+        "slot_acc": [sum(p[i] == t[i] for p, t in zip(named, truth)) / n for i in range(len(vocabularies))],
+        "slot_chance": [1.0 / len(v) for v in vocabularies],
+        "named": named,
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,6 +64,10 @@ def sample(
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # A seeded generator draws on its own device (a CUDA tensor refuses a CPU generator): a CPU
+        # generator gives the same samples from the same probabilities whatever device the model is on.
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -176,12 +180,15 @@ def generate_images(
     num_frames: int = 1,
     decode: bool = True,
     return_logits: bool = False,
+    unconditional: Sequence[int] | None = None,
 ) -> ImageGeneration:
     """Generate one image (num_frames = 1) or video (num_frames = T) per prompt.
 
     prompts: token ids per prompt, BOS first, no start marker (`SequenceBuilder.generation_prompt(text)`).
     cfg_scale, temperature, top_k, top_p: default to the model config's (3.0, 1.0, 900, 0.96).
         use_cfg=False samples from the conditional logits alone (no unconditional stream). temperature 0 = greedy.
+    unconditional: the unconditional prompt's ids (BOS first, no start marker); default [BOS]. The released
+        VILA-U's is its conversation template with an empty user turn (`released_format.template_prompt_ids`).
     """
     cfg = model.config
     scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
@@ -194,7 +201,8 @@ def generate_images(
     B, D, G = len(prompts), model.code_depth, model.grid_size
 
     cond = [_as_prompt(model, list(p) + [start]) for p in prompts]
-    uncond = [_as_prompt(model, [special.bos, start])] * B if use_cfg else []
+    uncond_ids = [special.bos] if unconditional is None else list(unconditional)
+    uncond = [_as_prompt(model, uncond_ids + [start])] * B if use_cfg else []
     streams = _Streams(model, cond + uncond)
 
     positions = num_frames * G * G

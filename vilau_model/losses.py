@@ -2,6 +2,7 @@
 
     loss = w_contra * L_contra + w_recon * L_recon + commitment_weight * L_commit
     L_recon = L_pixel + perceptual_weight * L_perceptual + gan_weight * adaptive_weight * L_gan
+    (L_pixel on pixels in [-1, 1], RQ-VAE's scale)
 
 The contrastive terms reuse open_clip's SigLipLoss / ClipLoss with this process's rank and world
 size, so the negatives come from the whole global batch. With W ranks, the mean over ranks of the
@@ -92,6 +93,9 @@ class ContrastiveLoss(nn.Module):
 
 
 def pixel_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """MSE or L1 between images given in [0, 1], measured on [-1, 1] as RQ-VAE / VQGAN do, so that a
+    reconstruction weight means what it means there (MSE: 4x the [0, 1] value, L1: 2x)."""
+    reconstruction, target = reconstruction * 2 - 1, target * 2 - 1
     if kind == "l1":
         return F.l1_loss(reconstruction, target)
     return F.mse_loss(reconstruction, target)
@@ -102,6 +106,8 @@ def pixel_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "
 # VGG16 `features` indices that end the five LPIPS slices (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
 _VGG_SLICE_ENDS = (4, 9, 16, 23, 30)
 _VGG_CHANNELS = (64, 128, 256, 512, 512)
+# LPIPS feeds VGG (2x - 1 - shift) / scale with shift (-.030, -.088, -.188), scale (.458, .448, .450): on
+# images in [0, 1] that is ImageNet's (x - mean) / std.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -114,43 +120,118 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class PerceptualLoss(nn.Module):
-    """LPIPS-style distance: unit-normalised VGG16 features at five depths, squared difference,
-    per-channel weights (LPIPS `lin` layers if the file has them, else uniform), spatial mean, summed.
+def _vgg_trunk_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The VGG16 conv trunk's weights keyed by `features` index, from torchvision keys (`features.N.*`) or
+    from an `lpips.LPIPS(net="vgg")` state dict (`net.sliceK.N.*`, N being the same index)."""
+    trunk = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    for k, v in state.items():
+        if k.startswith("net.slice"):
+            trunk.setdefault(k.split(".", 2)[2], v)
+    return trunk
 
-    The weights file is a state dict with torchvision VGG16 keys (`features.N.weight/bias`) and
-    optionally LPIPS linear layers (`lin{k}.model.1.weight` or `lin{k}.weight`, shape [1, C, 1, 1]).
-    The network is frozen.
+
+def _vgg_layout(trunk: dict[str, torch.Tensor]) -> list:
+    """torchvision's VGG16 layer list ("D") with each conv's width read from the weights, so a narrower
+    stand-in trunk of the same layout loads like the real one."""
+    from torchvision.models.vgg import cfgs
+
+    layout, index = [], 0
+    for entry in cfgs["D"]:
+        if entry == "M":
+            layout.append("M")
+            index += 1
+            continue
+        if f"{index}.weight" not in trunk:
+            raise KeyError(f"features.{index}.weight")
+        layout.append(trunk[f"{index}.weight"].shape[0])
+        index += 2  # conv, ReLU
+    return layout
+
+
+def _lpips_package_lins() -> dict[str, torch.Tensor]:
+    """LPIPS's calibrated VGG linear layers, shipped inside the `lpips` package (a local file: no hub), or
+    {} when the package is not installed."""
+    try:
+        import lpips
+    except ImportError:
+        return {}
+    path = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
+    return _load_state_dict(path) if os.path.exists(path) else {}
+
+
+def save_stand_in_perceptual_weights(path: str, channels: tuple[int, ...] = (8, 16, 32, 64, 64), seed: int = 0) -> str:
+    """A random VGG16-layout trunk with `channels` widths per block instead of (64, 128, 256, 512, 512),
+    saved in torchvision's key layout (safetensors): a small stand-in for the real weights in tests and tiny
+    runs. Random features make no perceptual metric; this exercises the loss path only."""
+    from safetensors.torch import save_file
+    from torchvision.models.vgg import cfgs, make_layers
+
+    widths = {64: channels[0], 128: channels[1], 256: channels[2], 512: channels[3]}
+    layout, block = [], 0
+    for entry in cfgs["D"]:
+        if entry == "M":
+            layout.append("M")
+            block += 1
+        else:
+            layout.append(channels[4] if block == 4 else widths[entry])
+    torch.manual_seed(seed)
+    features = make_layers(layout)
+    save_file({f"features.{k}": v.contiguous() for k, v in features.state_dict().items()}, path)
+    return path
+
+
+class PerceptualLoss(nn.Module):
+    """LPIPS distance: unit-normalised VGG16 features at five depths, squared difference weighted per
+    channel by LPIPS's `lin` layers, spatial mean, summed over depths (as `lpips.LPIPS(net="vgg")` computes it).
+
+    The weights file (safetensors or torch) holds the VGG16 trunk with torchvision keys (`features.N.*`) or
+    an `lpips.LPIPS(net="vgg")` state dict (`net.sliceK.N.*`), and optionally the lin layers
+    (`lin{k}.model.1.weight` or `lin{k}.weight`, [1, C, 1, 1]). Lin layers not in the file come from the
+    `lpips` package's bundled file when it is installed, else are uniform (1/C). A trunk of VGG16's layout
+    with fewer channels (`save_stand_in_perceptual_weights`) loads the same way. The network is frozen.
     """
 
     def __init__(self, weights_path: str):
         super().__init__()
-        from torchvision.models.vgg import cfgs, make_layers
+        from torchvision.models.vgg import make_layers
 
         if not os.path.exists(weights_path):
             raise FileNotFoundError(f"perceptual_weights_path {weights_path!r} does not exist")
         state = _load_state_dict(weights_path)
+        trunk = _vgg_trunk_state(state)
+        try:
+            layout = _vgg_layout(trunk)
+        except KeyError as missing:
+            raise ValueError(f"{weights_path}: VGG16 weights missing {missing}") from None
         # VGG16's conv trunk only (torchvision's layout, without the 100M-parameter classifier)
-        features = make_layers(cfgs["D"])[: _VGG_SLICE_ENDS[-1]]
-        vgg_state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-        missing, _ = features.load_state_dict(vgg_state, strict=False)
+        features = make_layers(layout)[: _VGG_SLICE_ENDS[-1]]
+        missing, _ = features.load_state_dict(trunk, strict=False)
         if missing:
             raise ValueError(f"{weights_path}: VGG16 weights missing {missing[:4]}...")
         self.slices = nn.ModuleList(
             features[start:end] for start, end in zip((0,) + _VGG_SLICE_ENDS[:-1], _VGG_SLICE_ENDS)
         )
-        lins = []
-        for k, ch in enumerate(_VGG_CHANNELS):
-            w = state.get(f"lin{k}.model.1.weight", state.get(f"lin{k}.weight"))
-            lins.append(w.reshape(1, ch, 1, 1).float() if w is not None else torch.full((1, ch, 1, 1), 1.0 / ch))
-        self.has_lpips_lin = any(f"lin{k}.model.1.weight" in state or f"lin{k}.weight" in state for k in range(5))
-        for k, w in enumerate(lins):
+        channels = [trunk[f"{end - 2}.weight"].shape[0] for end in _VGG_SLICE_ENDS]  # the conv before each slice's ReLU
+
+        def lin(source: dict, k: int) -> torch.Tensor | None:
+            return source.get(f"lin{k}.model.1.weight", source.get(f"lin{k}.weight"))
+
+        if all(lin(state, k) is not None for k in range(5)):
+            lins, self.lin_source = [lin(state, k) for k in range(5)], "weights file"
+        elif channels == list(_VGG_CHANNELS) and (package := _lpips_package_lins()):
+            lins, self.lin_source = [lin(package, k) for k in range(5)], "lpips package"
+        else:
+            lins, self.lin_source = [None] * 5, "uniform"
+        for k, (w, ch) in enumerate(zip(lins, channels)):
+            w = w.reshape(1, ch, 1, 1).float() if w is not None else torch.full((1, ch, 1, 1), 1.0 / ch)
             self.register_buffer(f"lin{k}", w)
+        self.has_lpips_lin = self.lin_source != "uniform"
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1))
         self.requires_grad_(False)
         self.eval()
-        log.info("perceptual loss ON: VGG16 weights from %s (LPIPS lin: %s)", weights_path, self.has_lpips_lin)
+        log.info("perceptual loss ON: VGG16-layout trunk %s from %s (lin layers: %s)", channels, weights_path,
+                 self.lin_source)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen feature net: always eval

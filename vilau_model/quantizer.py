@@ -6,8 +6,14 @@ one position becomes D discrete tokens. The codebook(s) carry no gradient: they 
 moving average of the residuals assigned to them (VQ-VAE-2 / SoundStream recipe), and codes whose
 EMA count falls below a threshold are restarted from vectors of the current batch.
 
+In training the codebook takes one EMA step per depth, as the reference's shared codebook does (RQ-VAE's
+RQBottleneck calls the same VQ module once per depth, and each call updates it): depth d's assignments
+update the codebook before depth d+1 is searched, so a shared codebook moves D times per training step.
+Each depth's output vector is the code as it was when that depth chose it. With one codebook per depth
+this is one update per book per step, as before.
+
 Under torch.distributed the assignment statistics are all-reduced and the restart vectors are chosen
-identically on every rank, so every rank holds the same codebook after every step.
+identically on every rank, so every rank holds the same codebook after every depth's update.
 """
 
 from __future__ import annotations
@@ -124,30 +130,58 @@ class ResidualQuantizer(nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes of x without touching the codebook: Tensor[..., dim] -> LongTensor[..., D]."""
-        return self._search(x.reshape(-1, self.dim))[0].reshape(*x.shape[:-1], self.depth)
+        return self._search(x.reshape(-1, self.dim)).reshape(*x.shape[:-1], self.depth)
 
     @torch.no_grad()
-    def _search(self, flat: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Greedy residual search. Returns codes [N, D] and the residual fed to each depth."""
+    def _search(self, flat: torch.Tensor) -> torch.Tensor:
+        """Greedy residual search with a fixed codebook: codes [N, D]."""
         residual = flat.detach().float()
-        codes, residuals = [], []
+        codes = []
         for d in range(self.depth):
             book = self.embed[self._book(d)]
             idx = nearest_codes(residual, book, self.chunk_size)
-            residuals.append(residual)
             codes.append(idx)
             residual = residual - book[idx]
-        return torch.stack(codes, dim=-1), residuals
+        return torch.stack(codes, dim=-1)
+
+    @torch.no_grad()
+    def _search_and_update(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy residual search with one EMA step (and dead-code restart) after each depth.
+
+        Returns codes [N, D], the chosen code vectors [N, D, dim] (each as it was when chosen, before
+        that depth's update, as the reference returns them), this step's assignment counts per codebook
+        [num_books, K] (global under torch.distributed) and the number of restarted codes.
+        """
+        rank, world = _dist_world()
+        residual = flat.detach().float()
+        codes, chosen = [], []
+        counts = torch.zeros(self.num_codebooks, self.codebook_size, device=flat.device)
+        restarts = torch.zeros((), device=flat.device)
+        for d in range(self.depth):
+            book = self._book(d)
+            idx = nearest_codes(residual, self.embed[book], self.chunk_size)
+            vectors = self.embed[book][idx]  # a copy: the update below does not change it
+            depth_counts, depth_restarts = self._ema_step(book, idx, residual, rank, world)
+            counts[book] += depth_counts
+            restarts += depth_restarts
+            codes.append(idx)
+            chosen.append(vectors)
+            residual = residual - vectors
+        return torch.stack(codes, dim=-1), torch.stack(chosen, dim=1), counts, restarts
 
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
-        """Quantize x [..., dim]. In training mode this also runs one EMA step and dead-code restarts."""
+        """Quantize x [..., dim]. In training mode this also runs one EMA step per depth and dead-code restarts."""
         shape = x.shape
         flat = x.reshape(-1, self.dim)
-        codes, residuals = self._search(flat)
-        # Code vectors are gathered before the EMA step, so the output uses the codebook that chose them.
-        per_depth = self.lookup(codes).to(x.dtype)  # [N, D, dim]
+        if self.training:
+            codes, per_depth, counts, restarts = self._search_and_update(flat)
+        else:
+            codes = self._search(flat)
+            per_depth = self.lookup(codes)
+            counts, restarts = self._counts(codes), torch.zeros((), device=x.device)
+        per_depth = per_depth.to(x.dtype)  # [N, D, dim]
         cumulative = per_depth.cumsum(dim=1)  # prefix sums: the reconstruction after each depth
         code_sum = cumulative[:, -1]
         commitment = torch.stack(
@@ -155,10 +189,6 @@ class ResidualQuantizer(nn.Module):
         ).mean()
         quantized = flat + (code_sum - flat).detach()  # straight-through estimator
 
-        if self.training:
-            counts, restarts = self._ema_update(codes, residuals)
-        else:
-            counts, restarts = self._counts(codes), torch.zeros((), device=x.device)
         stats = self._usage_stats(counts)
         stats["codebook_restarts"] = restarts.float()
         return QuantizerOutput(
@@ -179,54 +209,56 @@ class ResidualQuantizer(nn.Module):
         return counts
 
     @torch.no_grad()
-    def _ema_update(self, codes: torch.Tensor, residuals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = self._counts(codes)
-        sums = torch.zeros_like(self.ema_sum)
-        for d in range(self.depth):
-            sums[self._book(d)].index_add_(0, codes[:, d], residuals[d])
-        rank, world = _dist_world()
+    def _ema_step(self, book: int, idx: torch.Tensor, residual: torch.Tensor, rank: int, world: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One EMA update of codebook `book` from one depth's assignments, then its dead-code restarts.
+
+        Returns the (global) assignment counts [K] and the number of restarted codes.
+        """
+        # Sums and counts in one [K, dim + 1] tensor: one all-reduce per depth. That is D all-reduces of
+        # codebook-sized statistics per step instead of one (vilau-384: 16 x 75 MB); they cannot be bucketed,
+        # since depth d+1's search needs the codebook after depth d's update.
+        stats = torch.zeros(self.codebook_size, self.dim + 1, device=residual.device)
+        stats[:, : self.dim].index_add_(0, idx, residual)
+        stats[:, self.dim] = torch.bincount(idx, minlength=self.codebook_size).float()
         if world > 1:
             # Every rank applies the same global statistics, so the codebooks stay identical.
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
+            dist.all_reduce(stats)
+        sums, counts = stats[:, : self.dim], stats[:, self.dim]
 
-        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.ema_count[book].mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum[book].mul_(self.decay).add_(sums, alpha=1 - self.decay)
         # Laplace smoothing keeps rarely used codes from dividing by ~0.
-        total = self.ema_count.sum(dim=1, keepdim=True)
-        smoothed = (self.ema_count + self.eps) / (total + self.codebook_size * self.eps) * total
-        self.embed.copy_(self.ema_sum / smoothed.unsqueeze(-1))
+        total = self.ema_count[book].sum()
+        smoothed = (self.ema_count[book] + self.eps) / (total + self.codebook_size * self.eps) * total
+        self.embed[book].copy_(self.ema_sum[book] / smoothed.unsqueeze(-1))
 
-        restarts = self._restart_dead_codes(residuals, rank, world)
+        restarts = self._restart_dead_codes(book, residual, rank, world)
         return counts, restarts
 
     @torch.no_grad()
-    def _restart_dead_codes(self, residuals: list[torch.Tensor], rank: int, world: int) -> torch.Tensor:
-        """Move codes whose EMA count is below the threshold onto random vectors of this batch.
+    def _restart_dead_codes(self, book: int, pool: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        """Move codes of `book` whose EMA count is below the threshold onto random vectors of `pool` (the
+        residuals this depth just quantized, as the reference restarts from its current input).
 
         The dead set is the same on every rank (the counts are all-reduced). Each dead code is owned
         by one rank (code i -> rank i % world), which writes a random local vector into its slot; an
         all-reduce of the (otherwise zero) candidate matrix then gives every rank the same choice,
         drawing on every rank's data with memory bounded by (#dead x dim).
         """
-        restarted = torch.zeros((), device=self.embed.device)
-        for book in range(self.num_codebooks):
-            dead = (self.ema_count[book] < self.dead_code_threshold).nonzero().squeeze(1)
-            n = dead.numel()
-            if n == 0:
-                continue
-            depths = range(self.depth) if self.shared_codebook else [book]
-            pool = torch.cat([residuals[d] for d in depths], dim=0)
-            candidates = pool[torch.randint(pool.shape[0], (n,), device=pool.device)]
-            if world > 1:
-                owner = torch.arange(n, device=pool.device) % world
-                candidates[owner != rank] = 0
-                dist.all_reduce(candidates)
-            self.embed[book, dead] = candidates
-            self.ema_sum[book, dead] = candidates * self.dead_code_threshold
-            self.ema_count[book, dead] = self.dead_code_threshold
-            restarted += n
-        return restarted
+        dead = (self.ema_count[book] < self.dead_code_threshold).nonzero().squeeze(1)
+        n = dead.numel()
+        if n == 0:
+            return torch.zeros((), device=self.embed.device)
+        candidates = pool[torch.randint(pool.shape[0], (n,), device=pool.device)]
+        if world > 1:
+            owner = torch.arange(n, device=pool.device) % world
+            candidates[owner != rank] = 0
+            dist.all_reduce(candidates)
+        self.embed[book, dead] = candidates
+        self.ema_sum[book, dead] = candidates * self.dead_code_threshold
+        self.ema_count[book, dead] = self.dead_code_threshold
+        return torch.tensor(float(n), device=self.embed.device)
 
     def _usage_stats(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Share of codes used in this batch and the perplexity of the code distribution (mean over books)."""

@@ -3,6 +3,7 @@
 Samples in (one dataclass per kind, visual content already turned into tower codes):
 
     CaptionSample       [image, text]      image understanding; only the text (+ EOS) is supervised
+    VideoCaptionSample  [video, text]      video understanding; only the text (+ EOS) is supervised
     GenerationSample    [text, image]      text-to-image; only the image block (markers included) + EOS
     VideoSample         [text, video]      text-to-video; only the video block (markers included) + EOS
     InterleavedSample   MMC4 document      images before the sentence they match, at most 6; only text
@@ -93,6 +94,14 @@ class CaptionSample:
 
 
 @dataclass
+class VideoCaptionSample:
+    """[video, text]: the model reads the frames (one block) and learns to write the caption."""
+
+    codes: np.ndarray  # [T, H, W, D]
+    text: str
+
+
+@dataclass
 class GenerationSample:
     """[text, image]: the model reads the prompt and learns to generate the image."""
 
@@ -140,7 +149,7 @@ class ConversationSample:
         return cls([Turn(c["from"], c["value"]) for c in conversations], codes)
 
 
-Sample = CaptionSample | GenerationSample | VideoSample | InterleavedSample | ConversationSample
+Sample = CaptionSample | VideoCaptionSample | GenerationSample | VideoSample | InterleavedSample | ConversationSample
 
 _USER_ROLES = ("user", "human")
 _ASSISTANT_ROLES = ("assistant", "gpt")
@@ -221,7 +230,9 @@ class SequenceBuilder:
 
     def build(self, sample: Sample) -> BuiltSequence | None:
         if isinstance(sample, CaptionSample):
-            pieces = self._caption(sample)
+            pieces = self._caption(self._image_block(sample.codes, supervised=False), sample.text)
+        elif isinstance(sample, VideoCaptionSample):
+            pieces = self._caption(self._video_block(sample.codes, supervised=False), sample.text)
         elif isinstance(sample, GenerationSample):
             pieces = self._generation(sample.text, sample.codes, video=False)
         elif isinstance(sample, VideoSample):
@@ -246,19 +257,23 @@ class SequenceBuilder:
         return [self.ids.bos] + self._tok(text)
 
     def understanding_prompt(self, codes: np.ndarray, text: str = "") -> BuiltSequence:
-        """[BOS, image block, text]: a prompt for captioning / answering about an image (no EOS)."""
-        pieces = [_Text([self.ids.bos], False), self._image_block(codes, False), _Str(text, False)]
+        """[BOS, image or video block, text]: the caption layout of `CaptionSample` /
+        `VideoCaptionSample` cut before the caption, to continue ``text`` (no EOS). Codes [H, W, D] are
+        an image, [T, H, W, D] a video."""
+        pieces = [_Text([self.ids.bos], False), self._visual_block(codes, False), _Str(text, False)]
         return _concat(self._tokenize(pieces), self.code_depth, self.ids.visual)
+
+    def question_prompt(self, codes: np.ndarray, question: str) -> BuiltSequence:
+        """A question about an image in the conversation template ShareGPT4V samples are trained with:
+        `[BOS] SYSTEM USER: <image>\nquestion ASSISTANT:`, laid out exactly as a `ConversationSample`
+        up to the answer (the model's greedy continuation is its answer)."""
+        turns = [Turn("user", IMAGE_PLACEHOLDER + "\n" + question)]
+        return _concat(self._tokenize(self._conversation(ConversationSample(turns, codes))), self.code_depth, self.ids.visual)
 
     # -- layouts ----------------------------------------------------------------------------------------
 
-    def _caption(self, s: CaptionSample) -> list:
-        return [
-            _Text([self.ids.bos], False),
-            self._image_block(s.codes, supervised=False),
-            _Str(s.text, True),
-            self._eos(True),
-        ]
+    def _caption(self, block: _Visual, text: str) -> list:
+        return [_Text([self.ids.bos], False), block, _Str(text, True), self._eos(True)]
 
     def _generation(self, text: str, codes: np.ndarray, video: bool) -> list:
         if self.caption_dropout > 0 and self.rng.random() < self.caption_dropout:
@@ -375,6 +390,9 @@ class SequenceBuilder:
         if codes.ndim != 3 or codes.shape[-1] != self.code_depth:
             raise ValueError(f"image codes must be [H, W, {self.code_depth}], got {codes.shape}")
         return _Visual(codes.reshape(-1, self.code_depth), self.ids.im_start, self.ids.im_end, supervised)
+
+    def _visual_block(self, codes: np.ndarray, supervised: bool) -> _Visual:
+        return self._video_block(codes, supervised) if np.ndim(codes) == 4 else self._image_block(codes, supervised)
 
     def _video_block(self, codes: np.ndarray, supervised: bool) -> _Visual:
         codes = np.asarray(codes)

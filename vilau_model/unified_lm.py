@@ -14,7 +14,8 @@ CE runs in chunks of positions (`LMConfig.depth_loss_chunk_logits`), so its [pos
 logits are never all in memory.
 
 Batches are packed rows (the format documented in `vilau_model.sequence`), attention confined to each
-sample by a block-diagonal causal mask built from `segment_ids`.
+sample by a block-diagonal causal rule built from `segment_ids`: a dense [B,1,L,L] mask, a FlexAttention
+block mask, or flash-attn's varlen boundaries, as `LMConfig.attention` says (`vilau_model.packed_attention`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from vilau_model.config import LMConfig
-from vilau_model.depth_transformer import DepthTransformer, depth_cross_entropy_sum
+from vilau_model.depth_transformer import DepthTransformer
+from vilau_model.packed_attention import llm_attn_implementation, segment_block_mask
 from vilau_model.sequence import IGNORE_INDEX
 from vilau_model.tokenizer import SpecialIds
 
@@ -39,16 +41,20 @@ def build_llm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
     """
     # RoPE scaling stretches the pretrained context (LLaMA-2: 4096) to the training row length (8192).
     rope = {"rope_scaling": config.rope_scaling} if config.rope_scaling else {}
+    attn_implementation = llm_attn_implementation(config.attention, config.attn_implementation)
     if config.pretrained_path and torch.empty(0).device.type == "meta":
         # Meta-device build (sharded training): the pretrained shapes only; the caller loads the weights.
         pretrained = AutoConfig.from_pretrained(config.pretrained_path, local_files_only=True)
         pretrained.vocab_size = vocab_size
         for key, value in rope.items():
             setattr(pretrained, key, value)
-        return AutoModelForCausalLM.from_config(pretrained, attn_implementation=config.attn_implementation)
+        # fp32 master weights whatever the checkpoint's torch_dtype (LLaMA-2 and VILA-U say float16/bfloat16):
+        # from_config would otherwise build in that dtype, unlike from_pretrained below
+        return AutoModelForCausalLM.from_config(pretrained, attn_implementation=attn_implementation,
+                                                dtype=torch.float32)
     if config.pretrained_path:
         llm = AutoModelForCausalLM.from_pretrained(
-            config.pretrained_path, local_files_only=True, attn_implementation=config.attn_implementation, **rope
+            config.pretrained_path, local_files_only=True, attn_implementation=attn_implementation, **rope
         )
         if llm.get_input_embeddings().weight.shape[0] != vocab_size:
             llm.resize_token_embeddings(vocab_size, mean_resizing=True)
@@ -67,7 +73,7 @@ def build_llm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=None,
-        attn_implementation=config.attn_implementation,
+        attn_implementation=attn_implementation,
         **rope,
     )
     return LlamaForCausalLM(llama)
@@ -139,11 +145,16 @@ class UnifiedLM(nn.Module):
         with torch.no_grad():
             return self.tower.quantizer.lookup(codes.long())
 
+    def code_sum(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sum of the D code vectors in fp32, whatever the codebook's dtype: in bf16 the deepest residuals
+        vanish in the rounding. Summed as the quantizer sums them (cumsum over depth), so with an fp32
+        codebook training, export and generation see bitwise the same input. [..., D] -> [..., width]."""
+        with torch.no_grad():
+            return self.code_vectors(codes).float().cumsum(dim=-2)[..., -1, :]
+
     def visual_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         """LLM input embedding of visual positions: projector(sum of the D code vectors). [..., D] -> [..., hidden]."""
-        with torch.no_grad():
-            summed = self.tower.code_embeddings(codes.long())
-        return self.projector(summed.to(self.projector[0].weight.dtype))
+        return self.projector(self.code_sum(codes).to(self.projector[0].weight.dtype))
 
     def embed(self, input_ids: torch.Tensor, codes: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
         embeds = self.llm.get_input_embeddings()(input_ids.long())
@@ -158,8 +169,11 @@ class UnifiedLM(nn.Module):
         impl = self.llm.config._attn_implementation or ""
         return impl.startswith("flash_attention")
 
-    def attention_mask(self, segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The block-diagonal causal mask for the backend: boolean for SDPA, additive for eager."""
+    def attention_mask(self, segment_ids: torch.Tensor, dtype: torch.dtype):
+        """The block-diagonal causal mask for the backend: a FlexAttention BlockMask (model.attention=flex,
+        no [L, L] tensor), else dense: boolean for SDPA, additive for eager."""
+        if self.config.attention == "flex":
+            return segment_block_mask(segment_ids)
         if self.llm.config._attn_implementation == "eager":
             return segment_attention_mask(segment_ids, dtype)
         return segment_attention_mask(segment_ids)
@@ -233,8 +247,10 @@ class UnifiedLM(nn.Module):
         # Depth-head CE in chunks of positions (never all [N, D, K] logits at once); it runs, like the LM
         # head, also when N = 0, so every rank goes through the same FSDP modules.
         target_codes = codes[:, 1:][image_sel].long()  # [N, D]
-        sum_image = depth_cross_entropy_sum(
-            self.depth, h[image_sel], target_codes, self.code_vectors, self.config.depth_loss_chunk_logits,
+        # One call of the depth module for all chunks: under FSDP its parameters are gathered once.
+        sum_image = self.depth(
+            h[image_sel], target_codes=target_codes, code_vectors=self.code_vectors,
+            max_logits_per_chunk=self.config.depth_loss_chunk_logits,
             weights=self.visual_position_weights(codes, is_visual, image_sel),
         )
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from vilau_model.config import VisionTowerConfig
-from vilau_model.decoder import PixelDecoder
+from vilau_model.decoder import build_decoder
 from vilau_model.encoders import (
     ClipSource,
     build_clip,
@@ -53,7 +54,11 @@ from vilau_model.quantizer import ResidualQuantizer
 
 log = logging.getLogger(__name__)
 
-_MAX_LOGIT_SCALE = 4.6052  # log(100), as CLIP clamps the temperature
+# Upper bound on the log logit scale: log(1000). CLIP clamps at log(100), but SigLIP-SO400M's pretrained
+# scale is exp(4.72) ~ 112, and a clamp below it would hold the scale fixed with zero gradient. Pretrained
+# CLIP/SigLIP scales stay far below 1000; the bound only keeps a runaway scale from making logits of
+# 1000 x cosine overflow-prone (fp32 handles them; the contrastive term runs in fp32).
+MAX_LOG_LOGIT_SCALE = math.log(1000.0)
 
 
 class UnifiedVisionTower(nn.Module):
@@ -101,7 +106,7 @@ class UnifiedVisionTower(nn.Module):
             dead_code_threshold=config.dead_code_threshold,
             chunk_size=config.search_chunk_size,
         )
-        self.decoder = PixelDecoder(config.width, config.decoder_channels, config.image_size, config.decoder_res_blocks)
+        self.decoder = build_decoder(config)
 
         self.contrastive = ContrastiveLoss(lc.contrastive, lc.siglip_dist_impl)
         self.perceptual: PerceptualLoss | None = None
@@ -212,10 +217,10 @@ class UnifiedVisionTower(nn.Module):
         q = self.quantizer(tokens)
 
         # Contrastive: embedding of the quantized tokens vs the frozen text embedding of the caption.
-        # (in fp32 even under bf16 autocast: logits of up to 100 x cosine need the precision)
+        # (in fp32 even under bf16 autocast: logits of up to 1000 x cosine need the precision)
         image_emb = F.normalize(self.vision.head(q.quantized).float(), dim=-1)
         text_emb = self.encode_text(text_tokens).float()
-        logit_scale = self.clip.logit_scale.float().clamp(max=_MAX_LOGIT_SCALE).exp()
+        logit_scale = self.clip.logit_scale.float().clamp(max=MAX_LOG_LOGIT_SCALE).exp()
         logit_bias = self.clip.logit_bias.float()
         loss_contrastive = self.contrastive(image_emb, text_emb, logit_scale, logit_bias)
 

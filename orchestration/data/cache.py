@@ -49,7 +49,7 @@ from orchestration.storage import join, pyarrow_filesystem
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: clips give a [video, text] sample besides [text, video]
 MANIFEST = "manifest.json"
 ROWS_DIR = "rows"
 

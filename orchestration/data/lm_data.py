@@ -71,7 +71,12 @@ DECODED_SCHEMA = pa.schema(
 
 
 def lm_config(config: Config) -> LMConfig:
-    return get_lm_config(config.model.lm, **config.model.lm_overrides())
+    cfg = get_lm_config(config.model.lm, **config.model.lm_overrides())
+    if config.model.init_from:  # the export's architecture (orchestration.released)
+        from orchestration.released import export_lm_config
+
+        cfg = export_lm_config(config.model.init_from, cfg, rope_from_run=config.model.rope_scaling is not None)
+    return cfg
 
 
 # ---------------------------------------------------------------- the LLM tokenizer
@@ -205,7 +210,9 @@ class TowerSource:
     def safetensors_uri(self, s3: S3Settings | None) -> str:
         fs, path = fs_and_path(self.path, s3)
         if fs.isdir(path):
+            # a stage-2 export holds the tower beside llm/*.safetensors: its tower.safetensors first
             found = sorted(p for p in fs.find(path) if p.endswith(".safetensors"))
+            found = [p for p in found if p.rsplit("/", 1)[-1] == "tower.safetensors"] or found
             if not found:
                 raise FileNotFoundError(f"{self.path}: no .safetensors tower export inside")
             return ("s3://" + found[0]) if is_s3(self.path) else found[0]
@@ -355,6 +362,7 @@ class TokenizePool:
             ConversationSample,
             GenerationSample,
             InterleavedSample,
+            VideoCaptionSample,
             VideoSample,
         )
 
@@ -368,7 +376,14 @@ class TokenizePool:
                 out.append(GenerationSample(text=text, codes=codes[0]))
             return out
         if kind == KIND_VIDEO:
-            return [VideoSample(text=text, codes=codes)]
+            # Clips train both directions as image-text pairs do: frames -> caption, caption -> frames.
+            task = self.image_text_tasks.get(record["source"], "both")
+            out = []
+            if task in ("understanding", "both"):
+                out.append(VideoCaptionSample(codes=codes, text=text))
+            if task in ("generation", "both"):
+                out.append(VideoSample(text=text, codes=codes))
+            return out
         if kind == KIND_INTERLEAVED:
             return [InterleavedSample(sentences=json.loads(text), images=list(codes), image_sentence=list(record["media_slots"]))]
         if kind == KIND_CONVERSATION:
@@ -464,10 +479,10 @@ def plan_lm_data(config: Config) -> EpochPlan:
 
 
 def lm_samples_per_record(config: Config) -> dict[str, int]:
-    """Samples a record of each stage-2 source gives: 2 for an image-text pair trained both ways
-    (understanding and generation, ``image_text_task: both``), else 1."""
+    """Samples a record of each stage-2 source gives: 2 for an image-text pair or a clip trained both
+    ways (understanding and generation, ``image_text_task: both``), else 1."""
     return {
-        name: 2 if FORMAT_KIND[s.format] == KIND_IMAGE_TEXT and s.image_text_task == "both" else 1
+        name: 2 if FORMAT_KIND[s.format] in (KIND_IMAGE_TEXT, KIND_VIDEO) and s.image_text_task == "both" else 1
         for name, s in config.data.lm_sources.items()
     }
 

@@ -34,6 +34,11 @@ TOWER_GROUP = "tower"
 
 
 def tower_config(config: Config) -> VisionTowerConfig:
+    if config.model.init_from:  # the export's tower (orchestration.released), the run's explicit overrides on top
+        from orchestration.released import export_tower_config
+
+        return export_tower_config(config.model.init_from, **config.model.tower_overrides(),
+                                   tokenizer_path=config.model.tower_text_tokenizer)
     return get_tower_config(config.model.tower, **config.model.tower_overrides(), tokenizer_path=config.model.tower_text_tokenizer)
 
 

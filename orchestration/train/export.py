@@ -239,13 +239,8 @@ def _meta_llm(lm_cfg, vocab_size: int):
     """The LLM on the meta device: its config and state-dict names, without weights."""
     from vilau_model.unified_lm import build_llm
 
-    if lm_cfg.pretrained_path:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        hf_config = AutoConfig.from_pretrained(lm_cfg.pretrained_path, local_files_only=True)
-        hf_config.vocab_size = vocab_size
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config)
+    # build_llm's own meta path: the pretrained config with the markers' rows and the run's RoPE scaling,
+    # so that config.json tells plain transformers the RoPE the model was trained with.
     with torch.device("meta"):
         return build_llm(lm_cfg, vocab_size)
 
@@ -309,7 +304,14 @@ def export_lm_from_checkpoint(
         if not heads:
             raise ExportError(f"{checkpoint_uri}: no projector/depth-transformer weights in the checkpoint")
         write_safetensors(out.open, out.path(LM_WEIGHTS), {n: checkpoint.specs[n] for n in heads}, checkpoint.stream(heads))
-        out.write_json(LM_META, {"lm_config": dataclasses.asdict(lm_cfg), "special_ids": dataclasses.asdict(special)})
+        lm_meta = {"lm_config": dataclasses.asdict(lm_cfg), "special_ids": dataclasses.asdict(special)}
+        if config.model.init_from:  # a run started from an import keeps the release's chat template
+            from orchestration.released import export_conversation
+
+            template = export_conversation(config.model.init_from)
+            if template is not None:
+                lm_meta["conversation"] = template.to_dict()
+        out.write_json(LM_META, lm_meta)
 
     # The frozen tower, as stage 1 exported it.
     src_fs, src = filesystem(tower_path, s3)

@@ -11,7 +11,9 @@ all-reduces its own statistics and restart choices (and every rank starts from t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -87,6 +89,35 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+# How gradients are synchronized over a step's micro-batches (`set_micro_batch_sync`).
+REDUCE_SCATTER_EVERY = "reduce_scatter_every"
+LEGACY_SYNC_LAST = "legacy_sync_last"
+SYNC_POLICIES = (REDUCE_SCATTER_EVERY, LEGACY_SYNC_LAST)
+
+
+def set_micro_batch_sync(model: nn.Module, is_last: bool, *, policy: str = REDUCE_SCATTER_EVERY) -> None:
+    """Set up FSDP2's gradient reduction before the backward of one micro-batch of a step.
+
+    ``reduce_scatter_every`` (what training uses): every micro-batch's gradients are reduce-scattered
+    at once, so they accumulate in the sharded fp32 gradient (1/shard of each parameter); under HSDP
+    only the cross-replica all-reduce waits for the last micro-batch (its partial sums stay sharded
+    too), as torchtitan does. Gradient accumulation then costs no more memory than one micro-batch.
+
+    ``legacy_sync_last``: skip all reduction until the last micro-batch. FSDP2 then keeps an
+    *unsharded* fp32 gradient of every parameter through the step (+4 bytes x all parameters per GPU,
+    ~27 GB at 7B); kept only so the memory plan and its test can measure the difference.
+    """
+    if not is_sharded(model):
+        return
+    if policy == REDUCE_SCATTER_EVERY:
+        model.set_requires_gradient_sync(True)
+        model.set_requires_all_reduce(is_last)  # no effect on a 1-d mesh (no replicate dimension)
+    elif policy == LEGACY_SYNC_LAST:
+        model.set_requires_gradient_sync(is_last)
+    else:
+        raise ValueError(f"unknown gradient sync policy {policy!r}; known: {SYNC_POLICIES}")
+
+
 def shard_model(
     model: nn.Module,
     blocks: Iterable[nn.Module],
@@ -109,3 +140,45 @@ def shard_model(
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored_params or None)
     return model
+
+
+@contextlib.contextmanager
+def count_fsdp_collectives() -> Iterator[dict[str, Counter]]:
+    """Counts FSDP2's all-gathers and reduce-scatters per unit while the block runs: yields
+    ``{"all_gather": Counter, "reduce_scatter": Counter}`` keyed by the unit's first parameter name (e.g.
+    ``depth.proj_h.weight``). For benchmarks and tests: it wraps FSDP2's private per-group collective
+    functions (torch 2.14), so it counts what the unit schedule does on any backend, fake ones included."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
+
+    counts = {"all_gather": Counter(), "reduce_scatter": Counter()}
+    gather, reduce = group_module.foreach_all_gather, group_module.foreach_reduce
+
+    def counted(kind, fn):
+        def wrapper(fsdp_params, *args, **kwargs):
+            counts[kind][fsdp_params[0]._param_fqn if fsdp_params else "?"] += 1
+            return fn(fsdp_params, *args, **kwargs)
+        return wrapper
+
+    group_module.foreach_all_gather = counted("all_gather", gather)
+    group_module.foreach_reduce = counted("reduce_scatter", reduce)
+    try:
+        yield counts
+    finally:
+        group_module.foreach_all_gather, group_module.foreach_reduce = gather, reduce
+
+
+def build_sharded_model(task, mesh: DeviceMesh | None, mp_policy: MixedPrecisionPolicy) -> nn.Module:
+    """A stage's model as the trainer trains it, still without storage: built on the meta device ->
+    activation checkpointing of the task's block lists (if the stage asks for it) -> FSDP2 units (each
+    block, the task's extra units, the root; the task's ignored parameters left whole). ``task`` is an
+    ``orchestration.train.trainer.Task``. The memory plan (``memory_plan.py``) builds through this same
+    function, so its estimate follows what training does."""
+    with torch.device("meta"):
+        model = task.build_model()
+    lists = task.block_lists(model)
+    if task.section.activation_checkpointing:
+        for container in lists:
+            checkpoint_blocks(container)
+    blocks = [b for c in lists for b in c] + task.extra_units(model)
+    promote_scalar_parameters(model)  # before ignored_params: it replaces those parameters
+    return shard_model(model, blocks, mesh, mp_policy, task.ignored_params(model))

@@ -1,8 +1,8 @@
 """Stage 2: the unified LM (LLM + projector + depth transformer) over the frozen stage-1 tower.
 
-FSDP units: each LLM decoder layer, each depth-transformer block, and the root (embeddings, LM head,
-projector, depth input/output layers). Of the frozen tower, the training workers hold only the codebook
-(:class:`TowerCodebook`, bf16 on GPU, read alone from the stage-1 export): it is left out of FSDP
+FSDP units: each LLM decoder layer, the depth transformer (one unit, gathered once per micro-batch for
+all its loss chunks: ``LMTask.extra_units``), and the root (embeddings, LM head, projector). Of the frozen tower, the training workers hold only the codebook
+(:class:`TowerCodebook`, fp32, read alone from the stage-1 export): it is left out of FSDP
 (``ignored_params``), every rank keeps it whole and it is never all-gathered. The LLM is built on the
 meta device and read shard-wise from ``model.lm_path`` (see ``orchestration.train.weights``).
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,14 +37,21 @@ class LMTask(Task):
     columns = {name: (torch.bool if name == "is_visual" else torch.int64) for name in ROW_COLUMNS}
     ignore_frozen = True
 
-    def __init__(self, config: Config, tokenizer_files: dict[str, bytes]):
+    def __init__(self, config: Config, tokenizer_files: dict[str, bytes] | None):
+        """``tokenizer_files`` None: shapes only (the memory plan): the special ids of LLaMA-2's layout
+        over the preset's text vocabulary, no tokenizer read or trained."""
         super().__init__(config, config.lm_train)
         from orchestration.data.lm_data import lm_config, tower_source
-        from vilau_model.tokenizer import load_tokenizer_from_files
+        from vilau_model.tokenizer import SpecialIds, load_tokenizer_from_files
 
         self.tokenizer_files = tokenizer_files
-        self.tokenizer = load_tokenizer_from_files(tokenizer_files)
         self.lm_cfg: LMConfig = lm_config(config)
+        if tokenizer_files is None:
+            self.tokenizer = None
+            self.special = SpecialIds.llama(self.lm_cfg.vocab_size)
+        else:
+            self.tokenizer = load_tokenizer_from_files(tokenizer_files)
+            self.special = SpecialIds.from_tokenizer(self.tokenizer)
         self.tower_source = tower_source(config, config.model.tower_checkpoint)
 
     def _tower(self) -> nn.Module:
@@ -56,14 +62,13 @@ class LMTask(Task):
     def build_model(self) -> nn.Module:
         """Under the trainer's meta build: the LM over :class:`TowerCodebook` (all that training needs of
         the frozen tower). Otherwise (export, generation): over the whole tower from its source."""
-        from vilau_model.tokenizer import SpecialIds
         from vilau_model.unified_lm import UnifiedLM
 
         if torch.empty(0).device.type == "meta":
             tower = TowerCodebook(self.tower_source.config)
         else:
             tower = self._tower()
-        return UnifiedLM(self.lm_cfg, tower, SpecialIds.from_tokenizer(self.tokenizer))
+        return UnifiedLM(self.lm_cfg, tower, self.special)
 
     def init_weights(self, model: nn.Module, seed: int) -> None:
         """LLM, projector and depth transformer: random init per module from (seed, name), the same
@@ -94,12 +99,17 @@ class LMTask(Task):
             embeddings = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}
             grow = [clean_name(n) for n, p in llm.named_parameters() if any(p is e for e in embeddings)]
             load_pretrained(llm, path, seed, grow_rows=grow, init_module=lambda n, m: init_module(f"llm.{n}", m))
+        if self.config.model.init_from:  # projector + depth transformer of the export too
+            from orchestration.released import load_heads
+
+            load_heads(model, self.config.model.init_from)
         codebook = self._codebook()
         with torch.no_grad():
             for name, t in model.tower.named_buffers():
                 t.copy_(codebook[name].to(t.device))
-        if self.config.cluster.use_gpu:
-            model.tower.to(torch.bfloat16)  # frozen code vectors: bf16 is enough for an input embedding
+        # The code vectors stay fp32 (16384 x width: tens of MB): a visual position's input is the sum of
+        # its D code vectors, and in bf16 the deepest residuals vanish in the rounding, while the export
+        # and generation sum them in fp32.
 
     def _codebook(self) -> dict[str, torch.Tensor]:
         """The tower's quantizer tensors (``quantizer.*``), read alone from the export's safetensors: the
@@ -138,7 +148,10 @@ class LMTask(Task):
         self._step_counts = counts.clamp(min=1.0)
 
     def block_lists(self, model: nn.Module) -> list[nn.ModuleList]:
-        return [model.llm.get_decoder().layers, model.depth.blocks]
+        return lm_units(model)[0]
+
+    def extra_units(self, model: nn.Module) -> list[nn.Module]:
+        return lm_units(model)[1]
 
     def ignored_params(self, model: nn.Module) -> set[nn.Parameter]:
         return set(model.tower.parameters())
@@ -169,6 +182,17 @@ class LMTask(Task):
 
     def flops_per_token(self, model: nn.Module) -> float:
         return 6.0 * sum(p.numel() for p in model.trainable_parameters())
+
+
+def lm_units(model: nn.Module) -> tuple[list[nn.ModuleList], list[nn.Module]]:
+    """The FSDP units of the unified LM besides the root: (checkpointed block lists, other units).
+
+    The decoder layers one by one; the whole depth transformer as one unit, listed last so that
+    ``shard_model`` does not reshard it after forward. Its loss runs all chunks in one module call
+    (``UnifiedLM.forward``), so its blocks and head are gathered once per micro-batch and kept until its
+    backward, which comes first; only the head + loss are chunked (activations recomputed per chunk, the
+    parameters never re-gathered). Not activation-checkpointed: the chunks already recompute."""
+    return [model.llm.get_decoder().layers], [model.depth]
 
 
 class TowerCodebook(nn.Module):
@@ -226,12 +250,22 @@ def save_lm_export(model: nn.Module, tokenizer, directory: str) -> None:
     save_file(heads, os.path.join(directory, LM_WEIGHTS))
     save_tower_export(model.tower, directory)
     meta = {"lm_config": dataclasses.asdict(model.config), "special_ids": dataclasses.asdict(model.special)}
+    if getattr(model, "conversation", None) is not None:
+        meta["conversation"] = model.conversation.to_dict()
     with open(os.path.join(directory, LM_META), "w") as f:
         json.dump(meta, f, indent=1)
 
 
-def load_lm_export(directory: str):
-    """(UnifiedLM, tokenizer) from a stage-2 export directory, without Ray."""
+def load_lm_export(directory: str, device: str | torch.device | None = None):
+    """(UnifiedLM, tokenizer) from a stage-2 export directory, without Ray, on ``device`` (default CPU)."""
+    model, tokenizer = read_lm_export(directory)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def read_lm_export(directory: str):
+    """(UnifiedLM in eval mode on the CPU, tokenizer) from the export's files."""
     from safetensors.torch import load_file
 
     from orchestration.train.tower import load_tower_export
@@ -248,6 +282,10 @@ def load_lm_export(directory: str):
     missing = [k for k in missing if k.startswith(("projector.", "depth."))]
     if missing or unexpected:
         raise RuntimeError(f"{directory}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if meta.get("conversation"):  # an imported release's template, for generation (orchestration.released)
+        from vilau_model.released_format import ConversationTemplate
+
+        model.conversation = ConversationTemplate.from_dict(meta["conversation"])
     return model.eval(), tokenizer
 
 
@@ -257,33 +295,64 @@ def generate(model, tokenizer, prompts: list[str], seed: int = 0, num_frames: in
     from vilau_model.sequence import SequenceBuilder
 
     builder = SequenceBuilder(tokenizer, code_depth=model.code_depth)
+    # A CPU generator on any device (``generation.sample`` draws on it): the same seed, the same samples.
     generator = torch.Generator().manual_seed(seed)
-    ids = [builder.generation_prompt(p) for p in prompts]
+    template = getattr(model, "conversation", None)
+    if template is not None:  # an imported release: its chat template, its unconditional prompt (empty user turn)
+        from vilau_model.released_format import template_prompt_ids
+        from vilau_model.tokenizer import IM_START, VI_START
+
+        marker = VI_START if num_frames > 1 else IM_START
+        ids = [template_prompt_ids(tokenizer, template, p, marker) for p in prompts]
+        kwargs.setdefault("unconditional", template_prompt_ids(tokenizer, template, "", marker))
+    else:
+        ids = [builder.generation_prompt(p) for p in prompts]
     return model.generate_images(ids, generator=generator, num_frames=num_frames, **kwargs).images
 
 
-def generate_to_files(export_dir: str, prompts: list[str], out_dir: str, video: bool = False, seed: int = 0,
-                      **kwargs) -> list[str]:
-    """Write one PNG per prompt (or a folder of frame PNGs per prompt for video); returns the paths."""
-    model, tokenizer = load_lm_export(export_dir)
-    frames = model.config.frames_per_video if video else 1
-    results = generate(model, tokenizer, prompts, seed=seed, num_frames=frames, **kwargs)
+def generation_device(name: str = "auto") -> torch.device:
+    """The device to generate on: ``auto`` = the (first) GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def fresh_output_folder(out_dir: str) -> str:
+    """The next unused ``<out_dir>/gen-NNNN`` folder, made now: a rerun never overwrites earlier outputs."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    n = 1 + max((int(name[4:]) for name in os.listdir(out_dir) if name.startswith("gen-") and name[4:].isdigit()), default=0)
+    while True:
+        folder = os.path.join(out_dir, f"gen-{n:04d}")
+        try:
+            os.makedirs(folder)  # exclusive: two concurrent runs never share a folder
+            return folder
+        except FileExistsError:
+            n += 1
+
+
+def generate_to_files(export_dir: str, prompts: list[str], out_dir: str, video: bool = False, seed: int = 0,
+                      device: str = "auto", num_samples: int = 1, **kwargs) -> list[str]:
+    """``num_samples`` PNGs per prompt (or a folder of frame PNGs per sample for video) in a new folder
+    under ``out_dir`` (see fresh_output_folder); returns the paths, prompt by prompt."""
+    model, tokenizer = load_lm_export(export_dir, device=generation_device(device))
+    frames = model.config.frames_per_video if video else 1
+    batch = [p for p in prompts for _ in range(num_samples)]  # one sampling stream: every sample differs
+    results = generate(model, tokenizer, batch, seed=seed, num_frames=frames, **kwargs)
+    folder = fresh_output_folder(out_dir)
     paths = []
-    for i, result in enumerate(results):
+    for k, result in enumerate(results):
+        name = f"prompt{k // num_samples:02d}_sample{k % num_samples:02d}"
         if video:
-            folder = os.path.join(out_dir, f"video_{i:02d}")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.makedirs(folder)
+            os.makedirs(os.path.join(folder, name))
             for t, frame in enumerate(result):
-                paths.append(os.path.join(folder, f"frame_{t:02d}.png"))
+                paths.append(os.path.join(folder, name, f"frame_{t:02d}.png"))
                 frame.save(paths[-1])
         else:
-            paths.append(os.path.join(out_dir, f"image_{i:02d}.png"))
+            paths.append(os.path.join(folder, f"{name}.png"))
             result.save(paths[-1])
-    with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
-        f.write("\n".join(prompts) + "\n")
+    with open(os.path.join(folder, "prompts.txt"), "w") as f:
+        f.write("\n".join(f"prompt{i:02d}: {p}" for i, p in enumerate(prompts)) + f"\nseed: {seed}\n")
     return paths
 
 

@@ -54,8 +54,11 @@ class WindowMetrics:
         counts = [x for x in (self.samples, self.tokens) if isinstance(x, torch.Tensor)]
         if not keys and not counts:
             return
-        values = torch.stack([self.sums[k].double().reshape(()) for k in keys]
-                             + [c.double().reshape(()) for c in counts]).tolist()
+        tensors = [self.sums[k] for k in keys] + counts
+        # One device for the copy: a task may return a CPU scalar beside its device scalars (the tower's
+        # perceptual_enabled), and stack refuses to mix a CUDA tensor with a CPU one.
+        device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+        values = torch.stack([t.double().reshape(()).to(device) for t in tensors]).tolist()
         for k, v in zip(keys, values):
             self.sums[k] = v
         rest = values[len(keys):]

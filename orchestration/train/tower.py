@@ -36,6 +36,10 @@ def tower_config(config: Config) -> VisionTowerConfig:
     overrides = config.model.tower_overrides()
     if config.model.tower_text_tokenizer:
         overrides["tokenizer_path"] = config.model.tower_text_tokenizer
+    if config.model.init_from:  # the export's tower (orchestration.released), the run's explicit overrides on top
+        from orchestration.released import export_tower_config
+
+        return export_tower_config(config.model.init_from, **overrides)
     return get_tower_config(config.model.tower, **overrides)
 
 
@@ -99,6 +103,10 @@ class TowerTask(Task):
         self._eval: EvalSplit | None = None
 
     def build_model(self) -> nn.Module:
+        if self.config.model.init_from:
+            from orchestration.released import tower_from_export
+
+            return tower_from_export(self.config.model.init_from, self.tower_cfg, tower_loss_config(self.config))
         return UnifiedVisionTower(self.tower_cfg, tower_loss_config(self.config))
 
     def host_batch(self, batch: dict) -> dict:

@@ -226,13 +226,23 @@ class RunLogger:
 
     Metrics are logged asynchronously (MLflow's own queue and thread): a log step never waits for a
     round trip to the tracking server, which on a cluster would stall rank 0 and, at the next
-    collective, every rank. ``flush`` waits for them and raises what failed."""
+    collective, every rank. ``flush`` waits for them.
+
+    A tracking error during training is never fatal (a tracking-server blip must not spend one of the
+    worker group's ``max_failures``): it is logged, the call is retried ``len(retry_delays_s)`` times
+    (synchronously, after those pauses), and then given up. ``errors`` counts the failed calls and
+    ``dropped_metrics`` the metric values given up; once there is an error, every metric batch also
+    carries ``tracking_errors``."""
+
+    retry_delays_s = (1.0, 2.0, 4.0)
 
     def __init__(self, tracking_uri: str, run_id: str | None, active: bool):
         self.run_id = run_id
         self.active = active and run_id is not None
         self._client = _client(tracking_uri) if self.active else None
-        self._pending: list = []  # RunOperations of metric batches not yet known to be logged
+        self._pending: list = []  # (RunOperations, metrics) of metric batches not yet known to be logged
+        self.errors = 0
+        self.dropped_metrics = 0
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
@@ -242,30 +252,68 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        values = {k: v for k, v in metrics.items() if v is not None}
+        if self.errors:
+            values["tracking_errors"] = self.errors
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
         for i in range(0, len(batch), 1000):
-            self._pending.append(self._client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=False))
+            part = batch[i : i + 1000]
+            try:
+                operation = self._client.log_batch(self.run_id, metrics=part, synchronous=False)
+            except Exception as exc:  # refused before it was queued
+                self._retry(f"{len(part)} metrics at step {step}", exc,
+                            lambda part=part: self._client.log_batch(self.run_id, metrics=part), len(part))
+                continue
+            self._pending.append((operation, part))
         if len(self._pending) > 64:  # long done by now; bounds what a long run holds
             self.flush()
 
     def flush(self) -> None:
-        """Wait until every metric logged so far is on the tracking server (raises if one failed)."""
+        """Wait until every metric logged so far is on the tracking server (or given up, see above)."""
         pending, self._pending = self._pending, []
-        for operation in pending:
-            operation.wait()
+        for operation, part in pending:
+            try:
+                operation.wait()
+            except Exception as exc:
+                self._retry(f"{len(part)} metrics", exc,
+                            lambda part=part: self._client.log_batch(self.run_id, metrics=part), len(part))
+
+    def _retry(self, what: str, error: Exception, call, metric_count: int = 0) -> None:
+        import time
+
+        self.errors += 1
+        for attempt, delay in enumerate(self.retry_delays_s, start=1):
+            log.warning("MLflow: logging %s failed (%s); retry %d/%d in %.1f s",
+                        what, error, attempt, len(self.retry_delays_s), delay)
+            time.sleep(delay)
+            try:
+                call()
+                return
+            except Exception as exc:
+                self.errors += 1
+                error = exc
+        self.dropped_metrics += metric_count
+        log.error("MLflow: gave up logging %s after %d retries (%s); training goes on",
+                  what, len(self.retry_delays_s), error)
+
+    def _call(self, what: str, call) -> None:
+        try:
+            call()
+        except Exception as exc:
+            self._retry(what, exc, call)
 
     def log_image(self, image, artifact_file: str) -> None:
         if self.active:
-            self._client.log_image(self.run_id, image, artifact_file=artifact_file)
+            self._call(artifact_file, lambda: self._client.log_image(self.run_id, image, artifact_file=artifact_file))
 
     def log_figure(self, figure, artifact_file: str) -> None:
         if self.active:
-            self._client.log_figure(self.run_id, figure, artifact_file=artifact_file)
+            self._call(artifact_file, lambda: self._client.log_figure(self.run_id, figure, artifact_file=artifact_file))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.active:
-            self._client.log_text(self.run_id, text, artifact_file=artifact_file)
+            self._call(artifact_file, lambda: self._client.log_text(self.run_id, text, artifact_file=artifact_file))
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         if self.active:
-            self._client.log_dict(self.run_id, data, artifact_file=artifact_file)
+            self._call(artifact_file, lambda: self._client.log_dict(self.run_id, data, artifact_file=artifact_file))

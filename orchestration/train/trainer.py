@@ -35,12 +35,11 @@ from torch import nn
 from orchestration.config import Config, StageSection
 from orchestration.train import checkpoint as ckpt
 from orchestration.train.fsdp import (
-    checkpoint_blocks,
+    build_sharded_model,
     data_parallel_mesh,
     is_sharded,
     mixed_precision,
-    promote_scalar_parameters,
-    shard_model,
+    set_micro_batch_sync,
     training_device,
 )
 from orchestration.train.metrics import WindowMetrics, mean_across_ranks, peak_flops, progress_line
@@ -508,16 +507,8 @@ class Trainer:
         for this rank's shards only (``to_empty``) -> the task fills it (random init reproducible from
         the seed whatever the world size, pretrained weights read shard-wise)."""
         torch.manual_seed(self.config.seed)
-        with torch.device("meta"):
-            model = self.task.build_model()
-        lists = self.task.block_lists(model)
-        if self.section.activation_checkpointing:
-            for container in lists:
-                checkpoint_blocks(container)
-        blocks = [b for c in lists for b in c] + self.task.extra_units(model)
         self.mesh = data_parallel_mesh(self.device, self.config.cluster.hsdp_replicas)
-        promote_scalar_parameters(model)  # before ignored_params: it replaces those parameters
-        model = shard_model(model, blocks, self.mesh, mixed_precision(self.device), self.task.ignored_params(model))
+        model = build_sharded_model(self.task, self.mesh, mixed_precision(self.device))
         model.to_empty(device=self.device)
         self.task.init_weights(model, self.config.seed)
         self.model = model
@@ -631,8 +622,7 @@ class Trainer:
         samples = tokens = 0
         autocast = self.device.type == "cuda" and not self.sharded  # FSDP2's policy casts when sharded
         for i, batch in enumerate(micro_batches):
-            if self.sharded:
-                model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
+            set_micro_batch_sync(model, is_last=i == accum - 1)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 out = self.task.forward(model, batch, step)
             (out["loss"] * scale).backward()
