@@ -339,7 +339,7 @@ class LMTrainSection(StageSection):
 
 
 class FaultInjectionSection(Section):
-    """Kill one worker at a step, once per run, to exercise restarts (tests only)."""
+    """Kill one worker at a step, once per run, or fail one Tune trial, to exercise restarts (tests only)."""
 
     stage: Literal["tower", "lm"] | None = None
     fail_at_step: PositiveInt | None = None
@@ -350,6 +350,15 @@ class FaultInjectionSection(Section):
     phase: Literal["step", "save"] = "step"
     # Seconds the end-of-run export waits before it starts (a slow export at scale, in small).
     export_delay_s: NonNegativeFloat = 0.0
+    # Tune: the trial with this index in the sweep (its id ends in _0000N) raises at its start, before its
+    # Train run, in its first `trial_failures` attempts (a transient failure, or with a large count one
+    # that never goes away). None: no trial fails.
+    trial_index: NonNegativeInt | None = None
+    trial_failures: PositiveInt = 1
+    # After each restore from a checkpoint, rank 0 writes restored_state_step<N>.json into the run's
+    # directory: sums of every restored model and optimizer tensor, for tests to hold against the
+    # checkpoint's own files (gathers each tensor whole: tiny models only).
+    record_restored_state: bool = False
 
 
 class ClusterSection(Section):
@@ -436,6 +445,10 @@ class TuneSection(Section):
     workers_per_trial: PositiveInt = 1
     # The sweep's name (its folder under cluster.storage_path); None = "<run_name>-sweep".
     name: str | None = None
+    # Tune restarts a failed trial this many times (a lost node, a preempted worker, a flaky read);
+    # each retry's Train run resumes from the trial's latest checkpoint. A trial that still fails shows
+    # its error in the sweep summary and on its MLflow run.
+    trial_max_failures: NonNegativeInt = 2
 
 
 class Config(Section):

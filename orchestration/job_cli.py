@@ -90,10 +90,19 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+SECRET_FIELDS = ("data.s3.access_key_id", "data.s3.secret_access_key")
+
+
 def load_job_config(args, stages: tuple[str, ...] = ()) -> Config:
     """The job's config, loaded and checked; with ``stages``, also the preflight of those stages. Either
     failing ends the job here, before Ray starts, with every problem named (no traceback)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    secret_overrides = [o.split("=", 1)[0] for o in args.overrides if o.split("=", 1)[0] in SECRET_FIELDS]
+    if secret_overrides:
+        logging.getLogger(__name__).warning(
+            "%s given on the command line: it stays in the process arguments (and in a `ray job submit`'s stored "
+            "entrypoint); give credentials by the environment (AWS_ACCESS_KEY_ID, ...) or an instance profile",
+            ", ".join(secret_overrides))
     try:
         config = load_config(args.config, args.overrides)
         check_working_dir_outputs(config)  # relative outputs inside `ray job submit`'s temporary copy

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from orchestration.config import Config, StageSection
 from orchestration.resource_plan import ResourceWaitError, worker_bundle, worker_start_attempts
 from orchestration.storage import is_s3, pyarrow_filesystem
-from orchestration.train.tracking import RunInfo, close_run, open_run
+from orchestration.train.tracking import RunInfo, close_run, open_run, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +213,8 @@ def run_stage(
             stage_result.metrics.update(end_of_run(stage_result, run))
             stage_result.timings["end_of_run_s"] = time.perf_counter() - started
             log_stage_model(config, stage_result)  # the export, findable from the run: a LoggedModel
-    except BaseException:
-        close_run(config, mlflow_run_id, failed=True)
+    except BaseException as exc:
+        record_failure(config, mlflow_run_id, exc)  # the run says why it failed
         raise
     record_step_history(config, mlflow_run_id, stage_result.history)
     close_run(config, mlflow_run_id)

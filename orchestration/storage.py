@@ -46,6 +46,10 @@ class S3Settings:
     session_token: str | None = None
     anonymous: bool = False
     max_retries: int = 5
+    # False when the keys came from the environment: the filesystems then leave them to the AWS SDK's
+    # own lookup (environment, instance profile) instead of holding them, so a pickled filesystem (Ray
+    # Tune keeps one in its sweep state on storage) carries no credential.
+    explicit_keys: bool = True
 
     def __repr__(self) -> str:  # never print secrets, even by accident
         return f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, anonymous={self.anonymous})"
@@ -71,6 +75,7 @@ class S3Settings:
             session_token=env.get("AWS_SESSION_TOKEN") if key is None else None,
             anonymous=anonymous,
             max_retries=retries,
+            explicit_keys=key is not None,
         )
 
 
@@ -89,7 +94,7 @@ def s3fs_options(s3: "S3Section | S3Settings | None") -> dict:
     }
     if settings.endpoint_url:
         options["client_kwargs"]["endpoint_url"] = settings.endpoint_url
-    if settings.access_key_id and not settings.anonymous:
+    if settings.access_key_id and settings.explicit_keys and not settings.anonymous:
         options["key"] = settings.access_key_id
         options["secret"] = settings.secret_access_key
         if settings.session_token:
@@ -117,7 +122,7 @@ def pyarrow_filesystem(uri: str, s3: "S3Section | S3Settings | None" = None) -> 
     }
     if settings.anonymous:
         kwargs["anonymous"] = True
-    elif settings.access_key_id:
+    elif settings.access_key_id and settings.explicit_keys:
         kwargs.update(access_key=settings.access_key_id, secret_key=settings.secret_access_key)
         if settings.session_token:
             kwargs["session_token"] = settings.session_token

@@ -96,18 +96,59 @@ def _fit_tower_task(config: Config, callback) -> None:
     fit_tower(config, callbacks=[callback])
 
 
+class InjectedTrialFailure(RuntimeError):
+    """The failure cluster.fault_injection.trial_index asks for (tests only)."""
+
+
+def _maybe_fail_trial(config: Config, trial_id: str, trial_dir: str) -> None:
+    """Fault injection for Tune trials (config.cluster.fault_injection.trial_index): the chosen trial
+    raises in its first ``trial_failures`` attempts. Attempts are counted by marker files in the trial's
+    own directory, so a retry (or a resumed sweep) sees the earlier ones."""
+    fault = config.cluster.fault_injection
+    if fault.trial_index is None or not trial_id.endswith(f"_{fault.trial_index:05d}"):
+        return
+    os.makedirs(trial_dir, exist_ok=True)
+    attempts = len([f for f in os.listdir(trial_dir) if f.startswith("fault_injected_attempt")])
+    if attempts >= fault.trial_failures:
+        return
+    open(os.path.join(trial_dir, f"fault_injected_attempt{attempts + 1}"), "w").close()
+    raise InjectedTrialFailure(f"injected failure of trial {trial_id} (attempt {attempts + 1} of {fault.trial_failures} that fail)")
+
+
+def _record_trial_failure(config: Config, error: BaseException) -> None:
+    """The trial's MLflow run ends FAILED with the error, also when the trial failed before its Train
+    run opened one (it is created then, under the sweep's parent run)."""
+    if not config.tracking.enabled:
+        return
+    from orchestration.launch import TOWER, stage_run_name
+    from orchestration.train.tracking import open_run, record_failure, run_id_of
+
+    run_name = stage_run_name(config, TOWER)
+    run_id = run_id_of(config, run_name) or open_run(config, TOWER, run_name)
+    record_failure(config, run_id, error)
+
+
 def _run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str | None) -> None:
     """The Tune driver function: one stage-1 Train run with this trial's weights."""
     import ray
     from ray import tune
 
-    trial_id = tune.get_context().get_trial_id()
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
     config = _trial_config(base, params, trial_id, parent_run_id)
-    callback = _make_report_callback(config.tune.psnr_weight)  # must be made inside the Tune session
-    # The trial runs inside a placement group that captures child tasks; the Train run and its data
-    # pipeline ask for their own resources, so they are started from a task outside that group.
-    fit = ray.remote(_fit_tower_task).options(num_cpus=0, scheduling_strategy="DEFAULT")
-    ray.get(fit.remote(config, callback))
+    try:
+        _maybe_fail_trial(config, trial_id, context.get_trial_dir())
+        callback = _make_report_callback(config.tune.psnr_weight)  # must be made inside the Tune session
+        # The trial runs inside a placement group that captures child tasks; the Train run and its data
+        # pipeline ask for their own resources, so they are started from a task outside that group.
+        fit = ray.remote(_fit_tower_task).options(num_cpus=0, scheduling_strategy="DEFAULT")
+        ray.get(fit.remote(config, callback))
+    except Exception as exc:
+        try:
+            _record_trial_failure(config, exc)
+        except Exception:  # the trial's own error is what Tune must see, not a tracking hiccup
+            logger.exception("could not record the failure of trial %s in MLflow", trial_id)
+        raise
 
 
 @dataclass
@@ -121,6 +162,8 @@ class TrialSummary:
     evaluations: int
     stopped_early: bool
     status: str
+    retries: int = 0  # times Tune restarted the trial after a failure (tune.trial_max_failures)
+    error: str | None = None  # what the trial's last failure was (None: it finished)
 
 
 @dataclass
@@ -132,14 +175,18 @@ class SweepSummary:
     trials: list[TrialSummary]
 
     def table(self) -> str:
-        header = f"{'trial':<14}{'w_contra':>9}{'w_recon':>9}{'objective':>11}{'zero-shot':>11}{'psnr':>8}{'evals':>7}  status"
+        header = (f"{'trial':<14}{'w_contra':>9}{'w_recon':>9}{'objective':>11}{'zero-shot':>11}{'psnr':>8}"
+                  f"{'evals':>7}{'retries':>9}  status")
         lines = [header, "-" * len(header)]
         for t in sorted(self.trials, key=lambda t: -(t.objective or -math.inf)):
             fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
             status = t.status + (" (stopped early)" if t.stopped_early else "")
+            if t.error:
+                first_line = t.error.strip().splitlines()[0] if t.error.strip() else t.error
+                status += f": {first_line[:200]}"
             lines.append(
                 f"{t.trial_id:<14}{t.w_contra:>9.3g}{t.w_recon:>9.3g}{fmt(t.objective, '>11.4f')}"
-                f"{fmt(t.zero_shot_accuracy, '>11.3f')}{fmt(t.psnr, '>8.2f')}{t.evaluations:>7}  {status}"
+                f"{fmt(t.zero_shot_accuracy, '>11.3f')}{fmt(t.psnr, '>8.2f')}{t.evaluations:>7}{t.retries:>9}  {status}"
             )
         if self.best:
             lines.append(f"best: w_contra={self.best.w_contra:.4g} w_recon={self.best.w_recon:.4g} objective={self.best.objective:.4f}")
@@ -155,7 +202,12 @@ class SweepSummary:
         }
 
 
-def _summarise(result_grid, max_evaluations: int) -> list[TrialSummary]:
+def _summarise(result_grid, max_evaluations: int, secrets: set[str] = frozenset()) -> list[TrialSummary]:
+    from orchestration.train.tracking import error_line, scrub
+
+    # Tune's own record of each trial (its failure count is on the Trial, not on the Result).
+    analysis = getattr(result_grid, "_experiment_analysis", None)
+    failures = {os.path.basename(t.path or ""): t.num_failures for t in (analysis.trials if analysis else [])}
     trials = []
     for result in result_grid:
         history = result.metrics_dataframe
@@ -175,6 +227,9 @@ def _summarise(result_grid, max_evaluations: int) -> list[TrialSummary]:
                 evaluations=evaluations,
                 stopped_early=result.error is None and evaluations < max_evaluations,
                 status="error" if result.error else "done",
+                # the failure that ended an errored trial was not retried
+                retries=max(0, failures.get(os.path.basename(result.path or "?"), 0) - (1 if result.error else 0)),
+                error=scrub(error_line(result.error), secrets) if result.error else None,
             )
         )
     return trials
@@ -284,10 +339,16 @@ def run_sweep(config: Config) -> SweepSummary:
                 num_samples=num_samples,
                 max_concurrent_trials=config.tune.max_concurrent_trials,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=storage_fs),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, storage_filesystem=storage_fs,
+                # A failed trial is restarted; its Train run resumes from the trial's latest checkpoint.
+                failure_config=tune.FailureConfig(max_failures=config.tune.trial_max_failures),
+            ),
         )
     result_grid = tuner.fit()
-    trials = _summarise(result_grid, evaluations)
+    from orchestration.train.tracking import secret_values
+
+    trials = _summarise(result_grid, evaluations, secret_values(config))
     scored = [t for t in trials if t.objective is not None]
     best = max(scored, key=lambda t: t.objective) if scored else None
     summary = SweepSummary(name=name, path=storage_uri(config, sweep_dir), parent_run_id=parent_run_id, best=best, trials=trials)

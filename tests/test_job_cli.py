@@ -36,7 +36,9 @@ def test_print_config_gives_yaml_that_loads_back(job, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--print-config", "tower_train.steps=7",
                            "data.s3.secret_access_key=hunter2"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "hunter2" not in proc.stdout  # secrets redacted
+    assert "hunter2" not in proc.stdout + proc.stderr  # secrets redacted
+    # and the user is told that a secret on the command line stays in the process arguments
+    assert "data.s3.secret_access_key given on the command line" in proc.stderr
     path = tmp_path / "resolved.yaml"
     path.write_text(proc.stdout)
     assert load_config(path).tower_train.steps == 7

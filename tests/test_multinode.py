@@ -7,14 +7,16 @@ head's disk, jobs sent with `ray job submit --working-dir .`, a worker node lost
               namespace (`unshare -m`) with private, empty tmpfs mounts over the head's temp dir, this
               test's output folder and the project's source folders: they see only what Ray ships
     S3        the harness's moto server on 127.0.0.1 (data, tokenized cache, checkpoints, exports, the
-              MLflow artifacts)
+              MLflow artifacts); its keys are in each node's environment (as an instance profile gives
+              them on AWS), inherited by the job: the job's runtime env and metadata hold none
     MLflow    a real `mlflow server` on loopback, SQLite backend, --artifacts-destination s3://...
 
 The training submission runs jobs/configs/cluster-smoke.yaml; the test kills the worker node that runs
 a training worker (its raylet, SIGKILL) once in stage 1 and once in stage 2, picking the moment from the
 job's own progress lines, and each time starts a replacement node. The job must finish both stages at
 the exact step count, every step applied once in the lineage of the final weights, with both stages'
-runs, metrics and images on the MLflow server and checkpoints and exports on S3. (One submission does
+runs, metrics and images on the MLflow server and checkpoints and exports on S3, and Adam's step count in
+each final checkpoint on S3 equal to the step count. Requests without the cluster's token are refused. (One submission does
 both: on this 2-core machine each run of the pipeline costs minutes.) Three more submissions with
 node-local paths (relative ones in Ray's working-dir copy; the head's disk, for pretraining and for the
 tokenize job) are refused, naming the fields, before any task or actor of theirs starts.
@@ -30,10 +32,8 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,27 +45,17 @@ from pathlib import Path
 import pytest
 
 from conftest import S3_BUCKET, S3_TEST_KEY, S3_TEST_SECRET, fresh_mlflow_db
+from local_cluster import BIN, ROOT, LocalCluster, free_port
 
 pytestmark = pytest.mark.e2e
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's access log
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-RAY, MLFLOW = str(BIN / "ray"), str(BIN / "mlflow")
-RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default worker port range: never a service port here
+MLFLOW = str(BIN / "mlflow")
 STEPS = 12  # per stage, as in cluster-smoke.yaml
 KILL_AFTER_STEP = 4  # a checkpoint at step 3 is committed by then; steps 5.. are in flight
 PROGRESS = re.compile(r"\[(tower|lm)\] step (\d+)/(\d+)")
 SOURCE_DIRS = ("orchestration", "vilau_model", "jobs", "tests")
 
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in RAY_WORKER_PORTS:
-            return port
 
 
 def mount_namespaces_work() -> str | None:
@@ -95,230 +85,15 @@ def project_source_dirs() -> list[str]:
     return sorted(d for d in dirs if os.path.isdir(d))
 
 
-class LocalCluster:
-    """A head and worker nodes on this machine, each `ray start --block` in its own process group."""
-
-    def __init__(self, base: Path, hidden: list[str]):
-        self.base, self.hidden = base, hidden
-        self.token = secrets.token_hex(16)
-        self.port, self.dashboard_port = free_port(), free_port()
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.started = time.time()
-        self.submitted: list[str] = []
-        self.logs: dict[str, Path] = {}
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTHONPATH", "AWS_", "MLFLOW_"))}
-        env.update(
-            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # as with the venv activated: `python` is ours
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN=self.token,
-            # A killed raylet refuses the health check at once: 5 checks 1 s apart notice it in ~5 s
-            # (default ~15 s). A slow but live node has 10 s per check, so a busy machine loses none.
-            RAY_health_check_period_ms="1000",
-            RAY_health_check_timeout_ms="10000",
-            RAY_health_check_failure_threshold="5",
-            RAY_DEDUP_LOGS="0",
-            # Ray's own helpers that look a cluster up with address "auto" (e.g. Train's placement group
-            # cleaner) must find this one, not another Ray instance running on the machine.
-            RAY_ADDRESS=f"127.0.0.1:{self.port}",
-            # Ray's OOM killer watches the whole machine's memory; on a shared machine it would kill this
-            # test's actors for other processes' use. The test's own footprint is small (tiny models).
-            RAY_memory_monitor_refresh_ms="0",
-        )
-        return env
-
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        log = self.base / f"{name}.log"
-        self.logs[name] = log
-        with open(log, "wb") as out:
-            self.procs[name] = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=self.env(), cwd="/", start_new_session=True
-            )
-
-    def _node_ports(self) -> list[str]:
-        return [
-            "--node-ip-address", "127.0.0.1",
-            "--dashboard-agent-listen-port", str(free_port()),
-            "--metrics-export-port", str(free_port()),
-            "--object-store-memory", str(300 * 1024 * 1024),
-        ]
-
-    def start_head(self) -> None:
-        self.head_temp = self.base / "h"
-        self._spawn("head", [
-            RAY, "start", "--head", "--num-cpus", "0", "--port", str(self.port),
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--ray-client-server-port", str(free_port()), "--temp-dir", str(self.head_temp),
-            "--disable-usage-stats", "--block", *self._node_ports(),
-        ])
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            self.check_alive("head")
-            try:
-                if self.api("/api/version"):
-                    return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"the head did not come up; see {self.logs['head']}")
-
-    def start_worker(self, index: int) -> str:
-        """A worker node in its own mount namespace; returns its name (also a custom resource of it)."""
-        name = f"worker{index}"
-        temp = self.base / f"w{index}"
-        temp.mkdir()
-        mounts = " && ".join(f"mount -t tmpfs tmpfs {p}" for p in [str(self.head_temp), *self.hidden])
-        ray_start = " ".join([
-            RAY, "start", "--address", f"127.0.0.1:{self.port}", "--num-cpus", "4", "--temp-dir", str(temp),
-            "--resources", f"'{{\"{name}\": 1}}'", "--disable-usage-stats", "--block", *self._node_ports(),
-        ])
-        self._spawn(name, ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec {ray_start}"])
-        return name
-
-    def wait_for_nodes(self, names: list[str], timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for name in names:
-                self.check_alive(name)
-            if set(names) <= set(self.alive_nodes().values()):
-                return
-            time.sleep(1)
-        raise TimeoutError(f"nodes {names} did not join; logs under {self.base}")
-
-    def check_alive(self, name: str) -> None:
-        if self.procs[name].poll() is not None:
-            raise RuntimeError(f"{name} exited: {self.logs[name].read_text()[-3000:]}")
-
-    # -- the dashboard's REST API (what `ray job` and `ray list` use), with the cluster's token
-
-    def api(self, path: str, body: dict | None = None, method: str | None = None):
-        request = urllib.request.Request(
-            self.dashboard + path, data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}, method=method,
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read() or b"null")
-
-    def state(self, kind: str, **filters: str) -> list[dict]:
-        query = [("detail", "true"), ("limit", "10000")]
-        for key, value in filters.items():
-            query += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
-        return self.api(f"/api/v0/{kind}?{urllib.parse.urlencode(query)}")["data"]["result"]["result"]
-
-    def alive_nodes(self) -> dict[str, str]:
-        """node id -> our name for it (head, workerN)."""
-        out = {}
-        for node in self.state("nodes"):
-            if node["state"] != "ALIVE":
-                continue
-            names = [r for r in node["resources_total"] if r.startswith("worker")]
-            out[node["node_id"]] = names[0] if names else "head"
-        return out
-
-    def submit(self, submission_id: str, entrypoint: list[str], env_vars: dict[str, str]) -> None:
-        """`ray job submit --working-dir <repo>` (the CLI, as a user runs it), without waiting."""
-        env = self.env()
-        env["RAY_ADDRESS"] = self.dashboard
-        out = subprocess.run(
-            [RAY, "job", "submit", "--working-dir", ".", "--submission-id", submission_id, "--no-wait",
-             "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *entrypoint],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
-        self.submitted.append(submission_id)
-
-    def job(self, submission_id: str) -> dict:
-        return self.api(f"/api/jobs/{submission_id}")
-
-    def job_logs(self, submission_id: str) -> str:
-        logs = self.api(f"/api/jobs/{submission_id}/logs")["logs"]
-        (self.base / f"job-{submission_id}.log").write_text(logs)
-        return logs
-
-    def note(self, event: str) -> None:
-        """A timestamped line in the test's output (shown on failure): where the minutes went."""
-        print(f"[multinode +{time.time() - self.started:6.1f}s] {event}", flush=True)
-
-    def wait_job(self, submission_id: str, timeout: float) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            info = self.job(submission_id)
-            if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-                return info
-            time.sleep(0.5)  # one small REST call: a 2 s poll added ~1 s per wait on average
-        raise TimeoutError(f"job {submission_id} still {info['status']}:\n{self.job_logs(submission_id)[-5000:]}")
-
-    # -- node loss
-
-    def raylet_pid(self, name: str) -> int:
-        """The raylet in this node's process group."""
-        pgid = self.procs[name].pid  # start_new_session: the group is led by the node's first process
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                comm = Path(f"/proc/{entry}/comm").read_text().strip()
-                if comm == "raylet" and os.getpgid(int(entry)) == pgid:
-                    return int(entry)
-            except (OSError, ProcessLookupError):
-                continue
-        raise RuntimeError(f"no raylet in {name}'s process group")
-
-    def kill_node(self, name: str) -> None:
-        groups = process_groups_under({self.procs[name].pid})  # before the raylet's children are re-parented
-        os.kill(self.raylet_pid(name), signal.SIGKILL)
-        self.stop(name, groups=groups)  # the rest of that node (its workers, agents) goes, as with a lost machine
-
-    def stop(self, *names: str, groups: set[int] | None = None) -> None:
-        """SIGKILL the process groups of these nodes and of every process descended from them (job
-        drivers run in sessions of their own): only processes this test started, found by the PIDs it
-        spawned, never by a name or a PID from the job API."""
-        roots = {self.procs[name].pid for name in names}
-        for pgid in sorted(process_groups_under(roots) | (groups or set())):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for name in names:
-            self.procs[name].wait(timeout=30)
-
-    def stop_all(self) -> None:
-        self.stop(*self.procs)  # one snapshot of the tree: a killed parent's children are re-parented
-
-
-def process_groups_under(roots: set[int]) -> set[int]:
-    """The process groups of ``roots`` and of every live process whose chain of parents reaches one of
-    them. A process inherits its parent's group unless it makes its own, so each of these groups was made
-    by a process this test started (or by one of their descendants)."""
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            parent[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])  # field 4: the parent's PID
-        except (OSError, ValueError, IndexError):
-            continue
-    groups = set()
-    for pid in parent:
-        ancestor = pid
-        while ancestor not in roots and ancestor in parent and ancestor > 1:
-            ancestor = parent[ancestor]
-        if ancestor in roots:
-            try:
-                groups.add(os.getpgid(pid))
-            except ProcessLookupError:
-                pass
-    return groups
+def node_env(s3_server) -> dict[str, str]:
+    """What every node's environment holds to reach the S3 server, as an instance profile would give it
+    on AWS: the job inherits it from its node and carries no key of its own."""
+    return {"AWS_ACCESS_KEY_ID": S3_TEST_KEY, "AWS_SECRET_ACCESS_KEY": S3_TEST_SECRET,
+            "AWS_ENDPOINT_URL_S3": s3_server.endpoint_url}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, s3_server):
     reason = mount_namespaces_work()
     if reason:
         # The only test of the cluster path (node loss, token auth, the MLflow server): never skipped
@@ -331,7 +106,7 @@ def cluster(tmp_path_factory):
     base = Path(tempfile.mkdtemp(prefix="vmn-", dir="/tmp"))
     outputs = tmp_path_factory.mktemp("multinode")
     hidden = [str(outputs), *project_source_dirs()]
-    c = LocalCluster(base, hidden)
+    c = LocalCluster(base, hidden, node_env=node_env(s3_server))
     c.outputs = outputs
     try:
         c.start_head()
@@ -426,12 +201,6 @@ def smoke_entrypoint(*overrides: str) -> list[str]:
     return ["python", "jobs/pretrain.py", "--config", "jobs/configs/cluster-smoke.yaml", *overrides]
 
 
-def job_env(s3_server) -> dict[str, str]:
-    """What a job needs to reach the S3 server (on AWS: the instance profile instead)."""
-    return {"AWS_ACCESS_KEY_ID": S3_TEST_KEY, "AWS_SECRET_ACCESS_KEY": S3_TEST_SECRET,
-            "AWS_ENDPOINT_URL_S3": s3_server.endpoint_url}
-
-
 def wait_for_progress(cluster: LocalCluster, submission_id: str, stage: str, step: int, timeout: float = 400) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -452,7 +221,37 @@ def node_of_a_training_worker(cluster: LocalCluster, job_id: str) -> str:
     raise AssertionError("no alive training worker on a worker node")
 
 
-def test_training_survives_losing_a_worker_node_in_each_stage(cluster, mlflow_server, s3_server, s3_synthetic_data):
+def optimizer_steps_on_s3(s3_server, checkpoint_uri: str, local: Path) -> set[int]:
+    """Adam's step counters in a sharded checkpoint on S3, read back without Ray or a process group: the
+    count of optimizer steps applied in the lineage of these weights, whatever the job says of itself."""
+    import boto3
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+                          aws_access_key_id=S3_TEST_KEY, aws_secret_access_key=S3_TEST_SECRET)
+    bucket, prefix = checkpoint_uri[len("s3://"):].split("/", 1)
+    for key in s3_keys(s3_server, prefix.rstrip("/") + "/"):
+        name = key.rsplit("/", 1)[-1]
+        if name == ".metadata" or name.endswith(".distcp"):  # the DCP files; rank files hold RNG and data position
+            client.download_file(bucket, key, str(local / name))
+    dcp_to_torch_save(local, local / "full.pt")
+    state = torch.load(local / "full.pt", weights_only=False)["optim"]["state"]
+    return {int(v["step"]) for v in state.values()}
+
+
+def assert_no_credentials(what: str, text: str) -> None:
+    for secret in (S3_TEST_KEY, S3_TEST_SECRET):
+        assert secret not in text, f"an S3 credential in {what}"
+
+
+def test_training_survives_losing_a_worker_node_in_each_stage(cluster, mlflow_server, s3_server, s3_synthetic_data,
+                                                                tmp_path):
+    # Token auth is enforced: the dashboard's job API refuses a request without the token, or with another.
+    assert cluster.status_without_token("/api/jobs/") in (401, 403)
+    assert cluster.status_without_token("/api/jobs/", token="not-" + cluster.token) in (401, 403)
+    assert isinstance(cluster.api("/api/jobs/"), list)  # and answers one with it
+
     data_uri, _ = s3_synthetic_data
     prefix = "multinode/run"
     submission = "vilau-multinode-train"
@@ -464,7 +263,7 @@ def test_training_survives_losing_a_worker_node_in_each_stage(cluster, mlflow_se
         f"output_dir=s3://{S3_BUCKET}/{prefix}/outputs",
         f"tracking.uri={mlflow_server}",
         "--summary-json", str(summary_path),
-    ), job_env(s3_server))
+    ))
 
     cluster.note("training job submitted")
     replacement = 3
@@ -482,6 +281,11 @@ def test_training_survives_losing_a_worker_node_in_each_stage(cluster, mlflow_se
     logs = cluster.job_logs(submission)
     assert info["status"] == "SUCCEEDED", logs[-8000:]
     summary = json.loads(summary_path.read_text())
+    # The job reached S3 with its node's credentials: none is in its runtime env, its stored metadata
+    # (what `ray job list` shows) or its output.
+    assert not (info.get("runtime_env") or {}).get("env_vars"), info["runtime_env"]
+    assert_no_credentials("the job's metadata", json.dumps(cluster.api("/api/jobs/")))
+    assert_no_credentials("the job's logs", logs)
 
     for stage in ("tower", "lm"):
         stats = summary["stages"][stage]
@@ -509,8 +313,14 @@ def test_training_survives_losing_a_worker_node_in_each_stage(cluster, mlflow_se
         checkpoints = s3_keys(s3_server, f"{prefix}/ray/cluster-smoke-{stage}/checkpoint_step")
         assert export and any(k.endswith(".safetensors") for k in export), export
         assert any(f"checkpoint_step{STEPS:07d}_" in k for k in checkpoints)
+        # Independently of the job's own step history: the final checkpoint on S3 holds exactly STEPS
+        # optimizer steps (a step applied twice across a restart, or one lost, changes Adam's count).
+        final = stats["checkpoint_path"]
+        assert f"checkpoint_step{STEPS:07d}_" in final, final
+        (tmp_path / stage).mkdir()
+        assert optimizer_steps_on_s3(s3_server, final, tmp_path / stage) == {STEPS}
 
-    # The MLflow artifacts went through the server to S3; the job never held the server's S3 keys.
+    # The MLflow artifacts went through the server to S3 (the server holds its own S3 keys).
     assert s3_keys(s3_server, "mlflow-artifacts/")
     assert s3_keys(s3_server, f"{prefix}/outputs/lm_tokenizer/")
 
@@ -520,20 +330,20 @@ def test_node_local_paths_are_refused_before_any_worker_starts(cluster, mlflow_s
     cluster.submit("vilau-multinode-relative", smoke_entrypoint(
         f"data.root=s3://{S3_BUCKET}/x", f"data.cache_dir=s3://{S3_BUCKET}/x/tok",
         "cluster.storage_path=ray_results", "output_dir=outputs", f"tracking.uri={mlflow_server}",
-    ), job_env(s3_server))
+    ))
     # Absolute paths on the head's disk: refused once the job has joined the 3-node cluster.
     local = cluster.outputs / "local"
     cluster.submit("vilau-multinode-local", smoke_entrypoint(
         f"data.root={local}/data", f"data.cache_dir={local}/tokenized",
         f"cluster.storage_path={local}/ray", f"output_dir={local}/outputs", f"tracking.uri=sqlite:///{local}/mlflow.db",
-    ), job_env(s3_server))
+    ))
 
     # The tokenize job joins the cluster it was submitted to as well (a private instance would see one node).
     cluster.submit("vilau-multinode-tokenize", [
         "python", "jobs/tokenize_data.py", "--config", "jobs/configs/cluster-smoke.yaml",
         f"data.root={local}/data", f"data.cache_dir={local}/tokenized", f"cluster.storage_path=s3://{S3_BUCKET}/x/ray",
         f"output_dir=s3://{S3_BUCKET}/x/outputs", f"tracking.uri={mlflow_server}",
-    ], job_env(s3_server))
+    ])
 
     relative = cluster.wait_job("vilau-multinode-relative", timeout=180)
     logs = cluster.job_logs("vilau-multinode-relative")

@@ -4,6 +4,7 @@ through a checkpoint save, the rerun of that killed run, and the Ray-free export
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,33 @@ import torch
 from PIL import Image
 
 STEPS, CHECKPOINT_EVERY = 6, 3
+
+
+def _saved_state(fs, checkpoint_dir: str, local: Path) -> dict:
+    """A sharded checkpoint's model and optimizer state from its DCP files on S3, read without Ray or a
+    process group: ``{"model": {fqn: tensor}, "optim": {"state": {fqn: {...}}, ...}}``."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    local.mkdir(parents=True)
+    for path in fs.ls(checkpoint_dir):
+        name = Path(path).name
+        if name == ".metadata" or name.endswith(".distcp"):
+            fs.get(path, str(local / name))
+    dcp_to_torch_save(local, local / "full.pt")
+    return torch.load(local / "full.pt", weights_only=False)
+
+
+def _sums(state: dict, prefix: str = "") -> dict[str, list[float]]:
+    """[sum, sum of squares] in float64 of every tensor of a nested state dict, by its path."""
+    out = {}
+    for key, value in state.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(_sums(value, name))
+        elif isinstance(value, torch.Tensor):
+            full = value.detach().to(torch.float64)
+            out[name] = [float(full.sum()), float((full * full).sum())]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +84,8 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
         f"cluster.fault_injection.fail_at_step={STEPS}",
         "cluster.fault_injection.phase=save",
         "cluster.fault_injection.rank=0",
+        # after the restore, rank 0 writes sums of every tensor it holds, for comparison with the files
+        "cluster.fault_injection.record_restored_state=true",
     )
     with pytest.raises(TrainingFailedError):
         fit_lm(config, tower_export)
@@ -67,11 +97,27 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
     checkpoints = [p for p in fs.ls(run_dir) if Path(p).name.startswith("checkpoint_step")]
     # Saves are written straight to storage: the cut-off save of step 6 left an incomplete directory.
     assert sorted(Path(p).name.split("_")[1] for p in checkpoints if complete(p)) == ["step0000003"]
+    (saved_dir,) = [p for p in checkpoints if complete(p)]
+    saved = _saved_state(fs, saved_dir, tmp_path / "saved")
 
     # Rerunning the killed run resumes from the checkpoint before the cut-off save.
     result = fit_lm(config, tower_export)
     assert result.steps_done == STEPS
     assert result.history == [[1, CHECKPOINT_EVERY], [CHECKPOINT_EVERY + 1, STEPS]]
+    # What the rerun held right after its restore is what the step-3 checkpoint's files hold: every
+    # model and optimizer tensor (sum and sum of squares of the whole tensor), none missing or extra.
+    fs.invalidate_cache()  # s3fs remembers the listings made before the rerun wrote new files
+    restored = json.loads(fs.cat_file(f"{run_dir}/restored_state_step{CHECKPOINT_EVERY:07d}.json"))
+    assert restored["checkpoint"].rstrip("/").endswith(Path(saved_dir).name) and restored["step"] == CHECKPOINT_EVERY
+    expected = _sums(saved)
+    assert set(restored["tensors"]) == set(expected)
+    assert any(k.startswith("optim/state/") and k.endswith("/exp_avg_sq") for k in expected)
+    for name, (total, squares) in expected.items():
+        assert restored["tensors"][name] == pytest.approx([total, squares], rel=1e-9, abs=1e-12), name
+    # Adam's step counters: 3 restored + 3 taken after the restore, none taken twice, in the final weights.
+    final = _saved_state(fs, result.checkpoint_path.replace("s3://", "", 1), tmp_path / "final")
+    assert {int(v["step"]) for v in final["optim"]["state"].values()} == {STEPS}
+    assert {int(v["step"]) for v in saved["optim"]["state"].values()} == {CHECKPOINT_EVERY}
 
     client = MlflowClient(tracking_uri=config.tracking_uri)
 
@@ -89,17 +135,30 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
     run = client.get_run(result.mlflow_run_id)
     assert run.data.tags["vilau.stage"] == "lm" and run.info.status == "FINISHED"
     assert {"loss_text", "loss_image", "tokens_per_s", "samples_per_s", "grad_norm", "lr"} <= set(run.data.metrics)
-    # The generation score (one image per class prompt, classified by the tower) and its sample grid.
+    # The generation score (one image per class prompt, classified by the tower) and its sample grid:
+    # the score is the share of the 16 generated images that the tower put in their prompt's class, as
+    # the per-image table beside it lists them.
     assert run.data.metrics["eval/generation_chance"] == pytest.approx(1 / 16)
-    assert 0.0 <= run.data.metrics["eval/generation_score"] <= 1.0
+    samples = [a.path for a in client.list_artifacts(result.mlflow_run_id, "samples")]
+    assert f"samples/generation_step_{STEPS:07d}.png" in samples
+    table = Path(client.download_artifacts(result.mlflow_run_id, f"samples/generation_step_{STEPS:07d}.tsv",
+                                           dst_path=str(tmp_path / "tsv"))).read_text().splitlines()[1:]
+    rows = [line.split("\t") for line in table]
+    assert len(rows) == 16 and len({prompted for prompted, _ in rows}) == 16, rows
+    matches = sum(prompted == classified for prompted, classified in rows)
+    assert run.data.metrics["eval/generation_score"] == pytest.approx(matches / 16)
     assert result.metrics["eval/generation_score"] == run.data.metrics["eval/generation_score"]
-    # The understanding score (answers about the held-back images) beside it, with its chance levels.
+    # The understanding score (answers about the held-back images) beside it, with its chance levels: the
+    # share of images whose answer named their true class, as its per-image table lists them.
     assert run.data.metrics["eval/understanding_chance"] == pytest.approx(1 / 16)
     assert run.data.metrics["eval/understanding_shape_chance"] == pytest.approx(1 / 4)
     assert result.metrics["eval/understanding_score"] == run.data.metrics["eval/understanding_score"]
-    samples = [a.path for a in client.list_artifacts(result.mlflow_run_id, "samples")]
-    assert f"samples/generation_step_{STEPS:07d}.png" in samples
-    assert f"samples/understanding_step_{STEPS:07d}.tsv" in samples
+    answers = Path(client.download_artifacts(result.mlflow_run_id, f"samples/understanding_step_{STEPS:07d}.tsv",
+                                             dst_path=str(tmp_path / "tsv"))).read_text().splitlines()[2:]
+    named = [line.split("\t")[:2] for line in answers]
+    assert len(named) >= 16, answers[:5]
+    right = sum(true == said for true, said in named)
+    assert run.data.metrics["eval/understanding_score"] == pytest.approx(right / len(named))
 
     # The export (on S3) loads and generates without Ray.
     assert result.export_path.startswith(f"{storage}/t-lm/")

@@ -64,6 +64,14 @@ def _finished_trials(sweep_dir: str) -> dict[str, str]:
     return done
 
 
+def _trial_statuses(sweep_dir: str) -> list[str]:
+    """Each trial's status in the sweep state on disk (the newest experiment_state file)."""
+    latest = max(glob.glob(os.path.join(sweep_dir, "experiment_state-*.json")), key=os.path.getmtime)
+    with open(latest) as f:
+        trial_data = json.load(f)["trial_data"]
+    return [json.loads(trial_json)["status"] for trial_json, _ in trial_data]
+
+
 @pytest.mark.e2e
 def test_interrupted_sweep_resumes_and_completes(ray_session, tiny_config, tmp_path):
     config = tiny_config()
@@ -101,12 +109,22 @@ def test_interrupted_sweep_resumes_and_completes(ray_session, tiny_config, tmp_p
         log.close()
         output = log_path.read_text(errors="replace")
     assert finished_before, f"no trial finished before the deadline:\n{output[-3000:]}"
+    # The first attempt died of the kill (not of its own accord), with trials left unfinished on disk.
+    assert first.returncode == -signal.SIGKILL, (first.returncode, output[-3000:])
+    statuses = _trial_statuses(sweep_dir)
+    assert 1 <= statuses.count("TERMINATED") < 4, statuses
+    # The last grid point (trial 3) can only start once two others have ended: it had not finished.
+    assert not any("_00003_" in os.path.basename(d) for d in finished_before), finished_before
 
-    # Second attempt: the same command resumes the sweep and completes it.
-    resumed = load_config(None, overrides)
+    # Second attempt: the same command resumes the sweep and completes it. Trial 3 fails once at its
+    # start (a transient failure): Tune retries it and it finishes.
+    resumed = load_config(None, [*overrides, "cluster.fault_injection.trial_index=3",
+                                 "cluster.fault_injection.trial_failures=1"])
     summary = run_sweep(resumed)
     assert len(summary.trials) == 4
-    assert all(t.status == "done" for t in summary.trials), summary.table()
+    assert all(t.status == "done" and t.error is None for t in summary.trials), summary.table()
+    retried = {t.trial_id.rsplit("_", 1)[-1]: t.retries for t in summary.trials}
+    assert retried == {"00000": 0, "00001": 0, "00002": 0, "00003": 1}, summary.table()
     # Trials finished before the interruption were not run again.
     for trial_dir, text in finished_before.items():
         assert open(os.path.join(trial_dir, "result.json")).read() == text
@@ -127,4 +145,42 @@ def test_interrupted_sweep_resumes_and_completes(ray_session, tiny_config, tmp_p
     )
     weights = {(float(c.data.params["tower_train.w_contra"]), float(c.data.params["tower_train.w_recon"])) for c in children}
     assert weights == {(1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0)}
+    # The retried trial's run records the failure it recovered from; no other run has an error, and
+    # none ended FAILED. (Stopped trials' runs end KILLED; Tune also stops a trial at its last report.)
+    index = {c.info.run_id: c.data.tags["vilau.run_name"].split("-")[1].rsplit("_", 1)[-1] for c in children}
+    errors = {index[c.info.run_id]: c.data.tags.get("vilau.last_error") for c in children}
+    assert errors["00003"].startswith("InjectedTrialFailure: injected failure of trial"), errors
+    assert not any(errors[i] for i in ("00000", "00001", "00002")), errors
+    statuses = {index[c.info.run_id]: c.info.status for c in children}
+    assert "FAILED" not in statuses.values(), statuses
     assert OBJECTIVE not in parent.data.params
+
+
+def test_a_trial_that_always_fails_is_retried_and_shows_its_error(ray_session, tiny_config, tmp_path):
+    """A trial made to fail at its start in every attempt: Tune retries it tune.trial_max_failures times,
+    then the sweep summary and the trial's MLflow run (FAILED, under the sweep's parent) carry its error.
+    (It fails before its Train run starts: this sweep trains nothing.)"""
+    config = tiny_config(
+        "run_name=failing", "tune.search=grid", "tune.w_contra.values=[1.0]", "tune.w_recon.values=[1.0]",
+        "tune.trial_max_failures=1", "cluster.fault_injection.trial_index=0",
+        "cluster.fault_injection.trial_failures=1000",
+    )
+    summary = run_sweep(config)
+    assert len(summary.trials) == 1
+    trial = summary.trials[0]
+    assert trial.status == "error" and trial.objective is None and summary.best is None
+    assert trial.retries == 1, summary.table()
+    assert trial.error.startswith("InjectedTrialFailure: injected failure of trial"), trial.error
+    assert "attempt 2 of 1000" in trial.error  # the last attempt's error, after the one retry
+    row = [line for line in summary.table().splitlines() if line.startswith(trial.trial_id)]
+    assert row and "error: InjectedTrialFailure: injected failure" in row[0], summary.table()
+
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    table = open(client.download_artifacts(summary.parent_run_id, "summary.txt", dst_path=str(tmp_path))).read()
+    assert "error: InjectedTrialFailure: injected failure" in table  # the sweep's parent run keeps the summary
+    parent = client.get_run(summary.parent_run_id)
+    (child,) = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary.parent_run_id}'"
+    )
+    assert child.info.status == "FAILED"
+    assert child.data.tags["vilau.last_error"] == trial.error

@@ -307,6 +307,34 @@ def load_checkpoint(
     return train
 
 
+def flat_tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``{"model/<fqn>": tensor, "optim/state/<fqn>/exp_avg": tensor, ...}`` of a (nested) state dict."""
+    out = {}
+    for key, value in state.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flat_tensors(value, name))
+        elif isinstance(value, torch.Tensor):
+            out[name] = value
+    return out
+
+
+def state_digest(model: nn.Module, optimizers: list[torch.optim.Optimizer], ignore_frozen: bool) -> dict[str, list[float]]:
+    """Collective: ``{name: [sum, sum of squares]}`` in float64 of every tensor that a checkpoint saves
+    (model and optimizer state, by the names DCP stores them under), over the whole unsharded tensor.
+    Tests compare it with the same sums computed from a checkpoint's files (cluster.fault_injection.
+    record_restored_state). Gathers every parameter in turn: a test aid, not for large models."""
+    from torch.distributed.tensor import DTensor
+
+    model_sd, optim_sd = get_state_dict(model, optimizers, options=state_dict_options(ignore_frozen))
+    digest = {}
+    for name, tensor in flat_tensors({"model": model_sd, "optim": optim_sd}).items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        full = full.detach().to("cpu", torch.float64)
+        digest[name] = [float(full.sum()), float((full * full).sum())]
+    return digest
+
+
 def checkpoint_step(path: str) -> int:
     match = STEP_DIR.search(os.path.basename(path.rstrip("/")))
     return int(match.group(1)) if match else -1

@@ -157,6 +157,17 @@ def open_run(config: Config, stage: str, run_name: str) -> str | None:
     return run_id
 
 
+def run_id_of(config: Config, run_name: str) -> str | None:
+    """The id of the latest MLflow run of ``run_name``, if there is one."""
+    client = _client(config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def retire_run(config: Config, run_name: str) -> None:
     """--fresh: the MLflow runs of ``run_name`` keep their history under a retired name, so that the next
     open_run creates a new run instead of reopening an old one."""
@@ -174,6 +185,40 @@ def close_run(config: Config, run_id: str | None, failed: bool = False) -> None:
     if run_id is None:
         return
     _client(config.tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+ERROR_TAG = "vilau.last_error"
+
+
+def error_line(error: BaseException, limit: int = 2000) -> str:
+    """``Type: message`` of what went wrong, without Ray's wrapping (a task error carries the user's
+    exception as its cause) and without the remote traceback that Ray puts in the message."""
+    cause = error
+    for _ in range(5):  # RayTaskError(TrainingFailedError(...)) and the like
+        inner = getattr(cause, "cause", None)
+        if not isinstance(inner, BaseException) or inner is cause:
+            break
+        cause = inner
+    message = str(cause).strip()
+    if "Traceback (most recent call last)" in message:  # a remote traceback: its last line says what failed
+        message = message.rsplit("\n", 1)[-1].strip()
+    text = f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+    return text[:limit]
+
+
+def record_failure(config: Config, run_id: str | None, error: BaseException) -> None:
+    """An error ends the run FAILED, tagged ``vilau.last_error`` with what went wrong (credentials
+    scrubbed); a later attempt that reopens the run and finishes it leaves the tag: the run shows it
+    recovered. A run stopped from outside (SystemExit, KeyboardInterrupt: ASHA stopping a trial, Ctrl-C)
+    ends KILLED, with no error."""
+    if run_id is None:
+        return
+    client = _client(config.tracking_uri)
+    if not isinstance(error, Exception):
+        client.set_terminated(run_id, status="KILLED")
+        return
+    client.set_tag(run_id, ERROR_TAG, scrub(error_line(error), secret_values(config)))
+    client.set_terminated(run_id, status="FAILED")
 
 
 class RunLogger:

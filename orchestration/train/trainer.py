@@ -537,6 +537,8 @@ class Trainer:
                 )
                 self.guard.skipped = self.state.nonfinite_skipped
                 self._print(f"resumed from {path} at step {self.state.step} in {time.perf_counter() - started:.1f} s")
+                if self.config.cluster.fault_injection.record_restored_state:
+                    self._record_restored_state(path)
                 return
             except ckpt.IncompleteCheckpointError as exc:
                 log.warning("%s; trying an older checkpoint", exc)
@@ -544,6 +546,17 @@ class Trainer:
                 if older is not None:
                     candidates.append((older, fs))
         raise RuntimeError("no complete checkpoint to resume from; remove the run directory to start over")
+
+    def _record_restored_state(self, checkpoint_path: str) -> None:
+        """cluster.fault_injection.record_restored_state: what this run holds right after the restore
+        (collective), written by rank 0 beside the checkpoints for a test to compare with their files."""
+        import json
+
+        digest = ckpt.state_digest(self.model, [self.optimizer], self.task.ignore_frozen)
+        if self.rank == 0:
+            path = f"{self.experiment_path}/restored_state_step{self.state.step:07d}.json"
+            with self.storage_fs.open_output_stream(path) as f:
+                f.write(json.dumps({"checkpoint": checkpoint_path, "step": self.state.step, "tensors": digest}).encode())
 
     # -- data -------------------------------------------------------------------------------------
 
