@@ -19,7 +19,6 @@ Buffers computed in constructors (rotary ``inv_freq``) are recomputed after ``to
 
 from __future__ import annotations
 
-import copy
 import glob
 import hashlib
 import json
@@ -29,6 +28,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
@@ -74,7 +74,12 @@ def _direct_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def _full_size_twin(module: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` whose own tensors are fresh full-size CPU tensors (children shared,
     read-only): init functions run on it exactly as on an eagerly built module."""
-    twin = copy.copy(module)
+    # Not copy.copy: FSDP2's unit classes re-run the original __init__ (without arguments) when copied.
+    cls = type(module)
+    if isinstance(module, FSDPModule):  # FSDP<cls>(FSDPModule, cls): init as the class the model defines
+        cls = next(c for c in cls.__mro__[1:] if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+    twin = object.__new__(cls)
+    twin.__dict__.update(module.__dict__)
     twin._parameters = {
         n: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
         for n, p in module._parameters.items()
