@@ -108,6 +108,21 @@ def test_cache_round_trip_and_mismatched_manifest(one_actor_rows, make_config, s
     assert [_digest(r) for r in rows] == [_digest(r) for r in one_actor_rows]  # identical, in the same order
     assert data_stats("from-cache")["samples"] == {}  # read from the cache: nothing was decoded or encoded
 
+    # Training reads the cache in record ranges: every rank gets a share even of a one-file cache, and the
+    # ranges read every row once.
+    from orchestration.data.cache import cache_plan
+    from orchestration.data.records import read_unit_tables
+    from orchestration.storage import S3Settings
+
+    plan = cache_plan(config, manifest)
+    assert sum(u.size for u in plan.units) == manifest["rows"] and len(plan.units) >= 2
+    assert all(plan.rank_units(0, rank, 2) for rank in range(2))
+    s3 = S3Settings.from_config(config.data.s3)
+    read = [t for u in plan.units for t in read_unit_tables(u, s3)]
+    assert sum(t.num_rows for t in read) == manifest["rows"]
+    assert sorted(tuple(r["input_ids"]) for t in read for r in t.to_pylist()) == \
+        sorted(tuple(np.asarray(r["input_ids"]).tolist()) for r in one_actor_rows)
+
     # A training loop's view: torch batches with every column typed.
     batch = next(iter(cached.iter_torch_batches(batch_size=2, dtypes=torch_dtypes("lm"))))
     assert batch["codes"].shape == (2, SEQ_LEN, 4) and batch["is_visual"].dtype == torch.bool

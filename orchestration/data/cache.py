@@ -39,7 +39,7 @@ from orchestration.data.lm_data import (
     tokenize_dataset,
     tower_source,
 )
-from orchestration.data.mixture import mixture_report
+from orchestration.data.mixture import mixture_report, parquet_footers
 from orchestration.data.epochs import EpochPlan, part_id
 from orchestration.data.records import LM_CACHE, ReadUnit, fs_and_path
 from orchestration.data.sources import epoch_plan, rank_windows, read_dataset, resolve_sources, s3_settings
@@ -227,10 +227,22 @@ def write_lm_cache(config: Config, tower_path: str | None = None, *, force: bool
 
 
 def cache_plan(config: Config, manifest: dict) -> EpochPlan:
-    """The epoch plan over the cache's files (each file one read unit; rows shuffled like records)."""
-    rows = join(config.data.cache_dir, ROWS_DIR)
-    units = [ReadUnit(source="cache", format=LM_CACHE, uri=join(rows, name), media_root="") for name in manifest["files"]]
+    """The epoch plan over the cache's rows: each file cut into record ranges (rows counted from the
+    footers, read in parallel), at least CACHE_UNITS_PER_RANK per training rank over the whole cache, so
+    that every rank gets a share even of a cache of a few files (a small run writes one)."""
+    rows_dir = join(config.data.cache_dir, ROWS_DIR)
+    uris = [join(rows_dir, name) for name in manifest["files"]]
+    counts = [sum(groups) for groups in parquet_footers(uris, s3_settings(config))]
+    per_unit = max(1, -(-sum(counts) // max(16, CACHE_UNITS_PER_RANK * config.cluster.num_workers)))
+    units = [
+        ReadUnit(source="cache", format=LM_CACHE, uri=uri, media_root="", records=(start, min(start + per_unit, n)),
+                 size=min(start + per_unit, n) - start)
+        for uri, n in zip(uris, counts) for start in range(0, n, per_unit)
+    ]
     return epoch_plan(config, units)
+
+
+CACHE_UNITS_PER_RANK = 4
 
 
 def _cache_track_columns(batch: dict) -> dict:

@@ -436,6 +436,9 @@ def read_unit_tables(unit: ReadUnit, s3: S3Settings | None, chunk_rows: int = CH
     stored). Each record once: how often a source's records are taken is the mixer's business
     (epochs.py reads a unit once per pass of its source)."""
     if unit.format == LM_CACHE:
+        if unit.records is not None:  # a record range of a cache file: offsets are within the range
+            first, last = unit.records
+            start, stop = first + start, (last if stop is None else min(first + stop, last if last is not None else first + stop))
         fs, path = fs_and_path(unit.uri, s3)
         with with_retries(lambda: fs.open(path, "rb"), unit.uri) as f:
             for batch in _parquet_batches(pq.ParquetFile(f), unit, None, chunk_rows, start, stop):
