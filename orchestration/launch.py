@@ -347,12 +347,19 @@ def preflight(config: Config, stages: tuple[str, ...], resume: str = "auto"):
         ensure_data(config)
     except ConfigError as exc:
         problems.append(str(exc))
+    # Join the cluster first (joining takes nothing): its own check refuses paths on one node's disk, the
+    # likeliest mistake on a first cluster run, and its nodes are what the plan is held against.
+    joined = True
+    if joins_a_cluster(config) and not config.cluster.cluster_yaml:
+        try:
+            init_ray(config)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            joined = False
     problems += config_problems(config, stages)
     problems += resume_problems(config, stages, resume)
     plan = None
-    if not (problems and joins_a_cluster(config) and not config.cluster.cluster_yaml):  # else: no cluster joined to hold it against
-        if joins_a_cluster(config) and not config.cluster.cluster_yaml:
-            init_ray(config)
+    if joined:
         plan = plan_run(config, stages, memory=bool(config.cluster.use_gpu and config.cluster.gpu_memory_gib))
         problems += plan.problems
     if problems:

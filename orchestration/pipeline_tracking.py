@@ -167,8 +167,9 @@ def log_stage_model(config: Config, result) -> str | None:
               "vilau.steps": str(result.steps_done)},
     )
     for key, value in sorted(result.metrics.items()):
-        if isinstance(value, (int, float)):
-            client.log_metric(result.mlflow_run_id, key, float(value), step=result.steps_done, model_id=model.model_id)
+        if isinstance(value, (int, float)):  # under final/: the run's own histories keep one value per step
+            client.log_metric(result.mlflow_run_id, f"final/{key}", float(value), step=result.steps_done,
+                              model_id=model.model_id)
     client.finalize_logged_model(model.model_id, "READY")
     if config.tracking.register_as:
         name = f"{config.tracking.register_as}-{result.stage}"

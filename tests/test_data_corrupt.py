@@ -29,8 +29,8 @@ def _expected(manifest, formats):
 def test_every_bad_record_counted_every_good_one_delivered(ray_session, corrupt_data, tmp_path):
     root, manifest = corrupt_data
     assert manifest["corrupt_fraction"] == 0.2
-    # Weights are shares of trained samples, a COYO pair gives two: weight 2 reads every record once.
-    sources = ", ".join(f"{f}: {{format: {f}, path: {p}, weight: {2 if f.startswith('coyo') else 1}}}" for f, p in PATHS.items())
+    # Weights are shares of trained samples; a COYO pair or an OpenVid clip gives two (both ways): weight 2 reads every record once.
+    sources = ", ".join(f"{f}: {{format: {f}, path: {p}, weight: {2 if f.startswith('coyo') or f == 'openvid' else 1}}}" for f, p in PATHS.items())
     config = load_config(None, [f"data.root={root}", f"output_dir={tmp_path}", f"data.lm_sources={{{sources}}}"])
 
     rows = decoded_dataset(config, stats_group="corrupt-lm").take_all()

@@ -22,9 +22,9 @@ SOURCES = {
 
 
 def _config(root, tmp_path, overrides=(), sources=SOURCES):
-    # Weights are shares of trained samples and a COYO pair gives two (both ways): weight 2 reads
+    # Weights are shares of trained samples and a COYO pair or an OpenVid clip gives two (both ways): weight 2 reads
     # every record of every source once.
-    entries = [f"{n}: {{format: {n}, path: {p}, weight: {2 if n.startswith('coyo') else 1}}}" for n, p in sources.items()]
+    entries = [f"{n}: {{format: {n}, path: {p}, weight: {2 if n.startswith('coyo') or n == 'openvid' else 1}}}" for n, p in sources.items()]
     lm_sources = [f"data.lm_sources={{{', '.join(entries)}}}"]
     return load_config(None, [f"data.root={root}", f"output_dir={tmp_path}", *lm_sources, *overrides])
 

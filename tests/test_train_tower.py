@@ -192,7 +192,8 @@ def test_mlflow_run_holds_params_metrics_images_and_no_credentials(killed_run, t
     assert params["tower_train.w_contra"] == "1.0" and params["cluster.num_workers"] == "2"
     assert params["data.s3.secret_access_key"] == REDACTED
     assert tags["vilau.stage"] == "tower" and tags["vilau.run_name"] == "t-tower"
-    assert len(tags["mlflow.source.git.commit"]) >= 7 and tags["ray.job_id"]
+    assert len(tags["mlflow.source.git.commit"]) >= 7
+    assert "ray.job_id" not in tags  # a local instance's job id (always 01000000) tells runs apart from nothing
     expected = {
         "loss", "loss_contrastive", "loss_recon", "loss_pixel", "loss_commitment", "lr", "grad_norm",
         "samples_per_s", "tokens_per_s", "data_wait_share", "step_time_s", "global_batch_size",
