@@ -23,10 +23,10 @@ def source_problems(config: Config, stages: tuple[str, ...]) -> list[str]:
     problems = []
     s3 = S3Settings.from_config(config.data.s3)
     groups = sorted({g for stage in stages for g in STAGE_SOURCES.get(stage, ())})
+    if "lm_sources" in groups and _cache_complete(config):
+        groups.remove("lm_sources")  # stage 2 reads the tokenized cache, not the sources
     for group in groups:
         for name, source in getattr(config.data, group).items():
-            if group == "lm_sources" and config.data.cache_dir and "lm" in stages and _cache_complete(config):
-                continue  # stage 2 reads the tokenized cache, not the sources
             try:
                 list_shards(source.format, config.resolve_path(source.path), s3)
             except (ShardError, OSError) as exc:
@@ -35,12 +35,12 @@ def source_problems(config: Config, stages: tuple[str, ...]) -> list[str]:
 
 
 def _cache_complete(config: Config) -> bool:
-    from orchestration.data.cache import MANIFEST
-    from orchestration.data.records import fs_and_path
+    if not config.data.cache_dir:
+        return False
+    from orchestration.data.cache import read_manifest
 
     try:
-        fs, root = fs_and_path(config.data.cache_dir, S3Settings.from_config(config.data.s3))
-        return fs.exists(f"{root}/{MANIFEST}")
+        return read_manifest(config.data.cache_dir, config) is not None
     except Exception:  # unreachable cache storage: the sources are what will be read
         return False
 
