@@ -335,6 +335,10 @@ class LMTrainSection(StageSection):
     generate_samples: NonNegativeInt = 2
 
 
+# The config section of each training stage.
+STAGE_SECTIONS = {"tower": "tower_train", "lm": "lm_train"}
+
+
 # ---------------------------------------------------------------- cluster, tracking, tune
 
 

@@ -20,7 +20,7 @@ import json
 import logging
 from typing import Literal
 
-from orchestration.config import Config, flatten_config
+from orchestration.config import STAGE_SECTIONS, Config, flatten_config
 from orchestration.storage import filesystem, join
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ OTHER_STAGE = {
 }
 # Changes --resume cannot make sound: the data (its plan and the saved positions) and the model's shape.
 NEEDS_NEW_RUN = ("data.", "model.", "seed")
-SECTION = {"tower": "tower_train", "lm": "lm_train"}
 
 
 def run_config_path(config: Config, run_name: str) -> str:
@@ -54,7 +53,7 @@ def run_config_path(config: Config, run_name: str) -> str:
 
 def trained_fields(config: Config, stage: str) -> dict[str, str]:
     """The flattened config (secrets redacted) without the fields that never block a resume."""
-    free_in_stage = tuple(f"{SECTION[stage]}.{k}" for k in FREE_IN_STAGE)
+    free_in_stage = tuple(f"{STAGE_SECTIONS[stage]}.{k}" for k in FREE_IN_STAGE)
     return {k: v for k, v in flatten_config(config).items()
             if not k.startswith(FREE + OTHER_STAGE[stage] + free_in_stage)}
 
@@ -84,7 +83,7 @@ def resume_problems(config: Config, stages: tuple[str, ...], mode: ResumeMode) -
     """Why rerunning this run name with this config cannot go on as asked (empty: it can)."""
     problems = []
     for stage in stages:
-        if stage not in SECTION:
+        if stage not in STAGE_SECTIONS:
             continue
         run_name = f"{config.run_name}-{stage}"
         try:
@@ -118,7 +117,7 @@ def start_fresh(config: Config, stages: tuple[str, ...]) -> list[str]:
     cluster.storage_path, and retire its MLflow run so that a new one is opened. Returns what was removed."""
     removed = []
     for stage in stages:
-        if stage not in SECTION:
+        if stage not in STAGE_SECTIONS:
             continue
         run_name = f"{config.run_name}-{stage}"
         fs, path = filesystem(join(config.cluster.storage_path, run_name), config.data.s3)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestration.config import Config
+from orchestration.config import STAGE_SECTIONS, Config
 from orchestration.resource_plan import ResourcePlan, cluster_capacity, plan_resources
 
 # Of cluster.gpu_memory_gib, what a step may take; the rest is headroom for what the estimate cannot
 # see exactly (allocator behaviour at the limit, NCCL's lazily grown buffers).
 GPU_MEMORY_USABLE = 0.9
-STAGE_SECTION = {"tower": "tower_train", "lm": "lm_train"}
 
 
 @dataclass
@@ -38,7 +37,7 @@ def memory_problems(config: Config, estimates: dict[str, object]) -> list[str]:
     problems = []
     for stage, estimate in estimates.items():
         if estimate.peak_gib > limit:
-            section = STAGE_SECTION[stage]
+            section = STAGE_SECTIONS[stage]
             problems.append(
                 f"{stage}: the per-GPU peak of one step is {estimate.peak_gib:.1f} GiB, over {GPU_MEMORY_USABLE:g} x "
                 f"cluster.gpu_memory_gib={config.cluster.gpu_memory_gib:g} = {limit:.1f} GiB. Fields: cluster.gpu_memory_gib, "
@@ -51,7 +50,7 @@ def memory_problems(config: Config, estimates: dict[str, object]) -> list[str]:
 def estimate_memory(config: Config, stages) -> dict[str, object]:
     from orchestration.train.memory_plan import estimate_stage_memory
 
-    return {stage: estimate_stage_memory(config, stage) for stage in stages if stage in STAGE_SECTION}
+    return {stage: estimate_stage_memory(config, stage) for stage in stages if stage in STAGE_SECTIONS}
 
 
 def plan_run(config: Config, stages: tuple[str, ...], *, memory: bool = True) -> RunPlan:
@@ -72,7 +71,7 @@ def report_lines(config: Config, plan: RunPlan) -> list[str]:
              "", "resources (held at the same time within a phase):"]
     lines += ["  " + line for line in plan.resources.table()]
     for stage, estimate in plan.memory.items():
-        section = getattr(config, STAGE_SECTION[stage])
+        section = getattr(config, STAGE_SECTIONS[stage])
         lines += ["", f"memory per GPU, {stage} (one step: {section.grad_accum} micro-batches of {section.batch_size_per_worker}"
                   + (f" x {config.data.seq_len} tokens" if stage == "lm" else "") + "):"]
         lines += ["  " + line for line in estimate.lines()]
