@@ -43,7 +43,7 @@ def main() -> None:
     from orchestration.data.tower_data import tower_config
     from orchestration.data.synthetic import make_synthetic_dataset
     from orchestration.train.checkpoint import TrainState
-    from orchestration.train.trainer import BatchStream
+    from orchestration.train.batch_stream import BatchStream
 
     workdir = tempfile.mkdtemp(prefix="bench-resume-")
     root = os.path.join(workdir, "data")

@@ -121,7 +121,7 @@ def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corru
     from orchestration.data.pipeline import rank_dataset, torch_dtypes, with_text_tokens
     from orchestration.data.tower_data import tower_config
     from orchestration.train.checkpoint import TrainState
-    from orchestration.train.trainer import BatchStream
+    from orchestration.train.batch_stream import BatchStream
 
     root, manifest = corrupt_data
     config = _config(root, tmp_path)
