@@ -74,19 +74,23 @@ def config_keys_help() -> str:
     return "\n".join(out)
 
 
-def job_parser(description: str) -> argparse.ArgumentParser:
+def job_parser(description: str, trains: bool = True) -> argparse.ArgumentParser:
+    """Every job's command line: --config, section.key=value overrides, --print-config, --summary-json;
+    with ``trains``, also --resume / --fresh (what a rerun of a run name does)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=config_keys_help())
     parser.add_argument("--config", default=None, help="YAML preset (default: jobs/configs/tiny.yaml)")
     parser.add_argument("--summary-json", default=None, metavar="PATH", help="write a JSON summary of the run here")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML (loadable with --config) and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    if not trains:
+        return parser
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="rerunning a run_name with changed training settings: continue it with the new values")
     again.add_argument("--fresh", action="store_true",
                        help="rerunning a run_name: remove its checkpoints and start over (a new MLflow run)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser
 
 

@@ -30,6 +30,7 @@ import shutil
 
 import torch
 
+from orchestration.train.outputs import LM_META, LM_WEIGHTS, TOWER_FILE, TOWER_META, lm_metadata, tower_metadata
 from vilau_model.config import LMConfig, VisionTowerConfig
 from vilau_model.released_format import (
     VICUNA_V1,
@@ -46,9 +47,6 @@ from vilau_model.released_format import (
 
 log = logging.getLogger(__name__)
 
-# The export's file names, as orchestration.train.lm / .tower write them (not imported from there: those
-# modules call into this one; tests/test_released_format.py checks they agree).
-LM_WEIGHTS, LM_META, TOWER_FILE, TOWER_META = "vilau_lm.safetensors", "vilau_lm.json", "tower.safetensors", "tower.json"
 RELEASED_DIR = "released"
 RELEASED_META = "released.json"
 EXTRAS_FILE = "extras.safetensors"
@@ -190,15 +188,9 @@ def import_released(src: str, out: str, lm_base: LMConfig | None = None) -> dict
     save_file(contiguous(mapped.tower), os.path.join(out, TOWER_FILE),
               metadata={"config_name": tower_cfg.name, "clip_model": tower_cfg.clip_model,
                         "clip_source": source.to_json()})
-    _write_json(os.path.join(out, TOWER_META), {"tower_config": dataclasses.asdict(tower_cfg),
-                                                "loss_config": dataclasses.asdict(loss_cfg)})
+    _write_json(os.path.join(out, TOWER_META), tower_metadata(tower_cfg, loss_cfg))
     save_file(contiguous(mapped.heads), os.path.join(out, LM_WEIGHTS))
-    _write_json(os.path.join(out, LM_META), {
-        "lm_config": dataclasses.asdict(lm_cfg),
-        "special_ids": dataclasses.asdict(special),
-        "conversation": VICUNA_V1.to_dict(),
-        "imported_from": os.path.abspath(src),
-    })
+    _write_json(os.path.join(out, LM_META), lm_metadata(lm_cfg, special, VICUNA_V1, imported_from=os.path.abspath(src)))
     released = os.path.join(out, RELEASED_DIR)
     os.makedirs(released, exist_ok=True)
     save_file(contiguous(mapped.extras), os.path.join(released, EXTRAS_FILE))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import importlib.util
+import shutil
 import types
 from contextlib import contextmanager
 from pathlib import Path
@@ -309,7 +310,7 @@ def test_lm_training_step_on_cuda(lm_task, fake_cuda):
 @pytest.fixture(scope="module")
 def lm_export(tmp_path_factory, tokenizer_dir):
     """A stage-2 export of the tiny preset (random weights), written by ``save_lm_export``."""
-    from orchestration.train.lm import save_lm_export
+    from orchestration.train.outputs import save_lm_export
     from vilau_model.config import get_lm_config, get_tower_config
     from vilau_model.tokenizer import SpecialIds, load_tokenizer
     from vilau_model.unified_lm import UnifiedLM
@@ -328,22 +329,22 @@ def files_read_for_real(monkeypatch):
     """The export's files are read with fake mode paused (a fake tensor cannot hold file contents);
     where the loader then puts the model, and everything after, runs on fake tensors. Returns the
     models read, in order."""
-    from orchestration.train import lm
+    from orchestration.train import outputs
 
-    read, models = lm.read_lm_export, []
+    read, models = outputs.read_lm_export, []
 
     def read_outside_fake_mode(directory):
         with unset_fake_temporarily():
             models.append(read(directory))
         return models[-1]
 
-    monkeypatch.setattr(lm, "read_lm_export", read_outside_fake_mode)
+    monkeypatch.setattr(outputs, "read_lm_export", read_outside_fake_mode)
     return models
 
 
 def test_export_loader_puts_every_tensor_on_the_device(lm_export, fake_cuda, files_read_for_real):
     """Every tensor the loaded model uses moves with it: a forward and text generation run on CUDA."""
-    from orchestration.train.lm import load_lm_export
+    from orchestration.train.outputs import load_lm_export
 
     with fake_cuda():
         model, tokenizer = load_lm_export(lm_export, device="cuda")
@@ -355,7 +356,7 @@ def test_export_loader_puts_every_tensor_on_the_device(lm_export, fake_cuda, fil
 
 
 def test_generation_score_on_cuda(lm_export, fake_cuda, files_read_for_real):
-    from orchestration.train.lm import load_lm_export
+    from orchestration.train.outputs import load_lm_export
     from orchestration.train.samples import generation_score
 
     with fake_cuda():
@@ -366,7 +367,7 @@ def test_generation_score_on_cuda(lm_export, fake_cuda, files_read_for_real):
 
 
 def test_understanding_score_on_cuda(lm_export, fake_cuda, files_read_for_real):
-    from orchestration.train.lm import load_lm_export
+    from orchestration.train.outputs import load_lm_export
     from orchestration.train.samples import understanding_score
 
     with fake_cuda():
@@ -379,21 +380,22 @@ def test_understanding_score_on_cuda(lm_export, fake_cuda, files_read_for_real):
 
 
 def test_generate_job_runs_on_cuda(lm_export, fake_cuda, files_read_for_real, tmp_path):
-    """jobs/generate.py's path with ``--device cuda`` (what ``auto`` picks where there is a GPU, below):
-    the model goes to CUDA and the whole generation runs there."""
+    """jobs/generate.py's path with ``--device cuda`` (what ``auto`` picks where there is a GPU, below),
+    the export found from the config's run: the model goes to CUDA and the whole generation runs there."""
     spec = importlib.util.spec_from_file_location("generate_job", Path(__file__).resolve().parents[1] / "jobs" / "generate.py")
     generate_job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate_job)
     out = tmp_path / "generated"
+    shutil.copytree(lm_export, tmp_path / "runs" / "audit-lm" / "export")  # where the config's run leaves it
     with fake_cuda():
-        generate_job.main(["--checkpoint", lm_export, "--prompt", "a red circle", "--out", str(out), "--device", "cuda",
-                           "--num-samples", "2"])
+        generate_job.main(["--prompt", "a red circle", "--out", str(out), "--device", "cuda", "--num-samples", "2",
+                           f"cluster.storage_path={tmp_path / 'runs'}", "run_name=audit"])
     assert sorted(p.name for p in (out / "gen-0001").iterdir()) == ["prompt00_sample00.png", "prompt00_sample01.png", "prompts.txt"]
     _on_cuda(files_read_for_real[0][0])
 
 
 def test_generate_device_auto_picks_a_gpu_when_there_is_one(monkeypatch):
-    from orchestration.train.lm import generation_device
+    from orchestration.train.generation import generation_device
 
     assert generation_device("cpu") == torch.device("cpu")
     assert generation_device("cuda:1") == torch.device("cuda", 1)

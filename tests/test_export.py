@@ -55,7 +55,8 @@ def test_safetensors_written_tensor_by_tensor_read_back_by_safetensors(tmp_path)
 
 
 def test_tower_export_from_a_sharded_checkpoint(tmp_path, read_groups):
-    from orchestration.train.tower import load_tower_export, tower_config, tower_loss_config
+    from orchestration.train.outputs import load_tower_export
+    from orchestration.train.tower import tower_config, tower_loss_config
     from vilau_model.vision_tower import UnifiedVisionTower
 
     config = load_config(None, [f"output_dir={tmp_path}"])
@@ -75,8 +76,8 @@ def test_tower_export_from_a_sharded_checkpoint(tmp_path, read_groups):
 
 def test_lm_export_from_a_sharded_checkpoint_loads_with_from_pretrained(tmp_path, read_groups, monkeypatch):
     from orchestration.data.lm_data import directory_files, lm_config
-    from orchestration.train.lm import load_lm_export
-    from orchestration.train.tower import save_tower_export
+    from orchestration.train.outputs import load_lm_export
+    from orchestration.train.outputs import save_tower_export
     from vilau_model.config import get_tower_config
     from vilau_model.tokenizer import SpecialIds, train_bpe_tokenizer
     from vilau_model.unified_lm import UnifiedLM
@@ -108,7 +109,7 @@ def test_lm_export_config_carries_the_rope_scaling_of_the_run(tmp_path, read_gro
     from transformers import AutoConfig
 
     from orchestration.data.lm_data import directory_files, lm_config
-    from orchestration.train.tower import save_tower_export
+    from orchestration.train.outputs import save_tower_export
     from vilau_model.config import get_lm_config, get_tower_config
     from vilau_model.tokenizer import SpecialIds, train_bpe_tokenizer
     from vilau_model.unified_lm import UnifiedLM, build_llm
@@ -134,7 +135,7 @@ def test_lm_export_config_carries_the_rope_scaling_of_the_run(tmp_path, read_gro
     assert written["factor"] == 2.0 and written.get("rope_type", written.get("type")) == "linear"
     assert AutoConfig.from_pretrained(tmp_path / "export" / "llm").rope_scaling["factor"] == 2.0
 
-    from orchestration.train.lm import save_lm_export  # the in-process export writes it too
+    from orchestration.train.outputs import save_lm_export  # the in-process export writes it too
 
     save_lm_export(model, tokenizer, str(tmp_path / "saved"))
     assert json.loads((tmp_path / "saved" / "llm" / "config.json").read_text())["rope_scaling"]["factor"] == 2.0

@@ -78,3 +78,4 @@ def test_the_model_package_stands_alone():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for n in names:
                 assert n.split(".")[0] not in ("ray", "mlflow", "orchestration"), f"{path.name} imports {n}"
+

@@ -228,7 +228,8 @@ def test_released_round_trip_and_a_stage2_step(release, tmp_path):
     from orchestration.config import load_config
     from orchestration.data.lm_data import directory_files
     from orchestration.released import export_released, import_released
-    from orchestration.train.lm import LMTask, read_lm_export, save_lm_export
+    from orchestration.train.lm import LMTask
+    from orchestration.train.outputs import read_lm_export, save_lm_export
 
     first = str(tmp_path / "imported")
     info = import_released(release, first)
@@ -337,7 +338,8 @@ def test_generation_uses_the_released_template(release, tmp_path):
     """An imported model generates from the release's chat template; its unconditional stream is the template
     with an empty user turn (DESIGN.md 4), tokenized as the reference tokenizes `prompt + " <im_start>"`."""
     from orchestration.released import import_released
-    from orchestration.train.lm import generate, read_lm_export
+    from orchestration.train.generation import generate
+    from orchestration.train.outputs import read_lm_export
     from vilau_model.released_format import VICUNA_V1, template_prompt_ids
 
     out = str(tmp_path / "imported")
@@ -349,11 +351,3 @@ def test_generation_uses_the_released_template(release, tmp_path):
     assert tokenizer.decode(uncond[1:]) == VICUNA_V1.system + " USER:ASSISTANT: "
     images = generate(model, tokenizer, ["a red circle"], seed=0, temperature=0.0)
     assert len(images) == 1 and images[0].size == (32, 32)
-
-
-def test_export_file_names_agree():
-    import orchestration.released as released
-    from orchestration.train import lm, tower
-
-    assert (released.LM_WEIGHTS, released.LM_META) == (lm.LM_WEIGHTS, lm.LM_META)
-    assert (released.TOWER_FILE, released.TOWER_META) == (tower.TOWER_FILE, tower.TOWER_META)

@@ -44,7 +44,7 @@ def _sums(state: dict, prefix: str = "") -> dict[str, list[float]]:
 @pytest.fixture(scope="module")
 def tower_export(tmp_path_factory) -> str:
     """A stage-1 export of a seeded tiny tower (stage 1 itself is covered by test_train_tower)."""
-    from orchestration.train.tower import save_tower_export
+    from orchestration.train.outputs import save_tower_export
     from vilau_model.config import get_tower_config
     from vilau_model.vision_tower import UnifiedVisionTower
 
@@ -64,7 +64,7 @@ def test_stage2_killed_mid_save_rerun_resumes_loss_falls_and_export_generates(
     from conftest import S3_BUCKET
     from orchestration.launch import fit_lm
     from orchestration.storage import filesystem
-    from orchestration.train.lm import generate_to_files
+    from orchestration.train.generation import generate_to_files
 
     storage = f"s3://{S3_BUCKET}/runs-{tmp_path.name}"
     config = tiny_config(

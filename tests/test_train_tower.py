@@ -150,7 +150,7 @@ def test_a_slow_export_runs_after_the_worker_group_under_a_short_process_group_t
     """The end of a run never holds a rank in a collective: the export runs as its own Ray task after
     every worker of the group has returned. (Exporting on rank 0 while the other ranks waited in a
     barrier, as the trainer once did, fails this run with a gloo timeout.)"""
-    from orchestration.train.tower import load_tower_export
+    from orchestration.train.outputs import load_tower_export
 
     _, result = clean_run
     assert result.steps_done == STEPS and result.history == [[1, STEPS]]
@@ -174,7 +174,7 @@ def test_tower_loss_falls_on_two_fsdp_workers_and_the_export_loads_without_ray(k
     divergence = _mlflow(config).get_metric_history(result.mlflow_run_id, "codebook_rank_divergence")
     assert len(divergence) >= STEPS - 1 and all(m.value == 0.0 for m in divergence)
 
-    from orchestration.train.tower import load_tower_export
+    from orchestration.train.outputs import load_tower_export
 
     tower = load_tower_export(result.export_path).eval()
     images = torch.rand(2, 3, 32, 32)

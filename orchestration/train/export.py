@@ -205,7 +205,8 @@ def _end_of_run_delay(config: Config) -> None:
 def export_tower_from_checkpoint(config: Config, checkpoint_uri: str, export_uri: str) -> dict:
     """tower.safetensors + tower.json from the stage-1 checkpoint; returns codebook statistics."""
     from orchestration.data.sources import s3_settings
-    from orchestration.train.tower import TOWER_FILE, TOWER_META, tower_config, tower_loss_config
+    from orchestration.train.outputs import TOWER_FILE, TOWER_META, tower_metadata
+    from orchestration.train.tower import tower_config, tower_loss_config
     from vilau_model.vision_tower import UnifiedVisionTower
 
     _end_of_run_delay(config)
@@ -227,7 +228,7 @@ def export_tower_from_checkpoint(config: Config, checkpoint_uri: str, export_uri
         out.open, out.path(TOWER_FILE), {n: (checkpoint.specs[n][0], expected[n]) for n in names}, checkpoint.stream(names),
         metadata={"config_name": tower_cfg.name, "clip_model": tower_cfg.clip_model},
     )
-    out.write_json(TOWER_META, {"tower_config": dataclasses.asdict(tower_cfg), "loss_config": dataclasses.asdict(loss_cfg)})
+    out.write_json(TOWER_META, tower_metadata(tower_cfg, loss_cfg))
     ema_count = checkpoint.read(["quantizer.ema_count"])["quantizer.ema_count"]
     return {"ema_count": ema_count}
 
@@ -251,8 +252,7 @@ def export_lm_from_checkpoint(
     """The stage-2 export (see the module docstring) from the stage-2 checkpoint and the stage-1 export."""
     from orchestration.data.lm_data import lm_config
     from orchestration.data.sources import s3_settings
-    from orchestration.train.lm import LM_META, LM_WEIGHTS
-    from orchestration.train.tower import TOWER_META
+    from orchestration.train.outputs import HEAD_PREFIXES, LLM_DIR, LM_META, LM_WEIGHTS, TOWER_FILE, TOWER_META, lm_metadata
     from vilau_model.tokenizer import SpecialIds, load_tokenizer
 
     _end_of_run_delay(config)
@@ -288,7 +288,7 @@ def export_lm_from_checkpoint(
         for file, shard in zip(files, shards):
             stream = ((n[len("llm."):], t) for n, t in checkpoint.stream([f"llm.{n}" for n in shard]))
             specs = {n: (checkpoint.specs[f"llm.{n}"][0], hf_shapes[n]) for n in shard}
-            write_safetensors(out.open, out.path("llm", file), specs,
+            write_safetensors(out.open, out.path(LLM_DIR, file), specs,
                               stream, metadata={"format": "pt"})
             weight_map.update({n: file for n in shard})
         if len(files) > 1:
@@ -298,20 +298,18 @@ def export_lm_from_checkpoint(
         config_dir = os.path.join(tmp, "llm")
         llm.config.save_pretrained(config_dir)
         tokenizer.save_pretrained(config_dir)
-        out.put_dir(config_dir, "llm")
+        out.put_dir(config_dir, LLM_DIR)
 
-        heads = [n for n in checkpoint.specs if n.startswith(("projector.", "depth."))]
+        heads = [n for n in checkpoint.specs if n.startswith(HEAD_PREFIXES)]
         if not heads:
             raise ExportError(f"{checkpoint_uri}: no projector/depth-transformer weights in the checkpoint")
         write_safetensors(out.open, out.path(LM_WEIGHTS), {n: checkpoint.specs[n] for n in heads}, checkpoint.stream(heads))
-        lm_meta = {"lm_config": dataclasses.asdict(lm_cfg), "special_ids": dataclasses.asdict(special)}
+        template = None
         if config.model.init_from:  # a run started from an import keeps the release's chat template
             from orchestration.released import export_conversation
 
             template = export_conversation(config.model.init_from)
-            if template is not None:
-                lm_meta["conversation"] = template.to_dict()
-        out.write_json(LM_META, lm_meta)
+        out.write_json(LM_META, lm_metadata(lm_cfg, special, template))
 
     # The frozen tower, as stage 1 exported it.
     src_fs, src = filesystem(tower_path, s3)
@@ -319,8 +317,6 @@ def export_lm_from_checkpoint(
     tower_file = next((p for p in sorted(src_fs.find(tower_dir)) if p.endswith(".safetensors")), None)
     if tower_file is None:
         raise ExportError(f"{tower_path}: no tower safetensors to copy into the stage-2 export")
-    from orchestration.train.tower import TOWER_FILE
-
     for source, target in ((tower_file, TOWER_FILE), (f"{tower_dir}/{TOWER_META}", TOWER_META)):
         with src_fs.open(source, "rb") as f, out.open(out.path(target)) as g:
             while block := f.read(64 << 20):

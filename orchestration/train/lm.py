@@ -8,13 +8,11 @@ meta device and read shard-wise from ``model.lm_path`` (see ``orchestration.trai
 
 The export is self-contained and Ray-free: ``llm/`` (transformers ``save_pretrained``, with the
 tokenizer), ``vilau_lm.safetensors`` (projector + depth transformer), ``tower.safetensors`` +
-``tower.json`` (the frozen tower) and ``vilau_lm.json``; :func:`load_lm_export` rebuilds the model.
+``tower.json`` (the frozen tower) and ``vilau_lm.json`` (orchestration/train/outputs.py, which also loads it).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,8 +26,6 @@ from orchestration.train.trainer import Task, Trainer
 from vilau_model.config import LMConfig, VisionTowerConfig
 from vilau_model.sequence import ROW_COLUMNS
 
-LM_WEIGHTS = "vilau_lm.safetensors"
-LM_META = "vilau_lm.json"
 
 
 class LMTask(Task):
@@ -231,134 +227,3 @@ def lm_worker(loop_config: dict) -> dict:
     config: Config = loop_config["config"]
     task = LMTask(config, loop_config["tokenizer_files"])
     return Trainer(task, config, loop_config["run"]).fit()
-
-
-# ---------------------------------------------------------------- export, load, generate
-
-
-def save_lm_export(model: nn.Module, tokenizer, directory: str) -> None:
-    """LLM via save_pretrained (+ tokenizer), projector + depth transformer as safetensors, the tower."""
-    from safetensors.torch import save_file
-
-    from orchestration.train.tower import save_tower_export
-
-    os.makedirs(directory, exist_ok=True)
-    llm_dir = os.path.join(directory, "llm")
-    model.llm.save_pretrained(llm_dir, safe_serialization=True)
-    tokenizer.save_pretrained(llm_dir)
-    heads = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k.startswith(("projector.", "depth."))}
-    save_file(heads, os.path.join(directory, LM_WEIGHTS))
-    save_tower_export(model.tower, directory)
-    meta = {"lm_config": dataclasses.asdict(model.config), "special_ids": dataclasses.asdict(model.special)}
-    if getattr(model, "conversation", None) is not None:
-        meta["conversation"] = model.conversation.to_dict()
-    with open(os.path.join(directory, LM_META), "w") as f:
-        json.dump(meta, f, indent=1)
-
-
-def load_lm_export(directory: str, device: str | torch.device | None = None):
-    """(UnifiedLM, tokenizer) from a stage-2 export directory, without Ray, on ``device`` (default CPU)."""
-    model, tokenizer = read_lm_export(directory)
-    if device is not None:
-        model.to(device)
-    return model, tokenizer
-
-
-def read_lm_export(directory: str):
-    """(UnifiedLM in eval mode on the CPU, tokenizer) from the export's files."""
-    from safetensors.torch import load_file
-
-    from orchestration.train.tower import load_tower_export
-    from vilau_model.tokenizer import SpecialIds, load_tokenizer
-    from vilau_model.unified_lm import UnifiedLM
-
-    with open(os.path.join(directory, LM_META)) as f:
-        meta = json.load(f)
-    llm_dir = os.path.join(directory, "llm")
-    lm_cfg = dataclasses.replace(LMConfig(**meta["lm_config"]), pretrained_path=llm_dir)
-    tokenizer = load_tokenizer(llm_dir)
-    model = UnifiedLM(lm_cfg, load_tower_export(directory), SpecialIds(**meta["special_ids"]))
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(directory, LM_WEIGHTS)), strict=False)
-    missing = [k for k in missing if k.startswith(("projector.", "depth."))]
-    if missing or unexpected:
-        raise RuntimeError(f"{directory}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if meta.get("conversation"):  # an imported release's template, for generation (orchestration.released)
-        from vilau_model.released_format import ConversationTemplate
-
-        model.conversation = ConversationTemplate.from_dict(meta["conversation"])
-    return model.eval(), tokenizer
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], seed: int = 0, num_frames: int = 1, **kwargs) -> list:
-    """PIL images (num_frames = 1) or lists of frames (video) for text prompts, with CFG."""
-    from vilau_model.sequence import SequenceBuilder
-
-    builder = SequenceBuilder(tokenizer, code_depth=model.code_depth)
-    # A CPU generator on any device (``generation.sample`` draws on it): the same seed, the same samples.
-    generator = torch.Generator().manual_seed(seed)
-    template = getattr(model, "conversation", None)
-    if template is not None:  # an imported release: its chat template, its unconditional prompt (empty user turn)
-        from vilau_model.released_format import template_prompt_ids
-        from vilau_model.tokenizer import IM_START, VI_START
-
-        marker = VI_START if num_frames > 1 else IM_START
-        ids = [template_prompt_ids(tokenizer, template, p, marker) for p in prompts]
-        kwargs.setdefault("unconditional", template_prompt_ids(tokenizer, template, "", marker))
-    else:
-        ids = [builder.generation_prompt(p) for p in prompts]
-    return model.generate_images(ids, generator=generator, num_frames=num_frames, **kwargs).images
-
-
-def generation_device(name: str = "auto") -> torch.device:
-    """The device to generate on: ``auto`` = the (first) GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def fresh_output_folder(out_dir: str) -> str:
-    """The next unused ``<out_dir>/gen-NNNN`` folder, made now: a rerun never overwrites earlier outputs."""
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    n = 1 + max((int(name[4:]) for name in os.listdir(out_dir) if name.startswith("gen-") and name[4:].isdigit()), default=0)
-    while True:
-        folder = os.path.join(out_dir, f"gen-{n:04d}")
-        try:
-            os.makedirs(folder)  # exclusive: two concurrent runs never share a folder
-            return folder
-        except FileExistsError:
-            n += 1
-
-
-def generate_to_files(export_dir: str, prompts: list[str], out_dir: str, video: bool = False, seed: int = 0,
-                      device: str = "auto", num_samples: int = 1, **kwargs) -> list[str]:
-    """``num_samples`` PNGs per prompt (or a folder of frame PNGs per sample for video) in a new folder
-    under ``out_dir`` (see fresh_output_folder); returns the paths, prompt by prompt."""
-    model, tokenizer = load_lm_export(export_dir, device=generation_device(device))
-    frames = model.config.frames_per_video if video else 1
-    batch = [p for p in prompts for _ in range(num_samples)]  # one sampling stream: every sample differs
-    results = generate(model, tokenizer, batch, seed=seed, num_frames=frames, **kwargs)
-    folder = fresh_output_folder(out_dir)
-    paths = []
-    for k, result in enumerate(results):
-        name = f"prompt{k // num_samples:02d}_sample{k % num_samples:02d}"
-        if video:
-            os.makedirs(os.path.join(folder, name))
-            for t, frame in enumerate(result):
-                paths.append(os.path.join(folder, name, f"frame_{t:02d}.png"))
-                frame.save(paths[-1])
-        else:
-            paths.append(os.path.join(folder, f"{name}.png"))
-            result.save(paths[-1])
-    with open(os.path.join(folder, "prompts.txt"), "w") as f:
-        f.write("\n".join(f"prompt{i:02d}: {p}" for i, p in enumerate(prompts)) + f"\nseed: {seed}\n")
-    return paths
-
-
-def resolve_export(path: str) -> str:
-    """A stage-2 export directory from the export itself or the run directory that holds it."""
-    for candidate in (path, os.path.join(path, "export")):
-        if os.path.isfile(os.path.join(candidate, LM_META)):
-            return candidate
-    raise FileNotFoundError(f"{path}: not a stage-2 export (no {LM_META}); pass <storage_path>/<run_name>-lm/export")

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 
 import torch
 
 from orchestration.config import Config
-from orchestration.storage import filesystem, is_s3, join
+from orchestration.storage import join
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ def generation_score(model, tokenizer, names: list[str], per_class: int, seed: i
     Returns {"score", "chance", "images" [per_class*C, 3, S, S] (class-major), "labels", "predicted"}.
     """
     from orchestration.data.scenes import zero_shot_prompt
-    from orchestration.train.lm import generate
+    from orchestration.train.generation import generate
 
     prompts = [zero_shot_prompt(name) for name in names]
     labels = torch.arange(len(names)).repeat_interleave(per_class)
@@ -112,20 +111,11 @@ def understanding_metrics(result: dict) -> dict[str, float]:
     return metrics
 
 
-def _local_export(export_uri: str, s3) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    if not is_s3(export_uri):
-        return export_uri, None
-    tmp = tempfile.TemporaryDirectory(prefix="vilau-lm-export-")
-    fs, path = filesystem(export_uri, s3)
-    fs.get(path.rstrip("/") + "/", tmp.name, recursive=True)
-    return tmp.name, tmp
-
-
 def run_generation_eval(config: Config, export_uri: str, tracking_uri: str, run_id: str | None, step: int) -> dict:
     """Load the stage-2 export, compute the generation score, log it and the sample grid to MLflow."""
     from orchestration.data.sources import s3_settings
     from orchestration.train.artifacts import image_grid
-    from orchestration.train.lm import load_lm_export
+    from orchestration.train.outputs import load_lm_export, local_export
     from orchestration.train.tracking import RunLogger
 
     per_class = config.lm_train.generate_samples
@@ -137,7 +127,7 @@ def run_generation_eval(config: Config, export_uri: str, tracking_uri: str, run_
         log.warning("no generation score: the eval split's classes.json could not be read (%s)", exc)
         return {}
     torch.manual_seed(config.seed)
-    local, tmp = _local_export(export_uri, s3_settings(config))
+    local, tmp = local_export(export_uri, s3_settings(config))
     try:
         model, tokenizer = load_lm_export(local)
     finally:

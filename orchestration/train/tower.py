@@ -8,10 +8,7 @@ every rank by the quantizer itself.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
 from contextlib import contextmanager
 
 import torch
@@ -27,8 +24,6 @@ from vilau_model.vision_tower import UnifiedVisionTower
 
 log = logging.getLogger(__name__)
 
-TOWER_FILE = "tower.safetensors"
-TOWER_META = "tower.json"
 GRID_IMAGES = 8
 
 
@@ -49,29 +44,6 @@ def tower_loss_config(config: Config) -> TowerLossConfig:
         w_contra=t.w_contra, w_recon=t.w_recon, contrastive=t.contrastive, pixel_loss=t.pixel_loss,
         perceptual_weight=t.perceptual_weight, perceptual_weights_path=t.perceptual_weights_path,
         gan_weight=t.gan_weight, gan_start_step=t.gan_start_step, commitment_weight=t.commitment_weight,
-    )
-
-
-def save_tower_export(tower: UnifiedVisionTower, directory: str) -> str:
-    """The consolidated tower: safetensors weights + the config needed to rebuild it (no Ray needed)."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, TOWER_FILE)
-    tower.save(path)
-    meta = {"tower_config": dataclasses.asdict(tower.config), "loss_config": dataclasses.asdict(tower.loss_config)}
-    with open(os.path.join(directory, TOWER_META), "w") as f:
-        json.dump(meta, f, indent=1)
-    return path
-
-
-def load_tower_export(path: str) -> UnifiedVisionTower:
-    """Load a tower exported by stage 1: the export directory or its tower.safetensors."""
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    with open(os.path.join(directory, TOWER_META)) as f:
-        meta = json.load(f)
-    cfg = meta["tower_config"]
-    cfg["decoder_channels"] = tuple(cfg["decoder_channels"])
-    return UnifiedVisionTower.load(
-        os.path.join(directory, TOWER_FILE), VisionTowerConfig(**cfg), TowerLossConfig(**meta["loss_config"])
     )
 
 
