@@ -444,7 +444,8 @@ def fit_lm(
 def pretrain(config: Config, console=None) -> tuple[StageResult, StageResult]:
     """The whole pipeline: shards if missing, stage 1, tokenization through the actor pool, stage 2.
     With a ``JobConsole``, each stage shows its progress and a line about its data."""
-    from orchestration.pipeline_tracking import close_pipeline_run, open_pipeline_run, start_system_metrics
+    from orchestration.pipeline_tracking import close_pipeline_run, open_pipeline_run
+    from orchestration.train.tracking import start_system_metrics
 
     started = time.perf_counter()
     init_ray(config)
@@ -453,7 +454,7 @@ def pretrain(config: Config, console=None) -> tuple[StageResult, StageResult]:
     parent = open_pipeline_run(config)
     if parent is not None:
         config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"parent_run_id": parent})})
-    monitor = start_system_metrics(config, parent)
+    monitor = start_system_metrics(config.tracking_uri, parent)
     try:
         tower = fit_tower(config, console=console)
         if console is not None:

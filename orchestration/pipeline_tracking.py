@@ -20,7 +20,6 @@ from orchestration.storage import filesystem
 log = logging.getLogger(__name__)
 
 PIPELINE = "pipeline"
-SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
 def _client(config: Config):
@@ -52,23 +51,6 @@ def open_pipeline_run(config: Config) -> str | None:
 def close_pipeline_run(config: Config, run_id: str | None, failed: bool = False) -> None:
     if run_id is not None:
         _client(config).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
-
-
-def start_system_metrics(config: Config, run_id: str | None):
-    """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU where present) for the driver's
-    node, logging into ``run_id`` until ``.finish()``; None when tracking is off or it cannot start."""
-    if run_id is None:
-        return None
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
-                                       samples_before_logging=1, tracking_uri=config.tracking_uri)
-        monitor.start()
-        return monitor
-    except Exception as exc:  # a monitor is never worth failing a run over
-        log.warning("system metrics are off: %s", exc)
-        return None
 
 
 def log_data_inputs(config: Config, run_id: str | None, stage: str, plan) -> None:

@@ -105,7 +105,7 @@ def test_frechet_distance_matches_scipy_sqrtm_reference():
 def test_fallback_feature_net_is_declared_and_deterministic():
     net = load_frechet_feature_net(None)
     assert isinstance(net, RandomConvFeatureNet)
-    assert net.metric_name == "rfid_fallback_randconv" != "rfid"
+    assert net.metric_name == "recon_frechet_distance_random_net" != "rfid"
     torch.manual_seed(123)  # the global RNG must not change the fallback's weights
     again = load_frechet_feature_net(None)
     x = _images(3)
@@ -273,7 +273,7 @@ def test_evaluate_tower_on_a_perfect_tower():
     assert tower.training  # mode restored
     assert metrics["psnr"] == math.inf
     assert metrics["ssim"] == pytest.approx(1.0)
-    assert metrics["rfid_fallback_randconv"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["recon_frechet_distance_random_net"] == pytest.approx(0.0, abs=1e-6)
     assert "rfid" not in metrics
     for key in ("i2t_recall_at_1", "t2i_recall_at_1", "i2t_recall_at_5", "t2i_recall_at_5"):
         assert metrics[key] == 1.0
@@ -304,7 +304,7 @@ def test_evaluate_real_tiny_tower():
     assert tower.training  # restored after evaluation
 
     expected_keys = {
-        "psnr", "ssim", "rfid_fallback_randconv", "codebook_usage", "codebook_perplexity", "zero_shot_acc",
+        "psnr", "ssim", "recon_frechet_distance_random_net", "codebook_usage", "codebook_perplexity", "zero_shot_acc",
         "i2t_recall_at_1", "i2t_recall_at_5", "t2i_recall_at_1", "t2i_recall_at_5",
     }
     assert set(metrics) == expected_keys
@@ -341,7 +341,7 @@ def test_evaluate_tiny_tower_made_perfect():
 
     assert metrics["psnr"] == math.inf
     assert metrics["ssim"] == pytest.approx(1.0)
-    assert metrics["rfid_fallback_randconv"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["recon_frechet_distance_random_net"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["zero_shot_acc"] == 1.0
     for key in ("i2t_recall_at_1", "i2t_recall_at_5", "t2i_recall_at_1", "t2i_recall_at_5"):
         assert metrics[key] == 1.0
@@ -390,3 +390,26 @@ def test_evaluation_shared_by_two_fsdp_ranks_equals_one_process(tmp_path):
         assert set(got) == set(expected)
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (rank, key)
+
+
+def test_sample_grids_carry_their_labels():
+    """Every column of a generation grid is labelled with its prompt and every row named: text is drawn
+    above each column and before each row, and the images keep their pixels."""
+    import numpy as np
+
+    from orchestration.train.artifacts import image_grid
+
+    rows = [torch.zeros(3, 3, 16, 16), torch.ones(3, 3, 16, 16)]
+    plain = np.asarray(image_grid(rows))
+    labelled = np.asarray(image_grid(rows, column_labels=['"a photo of a red circle"', '"b"', '"c"'],
+                                     row_labels=["sample 1", "sample 2"]))
+    assert labelled.shape[0] > plain.shape[0] and labelled.shape[1] > plain.shape[1]
+    dark = labelled.min(axis=2) < 128
+    cell = 96 + 2
+    header = labelled.shape[0] - 2 * cell - 2
+    left = labelled.shape[1] - 3 * cell - 2
+    for i in range(3):  # text over each column
+        assert dark[:header, left + i * cell : left + (i + 1) * cell].any()
+    for r in range(2):  # text before each row
+        assert dark[header + r * cell : header + (r + 1) * cell, :left].any()
+    assert (labelled[header + 2 : header + 96, left + 2 : left + 96] == 0).all()  # the first row's image

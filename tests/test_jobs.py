@@ -73,6 +73,8 @@ def test_pretrain_with_no_arguments_then_generate(tmp_path):
         assert int(model.params["params.total"]) > 0 and model.params["arch.tower.code_depth"]
         assert run.data.params["arch.tower.codebook_size"] != "None"
         assert {d.dataset.name for d in run.inputs.dataset_inputs}, stage  # the sources it read
+        # Each node of the worker group logs its own system metrics (its GPUs where it has them).
+        assert any(key.startswith("system/node0/") for key in run.data.metrics), (stage, run.data.metrics)
     # Both halves learn: the values beat chance (1/16) by a margin the default reaches on every seed tried.
     assert runs["tower"].data.metrics["eval/zero_shot_acc"] >= 5 / 16
     assert runs["lm"].data.metrics["eval/generation_score"] >= 2 / 16

@@ -18,7 +18,7 @@ Metric keys only use characters MLflow accepts in metric names (no "@").
 
 rFID needs an Inception network. No machine here reaches a model hub, so its weights come from a
 local file (`load_frechet_feature_net(path)`). Without one we use a *declared* fallback, a fixed-seed
-random conv net, and the metric is named `rfid_fallback_randconv` so it can never be mistaken for
+random conv net, and the metric is named `recon_frechet_distance_random_net` so it can never be mistaken for
 real rFID: random-network features do rank reconstructions sensibly, but the numbers are not
 comparable with published rFID values.
 """
@@ -194,7 +194,7 @@ class RandomConvFeatureNet(FrechetFeatureNet):
     at 64 px. Random conv features are sensitive to blur and texture loss, which is what
     reconstruction quality needs, but their distances are not on the rFID scale."""
 
-    metric_name = "rfid_fallback_randconv"
+    metric_name = "recon_frechet_distance_random_net"
     feature_dim = 256
 
     def __init__(self, seed: int = 0, input_size: int = 64):
@@ -239,7 +239,7 @@ def load_frechet_feature_net(path: str | None) -> FrechetFeatureNet:
 
     `path`: a local torchvision Inception-v3 state dict (`.pt`/`.pth` via torch.load, or
     `.safetensors`), e.g. torchvision's IMAGENET1K_V1 weights copied onto the machine; the result
-    reports "rfid". None: the fixed-seed random conv fallback, reported as "rfid_fallback_randconv".
+    reports "rfid". None: the fixed-seed random conv fallback, reported as "recon_frechet_distance_random_net".
     """
     if path is None:
         return RandomConvFeatureNet()

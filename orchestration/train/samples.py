@@ -113,6 +113,7 @@ def understanding_metrics(result: dict) -> dict[str, float]:
 
 def run_generation_eval(config: Config, export_uri: str, tracking_uri: str, run_id: str | None, step: int) -> dict:
     """Load the stage-2 export, compute the generation score, log it and the sample grid to MLflow."""
+    from orchestration.data.scenes import zero_shot_prompt
     from orchestration.data.sources import s3_settings
     from orchestration.train.artifacts import image_grid
     from orchestration.train.outputs import load_lm_export, local_export
@@ -144,7 +145,9 @@ def run_generation_eval(config: Config, export_uri: str, tracking_uri: str, run_
         log.exception("no understanding score")
     logger.log_metrics(metrics, step)
     rows = result["images"].view(len(names), per_class, *result["images"].shape[1:]).transpose(0, 1)
-    logger.log_image(image_grid(list(rows)), f"samples/generation_step_{step:07d}.png")
+    grid = image_grid(list(rows), column_labels=[f'"{zero_shot_prompt(name)}"' for name in names],
+                      row_labels=[f"sample {k + 1}" for k in range(per_class)])
+    logger.log_image(grid, f"samples/generation_step_{step:07d}.png")
     predicted = result["predicted"].tolist()
     lines = [f"{names[label]}\t{names[p]}" for label, p in zip(result["labels"].tolist(), predicted)]
     logger.log_text("prompted class\tclassified as\n" + "\n".join(lines) + "\n", f"samples/generation_step_{step:07d}.tsv")

@@ -173,7 +173,7 @@ class TowerTask(Task):
             reconstructions = model.decode_codes(model.encode_codes(originals))
             model.train()
         if trainer.rank == 0:
-            grid = image_grid([originals, reconstructions])
+            grid = image_grid([originals, reconstructions], row_labels=["original", "reconstructed"])
             trainer.logger.log_image(grid, f"reconstructions/step_{step:07d}.png")
         return {f"eval/{k}": float(v) for k, v in metrics.items()}
 

@@ -41,6 +41,27 @@ class RunInfo:
     mlflow_run_id: str | None
 
 
+SYSTEM_METRICS_INTERVAL_S = 5.0
+
+
+def start_system_metrics(tracking_uri: str, run_id: str | None, node_id: str | None = None):
+    """MLflow's system-metrics monitor (CPU, memory, disk, network; every GPU through NVML where there is
+    one) for this node, logging into ``run_id`` (as ``system/<node_id>/...`` with a node id) until
+    ``.finish()`` or the run ends; None when tracking is off or it cannot start."""
+    if run_id is None:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, samples_before_logging=1,
+                                       node_id=node_id, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # a monitor is never worth failing a run over
+        log.warning("system metrics are off: %s", exc)
+        return None
+
+
 def _client(uri: str):
     from mlflow import MlflowClient
 

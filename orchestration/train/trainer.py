@@ -41,7 +41,7 @@ from orchestration.train.fsdp import (
 from orchestration.train.metrics import WindowMetrics, mean_across_ranks, peak_flops, progress_line
 from orchestration.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from orchestration.train.batch_stream import BatchStream
-from orchestration.train.tracking import RunInfo, RunLogger
+from orchestration.train.tracking import RunInfo, RunLogger, start_system_metrics
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +334,12 @@ class Trainer:
         # A finished run (a rerun of it) reads no data.
         self.stream = self.batches() if self.state.step < self.section.steps else None
         self.window = WindowMetrics()
+        # One system-metrics monitor per node (its GPUs, CPU, memory), into the stage's run.
+        context = ray.train.get_context()
+        self.system_metrics = None
+        if context.get_local_rank() == 0:
+            self.system_metrics = start_system_metrics(self.run.tracking_uri, self.run.mlflow_run_id,
+                                                       node_id=f"node{context.get_node_rank()}")
 
     def step(self) -> None:
         """One optimizer step, then whatever falls due at it: logging, evaluation, checkpoint, report."""
@@ -469,6 +475,8 @@ class Trainer:
         checkpoint, and the driver writes the consolidated export from it (and generates samples) in
         Ray tasks of their own after the worker group has finished, so no rank ever waits on rank 0
         in a collective while it exports (at 7B that outlasts the process-group timeout)."""
+        if self.system_metrics is not None:
+            self.system_metrics.finish()
         return {
             "stage": self.task.stage,
             "steps_done": self.state.step,
