@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit` runs us from jobs/
 
-from orchestration.console import JobConsole
+from orchestration.console import JobConsole, where_things_are
 from orchestration.job_cli import job_parser, load_job_config, write_summary
-from orchestration.launch import LM, TOWER, pretrain, pretrain_summary, where_things_are
+from orchestration.launch import LM, TOWER, pretrain, pretrain_summary
 
 
 def main(argv=None) -> None:

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit`
 
 from orchestration.config import ConfigError  # noqa: E402
 from orchestration.job_cli import job_parser, load_job_config, write_summary  # noqa: E402
-from orchestration.launch import LM, init_ray  # noqa: E402
+from orchestration.cluster import init_ray  # noqa: E402
+from orchestration.launch import LM  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -31,6 +31,7 @@ import ray
 from ray.train import UserCallback
 
 from orchestration.config import Config
+from orchestration.launch import LM, TOWER, StageResult
 from orchestration.private_temp import open_private_append, private_run_dir
 from orchestration.storage import is_s3
 
@@ -216,3 +217,74 @@ class JobConsole:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+
+# ---------------------------------------------------------------- the summary at the end of a job
+
+
+def mlflow_ui_command(config: Config) -> str:
+    uri = config.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _loss_cell(r: StageResult) -> str:
+    terms = r.loss_terms
+    if "loss" not in terms:
+        return "-"
+    shown = {"tower": ("loss_contrastive", "loss_recon"), "lm": ("loss_text", "loss_image")}.get(r.stage, ())
+    parts = [f"{k[len('loss_'):]} {terms[k]:.3f}" for k in shown if k in terms]
+    return f"{terms['loss']:.3f}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _eval_cell(r: StageResult, chance: float | None) -> str:
+    m, cells = r.metrics, []
+    of_chance = f" (chance {chance:.3f})" if chance else ""
+    if "eval/zero_shot_acc" in m:
+        cells.append(f"zero-shot acc {m['eval/zero_shot_acc']:.3f}{of_chance}")
+    if "eval/psnr" in m:
+        cells.append(f"PSNR {m['eval/psnr']:.1f} dB")
+    if "eval/generation_score" in m:
+        cells.append(f"generation score {m['eval/generation_score']:.3f} (chance {m['eval/generation_chance']:.3f})")
+    if "eval/understanding_score" in m:
+        cells.append(f"understanding score {m['eval/understanding_score']:.3f} (chance {m['eval/understanding_chance']:.3f})")
+    return ", ".join(cells) or "-"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def where_things_are(config: Config, results: list[StageResult]) -> str:
+    """The summary a user reads at the end of a job: per stage its steps, final losses and evaluation
+    (with chance levels), then where the checkpoints, exports and MLflow runs are and what to run next."""
+    try:
+        from orchestration.train.samples import class_names
+
+        chance = 1.0 / len(class_names(config))
+    except Exception:  # no labelled eval split: no chance level to show
+        chance = None
+    steps = {TOWER: config.tower_train.steps, LM: config.lm_train.steps}
+    rows = [["stage", "steps", "final loss", "evaluation"]]
+    rows += [[r.stage, f"{r.steps_done}/{steps.get(r.stage, r.steps_done)}", _loss_cell(r), _eval_cell(r, chance)]
+             for r in results]
+    lines = _table(rows) + [""]
+    places = []
+    for label, attr in (("checkpoint", "checkpoint_path"), ("export", "export_path")):
+        for r in results:
+            places.append([label, r.stage, str(getattr(r, attr))])
+    if config.tracking.enabled:
+        for r in results:
+            places.append(["MLflow run", r.stage, f"{r.mlflow_run_id} (experiment {config.tracking.experiment!r})"])
+    for r in results:
+        if r.rows_skipped:
+            places.append(["rows skipped", r.stage, str(r.rows_skipped)])
+    lines += _table(places)
+    if config.tracking.enabled:
+        lines += [f"MLflow store: {config.tracking_uri}", f"view the runs: {mlflow_ui_command(config)}"]
+    lm = next((r for r in results if r.stage == LM), None)
+    if lm is not None:
+        lines.append(f'generate: python jobs/generate.py --checkpoint {lm.export_path} --prompt "a photo of a red circle" --out generated')
+    return "\n".join(lines)

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from orchestration import config as config_module
-from orchestration.cluster_checks import check_working_dir_outputs
+from orchestration.cluster import check_working_dir_outputs
 from orchestration.config import Config, ConfigError, config_to_yaml, load_config
 
 

@@ -1,6 +1,5 @@
 """Driver side of training: Ray, the TorchTrainer of each stage, and the whole pretraining pipeline.
 
-    init_ray(config)                      start a local instance, or join a cluster / `ray job submit`
     fit_tower(config) -> StageResult      stage 1 on Ray Train (also what the Tune sweep runs per trial)
     fit_lm(config, tower) -> StageResult  stage 2 on Ray Train, tower frozen
     pretrain(config) -> (tower, lm)       synthetic data if missing, stage 1, tokenization, stage 2
@@ -22,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from orchestration.cluster import init_ray, run_storage, storage_uri
 from orchestration.config import Config, StageSection
 from orchestration.resource_plan import ResourceWaitError, worker_bundle, worker_start_attempts
-from orchestration.storage import is_s3, pyarrow_filesystem
 from orchestration.train.tracking import RunInfo, close_run, open_run, record_failure
 
 log = logging.getLogger(__name__)
@@ -61,56 +60,8 @@ class StageResult:
         return out
 
 
-# ---------------------------------------------------------------- Ray
-
-# Environment of a local instance (its processes inherit it). One machine is never preempted: no
-# preemption-watcher actor per stage. The Train controller notices a finished worker group at its next
-# poll: poll every 0.5 s, not 2.
-LOCAL_INSTANCE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-
-
-def init_ray(config: Config) -> None:
-    """Join the configured cluster, the cluster a `ray job submit` runs in (``RAY_ADDRESS``), or start a
-    local instance. On a cluster whose nodes do not share a disk, node-local paths are refused here,
-    before any worker starts."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if config.cluster.address or os.environ.get("RAY_ADDRESS"):
-        # cluster.address wins; else Ray reads RAY_ADDRESS (set inside `ray job submit`, or exported).
-        ray.init(address=config.cluster.address) if config.cluster.address else ray.init()
-        from orchestration.cluster_checks import check_cluster_paths, cluster_shape
-
-        try:
-            check_cluster_paths(config, cluster_shape())
-        except Exception:
-            ray.shutdown()
-            raise
-    else:
-        # A new local instance ("local": not a `ray start` cluster that may run here). More logical
-        # CPUs than cores: Ray Data and Ray Train deadlock on a 2-core machine otherwise.
-        for name, value in LOCAL_INSTANCE_ENV.items():
-            os.environ.setdefault(name, value)
-        ray.init(address="local", num_cpus=config.cluster.local_num_cpus, include_dashboard=False)
-
-
 def stage_run_name(config: Config, stage: str) -> str:
     return f"{config.run_name}-{stage}"
-
-
-def run_storage(config: Config) -> tuple[str, Any]:
-    """(storage_path, pyarrow filesystem or None) for RunConfig; S3 honours data.s3 (endpoint, keys)."""
-    path = config.cluster.storage_path
-    if is_s3(path):
-        fs, inner = pyarrow_filesystem(path, config.data.s3)
-        return inner, fs
-    return os.path.abspath(path), None
-
-
-def storage_uri(config: Config, fs_path: str) -> str:
-    """A path on the storage filesystem as the user writes it (s3://... or a local path)."""
-    return f"s3://{fs_path}" if is_s3(config.cluster.storage_path) else fs_path
 
 
 def build_trainer(
@@ -502,71 +453,3 @@ def pretrain_summary(config: Config, tower: StageResult, lm: StageResult) -> dic
         "tracking_uri": config.tracking_uri,
         "stages": {"tower": tower.summary(), "lm": lm.summary()},
     }
-
-
-def mlflow_ui_command(config: Config) -> str:
-    uri = config.tracking_uri
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
-
-
-def _loss_cell(r: StageResult) -> str:
-    terms = r.loss_terms
-    if "loss" not in terms:
-        return "-"
-    shown = {"tower": ("loss_contrastive", "loss_recon"), "lm": ("loss_text", "loss_image")}.get(r.stage, ())
-    parts = [f"{k[len('loss_'):]} {terms[k]:.3f}" for k in shown if k in terms]
-    return f"{terms['loss']:.3f}" + (f" ({', '.join(parts)})" if parts else "")
-
-
-def _eval_cell(r: StageResult, chance: float | None) -> str:
-    m, cells = r.metrics, []
-    of_chance = f" (chance {chance:.3f})" if chance else ""
-    if "eval/zero_shot_acc" in m:
-        cells.append(f"zero-shot acc {m['eval/zero_shot_acc']:.3f}{of_chance}")
-    if "eval/psnr" in m:
-        cells.append(f"PSNR {m['eval/psnr']:.1f} dB")
-    if "eval/generation_score" in m:
-        cells.append(f"generation score {m['eval/generation_score']:.3f} (chance {m['eval/generation_chance']:.3f})")
-    if "eval/understanding_score" in m:
-        cells.append(f"understanding score {m['eval/understanding_score']:.3f} (chance {m['eval/understanding_chance']:.3f})")
-    return ", ".join(cells) or "-"
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-
-
-def where_things_are(config: Config, results: list[StageResult]) -> str:
-    """The summary a user reads at the end of a job: per stage its steps, final losses and evaluation
-    (with chance levels), then where the checkpoints, exports and MLflow runs are and what to run next."""
-    try:
-        from orchestration.train.samples import class_names
-
-        chance = 1.0 / len(class_names(config))
-    except Exception:  # no labelled eval split: no chance level to show
-        chance = None
-    steps = {TOWER: config.tower_train.steps, LM: config.lm_train.steps}
-    rows = [["stage", "steps", "final loss", "evaluation"]]
-    rows += [[r.stage, f"{r.steps_done}/{steps.get(r.stage, r.steps_done)}", _loss_cell(r), _eval_cell(r, chance)]
-             for r in results]
-    lines = _table(rows) + [""]
-    places = []
-    for label, attr in (("checkpoint", "checkpoint_path"), ("export", "export_path")):
-        for r in results:
-            places.append([label, r.stage, str(getattr(r, attr))])
-    if config.tracking.enabled:
-        for r in results:
-            places.append(["MLflow run", r.stage, f"{r.mlflow_run_id} (experiment {config.tracking.experiment!r})"])
-    for r in results:
-        if r.rows_skipped:
-            places.append(["rows skipped", r.stage, str(r.rows_skipped)])
-    lines += _table(places)
-    if config.tracking.enabled:
-        lines += [f"MLflow store: {config.tracking_uri}", f"view the runs: {mlflow_ui_command(config)}"]
-    lm = next((r for r in results if r.stage == LM), None)
-    if lm is not None:
-        lines.append(f'generate: python jobs/generate.py --checkpoint {lm.export_path} --prompt "a photo of a red circle" --out generated')
-    return "\n".join(lines)

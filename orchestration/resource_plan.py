@@ -206,7 +206,7 @@ def capacity_of_live_cluster() -> Capacity:
 
 
 def capacity_of_local_instance(config: Config) -> Capacity:
-    """The instance a job starts when it joins no cluster (launch.init_ray): local_num_cpus logical CPUs
+    """The instance a job starts when it joins no cluster (cluster.init_ray): local_num_cpus logical CPUs
     and the GPUs this machine has."""
     gpus = 0
     try:

@@ -299,7 +299,7 @@ def run_sweep(config: Config) -> SweepSummary:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from orchestration.launch import init_ray, run_storage, storage_uri
+    from orchestration.cluster import init_ray, run_storage, storage_uri
 
     init_ray(config)
     # The data-stats actor is created (and so owned) by this driver: owned by a trial, it would die

@@ -36,7 +36,7 @@ def ray_session():
     """One local Ray instance for the whole test session."""
     import ray
 
-    from orchestration.launch import LOCAL_INSTANCE_ENV
+    from orchestration.cluster import LOCAL_INSTANCE_ENV
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     for name, value in LOCAL_INSTANCE_ENV.items():  # as a job's local instance: no preemption watcher, fast polls

@@ -175,5 +175,5 @@ def mixture_shares(config: Config, stage: str = "lm", group: str | None = None) 
 
 def run_tokenize_job(config: Config, tower_path: str | None = None, force: bool = False) -> dict:
     """jobs/tokenize_data.py: write the tokenized cache, return its manifest. The job joins Ray first
-    (orchestration.launch.init_ray): the data package never imports the launch layer."""
+    (orchestration.cluster.init_ray): the data package never imports the launch layer."""
     return write_lm_cache(config, tower_path, force=force)

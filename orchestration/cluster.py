@@ -1,4 +1,8 @@
-"""Checks that a run's paths work where it runs: on a multi-node cluster, and under `ray job submit`.
+"""Where a run meets the cluster: joining it (or starting a local instance), the run's storage, and the
+checks that a run's paths work where it runs: on a multi-node cluster, and under `ray job submit`.
+
+    init_ray(config)            start a local instance, or join a cluster / `ray job submit`
+    run_storage(config)         (storage path, filesystem) for Ray Train's RunConfig
 
 Two mistakes lose a user's work or fail only after workers have started:
 
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from orchestration.config import Config, ConfigError
+from orchestration.storage import is_s3, pyarrow_filesystem
 
 # Where Ray unpacks a job's --working-dir (and py_modules) on every node.
 RAY_WORKING_DIR_MARKER = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
@@ -159,3 +165,49 @@ def check_working_dir_outputs(config: Config, cwd: str | None = None) -> None:
         "tracking.uri=http://<MLflow server>:5000 (and data.root to your shards, with "
         "data.synthetic.make_if_missing=false); or an absolute path on a filesystem every node mounts."
     )
+
+
+# ---------------------------------------------------------------- joining Ray, the run's storage
+
+# Environment of a local instance (its processes inherit it). One machine is never preempted: no
+# preemption-watcher actor per stage. The Train controller notices a finished worker group at its next
+# poll: poll every 0.5 s, not 2.
+LOCAL_INSTANCE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def init_ray(config: Config) -> None:
+    """Join the configured cluster, the cluster a `ray job submit` runs in (``RAY_ADDRESS``), or start a
+    local instance. On a cluster whose nodes do not share a disk, node-local paths are refused here,
+    before any worker starts."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if config.cluster.address or os.environ.get("RAY_ADDRESS"):
+        # cluster.address wins; else Ray reads RAY_ADDRESS (set inside `ray job submit`, or exported).
+        ray.init(address=config.cluster.address) if config.cluster.address else ray.init()
+        try:
+            check_cluster_paths(config, cluster_shape())
+        except Exception:
+            ray.shutdown()
+            raise
+    else:
+        # A new local instance ("local": not a `ray start` cluster that may run here). More logical
+        # CPUs than cores: Ray Data and Ray Train deadlock on a 2-core machine otherwise.
+        for name, value in LOCAL_INSTANCE_ENV.items():
+            os.environ.setdefault(name, value)
+        ray.init(address="local", num_cpus=config.cluster.local_num_cpus, include_dashboard=False)
+
+
+def run_storage(config: Config) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for RunConfig; S3 honours data.s3 (endpoint, keys)."""
+    path = config.cluster.storage_path
+    if is_s3(path):
+        fs, inner = pyarrow_filesystem(path, config.data.s3)
+        return inner, fs
+    return os.path.abspath(path), None
+
+
+def storage_uri(config: Config, fs_path: str) -> str:
+    """A path on the storage filesystem as the user writes it (s3://... or a local path)."""
+    return f"s3://{fs_path}" if is_s3(config.cluster.storage_path) else fs_path

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from orchestration.cluster_checks import (
+from orchestration.cluster import (
     ClusterShape,
     check_cluster_paths,
     check_working_dir_outputs,
