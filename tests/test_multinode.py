@@ -17,7 +17,9 @@ job's own progress lines, and each time starts a replacement node. The job must 
 the exact step count, every step applied once in the lineage of the final weights, with both stages'
 runs, metrics and images on the MLflow server and checkpoints and exports on S3, and Adam's step count in
 each final checkpoint on S3 equal to the step count. Requests without the cluster's token are refused. (One submission does
-both: on this 2-core machine each run of the pipeline costs minutes.) Three more submissions with
+both: on this 2-core machine each run of the pipeline costs minutes.) The S3 keys in the nodes' environment
+reach nothing the job leaves: not Ray's record of the job (job API, `ray job list`), its logs and console
+log file, MLflow (params, tags, metric names, datasets, models, artifacts), nor any object it wrote. Three more submissions with
 node-local paths (relative ones in Ray's working-dir copy; the head's disk, for pretraining and for the
 tokenize job) are refused, naming the fields, before any task or actor of theirs starts.
 
@@ -45,7 +47,7 @@ from pathlib import Path
 import pytest
 
 from conftest import S3_BUCKET, S3_TEST_KEY, S3_TEST_SECRET, fresh_mlflow_db
-from local_cluster import BIN, ROOT, LocalCluster, free_port
+from local_cluster import BIN, RAY, ROOT, LocalCluster, free_port
 
 pytestmark = pytest.mark.e2e
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's access log
@@ -240,9 +242,28 @@ def optimizer_steps_on_s3(s3_server, checkpoint_uri: str, local: Path) -> set[in
     return {int(v["step"]) for v in state.values()}
 
 
-def assert_no_credentials(what: str, text: str) -> None:
+def assert_no_credentials(what: str, text: str | bytes) -> None:
     for secret in (S3_TEST_KEY, S3_TEST_SECRET):
-        assert secret not in text, f"an S3 credential in {what}"
+        needle = secret.encode() if isinstance(text, bytes) else secret
+        assert needle not in text, f"an S3 credential in {what}"
+
+
+def mlflow_texts(tracking_uri: str) -> list[str]:
+    """Everything MLflow holds about every run, as text: params, tags, metric names, dataset inputs,
+    and the logged models' params and tags."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    assert runs, "the job logged no MLflow run"
+    texts = []
+    for run in runs:
+        texts += [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(sorted(run.data.metrics))]
+        texts += [json.dumps(d.dataset.to_dictionary()) for d in run.inputs.dataset_inputs]
+    for model in client.search_logged_models(experiment_ids=experiments):
+        texts += [json.dumps(model.params), json.dumps(model.tags)]
+    return texts
 
 
 def test_training_survives_losing_a_worker_node_in_each_stage(cluster, mlflow_server, s3_server, s3_synthetic_data,
@@ -286,6 +307,12 @@ def test_training_survives_losing_a_worker_node_in_each_stage(cluster, mlflow_se
     assert not (info.get("runtime_env") or {}).get("env_vars"), info["runtime_env"]
     assert_no_credentials("the job's metadata", json.dumps(cluster.api("/api/jobs/")))
     assert_no_credentials("the job's logs", logs)
+    listed = subprocess.run([RAY, "job", "list"], env=cluster.client_env(), capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and submission in listed.stdout, listed.stderr[-2000:]
+    assert_no_credentials("`ray job list`", listed.stdout + listed.stderr)
+    console_log = Path(re.search(r"pretrain: logs in (\S+\.log)", logs).group(1))  # on the head, where the driver ran
+    assert "Reporting training result" in console_log.read_text(errors="replace")  # Ray's chatter went there
+    assert_no_credentials(f"the console log {console_log}", console_log.read_bytes())
 
     for stage in ("tower", "lm"):
         stats = summary["stages"][stage]
@@ -323,6 +350,21 @@ def test_training_survives_losing_a_worker_node_in_each_stage(cluster, mlflow_se
     # The MLflow artifacts went through the server to S3 (the server holds its own S3 keys).
     assert s3_keys(s3_server, "mlflow-artifacts/")
     assert s3_keys(s3_server, f"{prefix}/outputs/lm_tokenizer/")
+
+    # The keys were in every node's environment all along: none is in MLflow (params, tags, metric names,
+    # datasets, models) or in any object the run wrote (checkpoints, exports, data plans, tokenized
+    # cache, summaries, MLflow's artifacts).
+    for text in mlflow_texts(mlflow_server):
+        assert_no_credentials(f"MLflow: {text[:300]}", text)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+                          aws_access_key_id=S3_TEST_KEY, aws_secret_access_key=S3_TEST_SECRET)
+    written = s3_keys(s3_server, f"{prefix}/") + s3_keys(s3_server, "mlflow-artifacts/")
+    assert any(k.endswith("config.yaml") for k in written) and any(k.endswith(".png") for k in written)
+    for key in written:
+        assert_no_credentials(f"s3://{S3_BUCKET}/{key}", client.get_object(Bucket=S3_BUCKET, Key=key)["Body"].read())
+    assert_no_credentials("the job's summary", summary_path.read_bytes())
 
 
 def test_node_local_paths_are_refused_before_any_worker_starts(cluster, mlflow_server, s3_server):
