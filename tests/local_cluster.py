@@ -1,7 +1,7 @@
 """A Ray cluster of separate `ray start` processes on this machine, driven as a user drives one: the
 `ray` CLI and the dashboard's REST API, token auth on with a token of its own (RAY_AUTH_TOKEN;
 ~/.ray/auth_token is never touched). Used by test_multinode (a head with no CPUs and worker nodes in
-mount namespaces of their own) and test_secrets (one head that runs the job).
+mount namespaces of their own).
 
 Whatever the nodes' processes should hold (credentials, as an instance profile would give them) goes in
 ``node_env``: Ray's processes, the job drivers included, inherit it from `ray start`; nothing travels in
