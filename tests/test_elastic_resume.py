@@ -1,0 +1,133 @@
+"""Elastic resume of the epoch plan (orchestration/data/epochs.py) without Ray: the ranks of a world
+are stopped mid-epoch, and a world of another size continues the epoch from their saved positions:
+what any rank finished stays finished, partly read windows continue from the recorded offsets, the
+rest is dealt evenly over the new ranks, and the whole epoch trains the same multiset of records as
+one uninterrupted pass (copies of an up-weighted source included). Real shards, read by mix_window."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestration.data.epochs import DataPosition, EpochPlan, mix_window, part_id, split_part_id
+from orchestration.data.mixture import mix_order, plan_units, record_ranges
+from orchestration.data.records import read_unit_tables
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory) -> EpochPlan:
+    """COYO parquet (exact sizes: read lazily) and a ShareGPT4V index up-weighted to ~3 passes (read as
+    drawn), several windows per rank."""
+    root = tmp_path_factory.mktemp("elastic")
+    coyo = []
+    for shard in range(6):
+        path = root / "coyo" / f"{shard:05d}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        keys = [f"c{shard}-{i:02d}" for i in range(24)]
+        pq.write_table(pa.table({"key": keys, "jpg": [b"x"] * 24, "caption": keys}), path, row_group_size=5)
+        coyo.append((str(path), (0, 5), None, 24))
+    chat = root / "share" / "chat.json"
+    chat.parent.mkdir()
+    chat.write_text(json.dumps([{"id": f"s{i:02d}", "image": f"{i}.jpg", "conversations": []} for i in range(40)]))
+    sources = {"coyo": {"format": "coyo_parquet", "path": str(root / "coyo"), "weight": 1.0},
+               "share": {"format": "sharegpt4v", "path": str(chat), "weight": 0.6}}
+    pieces = {"coyo": coyo, "share": [(str(chat), None, r, n) for r, n in record_ranges(40, 10)]}
+    return EpochPlan(tuple(plan_units(sources, pieces, estimated=False)), seed=5, window_units=2, buffer_rows=8)
+
+
+def _read(plan: EpochPlan, rank: int, world: int, position: DataPosition | None = None, epoch: int = 0):
+    """(key, sample id, parts done) of a rank's epoch from ``position`` on, in its order."""
+    return [(key, sid, done) for w in plan.windows(epoch, rank, world, position) for t in mix_window(w, None, chunk_rows=7)
+            for key, sid, done in zip(t.column("key").to_pylist(), t.column("sample_id").to_pylist(),
+                                      t.column("done_parts").to_pylist())]
+
+
+def _train(position: DataPosition, rows, n: int) -> list[str]:
+    """Stage 1's consumption: each record one sample, its own call."""
+    for _, sid, _ in rows[:n]:
+        position.consume(part_id(sid), [part_id(sid)])
+    return [key for key, _, _ in rows[:n]]
+
+
+def test_windows_of_exact_sizes_are_drawn_first_and_read_from_the_first_row_due(plan):
+    """The lazy read (order drawn from footer sizes, only the rows due read) gives the same order as
+    reading each record as it is drawn."""
+    window = next(w for w in plan.windows(0, 0, 2) if len(w.units) > 1)
+    window = type(window)(**{**window.__dict__, "parts": tuple(p for p in window.parts if p[0].unit.source == "coyo")})
+    cursors = {}
+
+    def pull(i, j):
+        chunk = window.parts[i][j]
+        if (i, j) not in cursors:
+            cursors[(i, j)] = (r for t in read_unit_tables(chunk.unit, None, start=chunk.start, stop=chunk.stop)
+                               for r in t.column("key").to_pylist())
+        return next(cursors[(i, j)], None)
+
+    sizes = [[(c.size, c.pass_index) for c in part] for part in window.parts]
+    eager = [key for _, key in mix_order(sizes, window.seed, window.buffer_rows, pull)]
+    lazy = [k for t in mix_window(window, None, chunk_rows=5) for k in t.column("key").to_pylist()]
+    assert lazy == eager and len(eager) > 10
+    late = type(window)(**{**window.__dict__, "skip_below": (window.index << 32) | (len(eager) * 9 // 10)})
+    assert [k for t in mix_window(late, None) for k in t.column("key").to_pylist()] == eager[len(eager) * 9 // 10:]
+
+
+def test_an_epoch_continues_exactly_once_across_world_sizes(plan):
+    """2 ranks stop mid-epoch, 3 ranks continue and stop, 2 ranks finish: together they train the
+    multiset of one uninterrupted pass, and each new world's ranks get equal shares of what was left."""
+    whole = Counter(k for r in range(2) for k, _, _ in _read(plan, r, 2))
+    assert max(Counter(k for k in whole if k.startswith("s")).values()) == 1 and max(whole.values()) >= 2  # copies
+    trained: Counter = Counter()
+
+    positions = []
+    for rank, n in ((0, 13), (1, 40)):  # unequal progress: one rank inside its first window, one further on
+        position = DataPosition()
+        trained.update(_train(position, _read(plan, rank, 2), n))
+        positions.append(DataPosition.from_state(json.loads(json.dumps(position.state()))))  # via a checkpoint
+
+    on3 = DataPosition.continued(positions)
+    assert on3.history == [{"world": 2, "ranks": [{"frontier": p.frontier, "taken": sorted(p.taken)} for p in positions]}]
+    shares = [_read(plan, rank, 3, on3) for rank in range(3)]
+    left = sum(whole.values()) - sum(trained.values())
+    assert sorted(len(s) for s in shares) == sorted(left * (k + 1) // 3 - left * k // 3 for k in range(3))
+    assert Counter(k for s in shares for k, _, _ in s) + trained == whole  # nothing twice, nothing lost
+
+    positions = []
+    for rank, n in ((0, 5), (1, 0), (2, 11)):
+        position = DataPosition.from_state(on3.state())
+        trained.update(_train(position, shares[rank], n))
+        positions.append(DataPosition.from_state(json.loads(json.dumps(position.state()))))
+    on2 = DataPosition.continued(positions)
+    assert len(on2.history) == 2
+    for rank in range(2):
+        position = DataPosition.from_state(on2.state())
+        rest = _read(plan, rank, 2, position)
+        trained.update(_train(position, rest, len(rest)))
+        assert _read(plan, rank, 2, position) == []  # its position says it is done
+    assert trained == whole
+
+
+def test_partly_trained_records_keep_their_trained_parts_across_a_world_change(plan):
+    """Stage 2 makes up to 4 samples of a record; a record with one of two parts trained continues
+    on the new world with only the other part due, and a record with all parts trained is not read."""
+    rows = _read(plan, 1, 2)
+    position = DataPosition()
+    for _, sid, _ in rows[:6]:
+        position.consume(part_id(rows[0][1]), [part_id(sid, 0, 2), part_id(sid, 1, 2)])
+    half, whole = rows[6], rows[7]
+    position.consume(part_id(rows[0][1]), [part_id(half[1], 1, 2), part_id(whole[1], 0, 2), part_id(whole[1], 1, 2)])
+    continued = DataPosition.continued([DataPosition(), position])
+    after = {key: done for rank in range(3) for key, _, done in _read(plan, rank, 3, continued)}
+    assert after[half[0]] == [1]
+    assert whole[0] not in after and rows[0][0] not in after
+    assert split_part_id(part_id(half[1], 1, 2)) == (half[1], 1, 2)
+
+
+def test_an_untouched_epoch_is_planned_for_the_new_world():
+    old = [DataPosition(epoch=3), DataPosition(epoch=3)]
+    assert DataPosition.continued(old) == DataPosition(epoch=3)
+    with pytest.raises(ValueError, match="different epochs"):
+        DataPosition.continued([DataPosition(epoch=1), DataPosition(epoch=2)])
