@@ -131,3 +131,47 @@ def test_an_untouched_epoch_is_planned_for_the_new_world():
     assert DataPosition.continued(old) == DataPosition(epoch=3)
     with pytest.raises(ValueError, match="different epochs"):
         DataPosition.continued([DataPosition(epoch=1), DataPosition(epoch=2)])
+
+
+@pytest.mark.e2e
+def test_a_run_killed_on_two_workers_finishes_its_epoch_on_three_exactly_once(ray_session, synthetic_data, tmp_path):
+    """Stage 1 on real Ray: 2 workers (FSDP2 on gloo) die mid-epoch, the run is resubmitted on 3. The
+    weights and optimizer are resharded by DCP, the epoch continues from both old ranks' positions, and
+    the trained keys of the final weights' lineage are one uninterrupted pass: every record once."""
+    from pathlib import Path
+
+    from orchestration.config import load_config
+    from orchestration.data.pipeline import training_plan
+    from orchestration.launch import fit_tower
+
+    def config(workers: int, max_failures: int):
+        return load_config(None, [
+            f"data.root={synthetic_data[0]}", f"output_dir={tmp_path}", f"cluster.storage_path={tmp_path / 'ray'}",
+            "data.tower_sources={coyo: {format: coyo_parquet, path: coyo/parquet}}",  # 64 records, exact sizes
+            "run_name=elastic", "tracking.enabled=false", "data.record_trained_keys=true",
+            "tower_train.batch_size_per_worker=4", "tower_train.steps=6", "tower_train.checkpoint_every=2",
+            "tower_train.log_every=2", f"tower_train.eval_every=100", f"cluster.num_workers={workers}",
+            f"cluster.max_failures={max_failures}",
+            # rank 1 dies after the backward pass of step 3: the step-2 checkpoint (16 of 64 records) is the latest
+            "cluster.fault_injection.stage=tower", "cluster.fault_injection.fail_at_step=3",
+            "cluster.fault_injection.rank=1",
+        ])
+
+    with pytest.raises(Exception):
+        fit_tower(config(2, 0))
+    result = fit_tower(config(3, 0))
+    # 48 records left, 16 for each of 3 ranks: steps 3-6 at 3 x 4 end the epoch exactly.
+    assert result.steps_done == 6 and result.history == [[1, 2], [3, 6]]
+
+    run_dir = Path(tmp_path / "ray").resolve() / result.run_name
+    trained = [json.loads(p.read_text()) for p in run_dir.glob("trained_keys/rank*/step*.json")]
+    lineage = sorted((r["step"], r["rank"]) for r in trained)
+    assert lineage == sorted([(s, r) for s in (1, 2) for r in (0, 1)] + [(s, r) for s in range(3, 7) for r in range(3)])
+    assert {r["epoch"] for r in trained} == {0}
+
+    plan = training_plan(config(2, 0), "tower")
+    one_pass = Counter(f"{source}/{key}" for rank in range(2) for w in plan.windows(0, rank, 2)
+                       for t in mix_window(w, None)
+                       for source, key in zip(t.column("source").to_pylist(), t.column("key").to_pylist()))
+    assert sum(one_pass.values()) == 64
+    assert Counter(k for r in trained for k in r["keys"]) == one_pass
