@@ -150,11 +150,12 @@ def test_a_run_killed_on_two_workers_finishes_its_epoch_on_three_exactly_once(ra
             "data.tower_sources={coyo: {format: coyo_parquet, path: coyo/parquet}}",  # 64 records, exact sizes
             "run_name=elastic", "tracking.enabled=false", "data.record_trained_keys=true",
             "tower_train.batch_size_per_worker=4", "tower_train.steps=6", "tower_train.checkpoint_every=2",
-            "tower_train.log_every=2", f"tower_train.eval_every=100", f"cluster.num_workers={workers}",
+            "tower_train.log_every=2", "tower_train.eval_every=100", f"cluster.num_workers={workers}",
             f"cluster.max_failures={max_failures}",
             # rank 1 dies after the backward pass of step 3: the step-2 checkpoint (16 of 64 records) is the latest
             "cluster.fault_injection.stage=tower", "cluster.fault_injection.fail_at_step=3",
             "cluster.fault_injection.rank=1",
+            "cluster.fault_injection.record_restored_state=true",  # sums of what the 3 ranks restored
         ])
 
     with pytest.raises(Exception):
@@ -164,6 +165,13 @@ def test_a_run_killed_on_two_workers_finishes_its_epoch_on_three_exactly_once(ra
     assert result.steps_done == 6 and result.history == [[1, 2], [3, 6]]
 
     run_dir = Path(tmp_path / "ray").resolve() / result.run_name
+    # DCP resharded the 2 ranks' FSDP2 shards onto 3: the restored model and optimizer tensors are the
+    # step-2 checkpoint's, every one of them (sum and sum of squares of the whole tensor).
+    restored = json.loads((run_dir / "restored_state_step0000002.json").read_text())
+    saved = _tensor_sums(Path(restored["checkpoint"]), tmp_path / "saved.pt")
+    assert set(restored["tensors"]) == set(saved) and any(k.endswith("/exp_avg_sq") for k in saved)
+    for name, sums in saved.items():
+        assert restored["tensors"][name] == pytest.approx(sums, rel=1e-9, abs=1e-12), name
     trained = [json.loads(p.read_text()) for p in run_dir.glob("trained_keys/rank*/step*.json")]
     lineage = sorted((r["step"], r["rank"]) for r in trained)
     assert lineage == sorted([(s, r) for s in (1, 2) for r in (0, 1)] + [(s, r) for s in range(3, 7) for r in range(3)])
@@ -175,3 +183,15 @@ def test_a_run_killed_on_two_workers_finishes_its_epoch_on_three_exactly_once(ra
                        for source, key in zip(t.column("source").to_pylist(), t.column("key").to_pylist()))
     assert sum(one_pass.values()) == 64
     assert Counter(k for r in trained for k in r["keys"]) == one_pass
+
+
+def _tensor_sums(checkpoint_dir: Path, scratch: Path) -> dict[str, list[float]]:
+    """[sum, sum of squares] in float64 of every tensor a DCP checkpoint holds, read without a process group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from orchestration.train.checkpoint import flat_tensors
+
+    dcp_to_torch_save(checkpoint_dir, scratch)
+    tensors = flat_tensors(torch.load(scratch, weights_only=False))
+    return {name: [float(t.double().sum()), float((t.double() ** 2).sum())] for name, t in tensors.items()}
