@@ -150,7 +150,7 @@ def test_a_run_killed_on_two_workers_finishes_its_epoch_on_three_exactly_once(ra
             "data.tower_sources={coyo: {format: coyo_parquet, path: coyo/parquet}}",  # 64 records, exact sizes
             "run_name=elastic", "tracking.enabled=false", "data.record_trained_keys=true",
             "tower_train.batch_size_per_worker=4", "tower_train.steps=6", "tower_train.checkpoint_every=2",
-            "tower_train.log_every=2", "tower_train.eval_every=100", f"cluster.num_workers={workers}",
+            "tower_train.log_every=2", "tower_train.eval_every=100", "tower_train.keep_checkpoints=5", f"cluster.num_workers={workers}",
             f"cluster.max_failures={max_failures}",
             # rank 1 dies after the backward pass of step 3: the step-2 checkpoint (16 of 64 records) is the latest
             "cluster.fault_injection.stage=tower", "cluster.fault_injection.fail_at_step=3",

@@ -462,7 +462,13 @@ def mix_window(window: Window, s3: S3Settings | None, chunk_rows: int = 64) -> I
     reads a tenth of it, not all of it. Otherwise the records are read as they are drawn."""
     if all(c.unit.format in EXACT_SIZE_FORMATS for part in window.parts for c in part):
         yield from _mix_known_sizes(window, s3, chunk_rows)
-        return
+    else:
+        yield from mix_as_drawn(window, s3, chunk_rows)
+
+
+def mix_as_drawn(window: Window, s3: S3Settings | None, chunk_rows: int = 64) -> Iterator[pa.Table]:
+    """`mix_window` reading every record of the window up to its stop as it is drawn (records of
+    estimated sizes: the order depends on where a unit really ends)."""
     readers: dict[tuple[int, int], Iterator] = {}
 
     def rows(chunk: Chunk) -> Iterator[tuple[pa.Table, int]]:
