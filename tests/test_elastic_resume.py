@@ -71,8 +71,12 @@ def test_windows_of_exact_sizes_are_drawn_first_and_read_from_the_first_row_due(
     eager = [key for _, key in mix_order(sizes, window.seed, window.buffer_rows, pull)]
     lazy = [k for t in mix_window(window, None, chunk_rows=5) for k in t.column("key").to_pylist()]
     assert lazy == eager and len(eager) > 10
-    late = type(window)(**{**window.__dict__, "skip_below": (window.index << 32) | (len(eager) * 9 // 10)})
-    assert [k for t in mix_window(late, None) for k in t.column("key").to_pylist()] == eager[len(eager) * 9 // 10:]
+    first = window.index << 32
+    for at in (1, len(eager) // 3, len(eager) * 9 // 10):  # resumed inside the window, some records done above
+        done = {first | o for o in range(at + 1, len(eager), 3)}
+        late = type(window)(**{**window.__dict__, "skip_below": first | at, "skip_ids": frozenset(done)})
+        assert [k for t in mix_window(late, None) for k in t.column("key").to_pylist()] == \
+            [k for o, k in enumerate(eager) if o >= at and first | o not in done]
 
 
 def test_an_epoch_continues_exactly_once_across_world_sizes(plan):

@@ -30,7 +30,17 @@ already trained (stage 2 packs one call's samples into several rows). Because wi
 order are a pure function of the plan, the frontier also fixes every source's pass and cursor on the
 rank: exactly-once per pass holds across restarts without saving them separately. Resuming builds the
 rank's dataset without the windows wholly below the frontier and drops done ids inside the read task,
-before any decoding or tokenization: the cost of a resume does not grow with how far into the epoch it is.
+before any decoding or tokenization; where the units' sizes are exact (parquet), the window's order is
+drawn before reading and only the rows still due are read: the cost of a resume does not grow with
+how far into the epoch, or into its window, it is.
+
+Elastic resume: a restart on another number of ranks continues the epoch. Each rank's position is in
+its checkpoint part, which every rank can read; each new rank reads all of them and appends them to
+the position's ``history`` (`DataPosition.continued`). `EpochPlan.layout` turns the history into what
+the first world's windows have left (below any rank's frontier or trained whole: done; a record with
+some of its parts trained: only the others due) and deals that remainder over the new ranks in equal
+record counts, as offset ranges of the same windows (same seed, same mixed order: an offset names the
+same record in every world). A later change of world size appends another level to the history.
 
 An epoch ends for every rank when one rank's stream runs out (``report`` is a barrier, so ranks must
 take the same number of steps): the other ranks' remaining rows are left out of that epoch. Which rows
@@ -497,63 +507,76 @@ def mix_as_drawn(window: Window, s3: S3Settings | None, chunk_rows: int = 64) ->
         yield _picked(picks, window.done_parts)
 
 
-def window_order(window: Window) -> Iterator[tuple[int, int, int, int]]:
-    """(sample id, source, chunk, row in chunk) of the window's records due, in its mixed order, drawn
-    from the units' exact sizes without reading them."""
+def _mix_known_sizes(window: Window, s3: S3Settings | None, chunk_rows: int) -> Iterator[pa.Table]:
+    """`mix_window` for units of exact sizes: the draws are made on row numbers (a unit's rows are
+    pulled in order, so a pull is its chunk's next row number), and rows are read only from the
+    first record due on. At that point every record due later is either waiting in a shuffle buffer
+    (pulled, not yet emitted) or not pulled yet, so each chunk's reader starts at its lowest such row;
+    rows read ahead of their turn wait in ``held``."""
     lengths = [[max(0, (c.stop if c.stop is not None else c.unit.size) - c.start) for c in part] for part in window.parts]
     cursor: dict[tuple[int, int], int] = {}
+    waiting: dict[tuple[int, int], set[int]] = {}  # pulled into a buffer, not emitted yet
 
     def pull(i: int, j: int):
         row = cursor.get((i, j), 0)
         if row >= lengths[i][j]:
             return None
         cursor[(i, j)] = row + 1
+        waiting.setdefault((i, j), set()).add(row)
         return j, row
 
-    sizes = [[(c.size, c.pass_index) for c in part] for part in window.parts]
-    for offset, (i, (j, row)) in enumerate(mix_order(sizes, window.seed, window.buffer_rows, pull)):
-        sample_id = (window.index << WINDOW_SHIFT) | offset
-        if window.stop_below is not None and sample_id >= window.stop_below:
-            return
-        if sample_id >= window.skip_below and sample_id not in window.skip_ids:
-            yield sample_id, i, j, row
-
-
-def _mix_known_sizes(window: Window, s3: S3Settings | None, chunk_rows: int) -> Iterator[pa.Table]:
-    due = list(window_order(window))
-    rows_due: dict[tuple[int, int], set[int]] = {}
-    for _, i, j, row in due:
-        rows_due.setdefault((i, j), set()).add(row)
+    start: dict[tuple[int, int], int] | None = None  # per chunk, its first row due (set at the first due record)
+    due_before: dict[tuple[int, int], set[int]] = {}  # rows below that cursor still due (waiting then)
+    unwanted: dict[tuple[int, int], set[int]] = {}  # rows past the first due record that are not due after all
     readers: dict[tuple[int, int], Iterator] = {}
-    held: dict[tuple[int, int, int], tuple[pa.Table, int]] = {}  # read, due later in the order
+    held: dict[tuple[int, int, int], tuple[pa.Table, int]] = {}
 
-    def rows(i: int, j: int) -> Iterator[tuple[int, pa.Table, int]]:
-        chunk, wanted = window.parts[i][j], rows_due[(i, j)]
-        first = min(wanted)
-        at = first
-        for table in read_unit_tables(chunk.unit, s3, start=chunk.start + first, stop=chunk.start + max(wanted) + 1):
-            for row in range(table.num_rows):
-                yield at, table, row
+    def rows(key: tuple[int, int]) -> Iterator[tuple[int, pa.Table, int]]:
+        chunk, at = window.parts[key[0]][key[1]], start.get(key, 0)  # a chunk first pulled later: from its start
+        for table in read_unit_tables(chunk.unit, s3, start=chunk.start + at, stop=chunk.stop):
+            for index in range(table.num_rows):
+                yield at, table, index
                 at += 1
 
-    def fetch(i: int, j: int, wanted: int):
-        if (i, j, wanted) in held:
-            return held.pop((i, j, wanted))
-        reader = readers.get((i, j))
+    def fetch(key: tuple[int, int], wanted: int):
+        if (*key, wanted) in held:
+            return held.pop((*key, wanted))
+        reader = readers.get(key)
         if reader is None:
-            reader = readers[(i, j)] = rows(i, j)
+            reader = readers[key] = rows(key)
         for row, table, index in reader:
             if row == wanted:
                 return table, index
-            if row in rows_due[(i, j)]:
-                held[(i, j, row)] = (table, index)
+            if row in unwanted.get(key, ()):
+                unwanted[key].discard(row)
+            elif row >= begin_cursor.get(key, 0) or row in due_before.get(key, ()):
+                held[(*key, row)] = (table, index)
         log.warning("%s: fewer records than its footer said; record %d of the chunk left out",
-                    window.parts[i][j].unit.uri, wanted)
+                    window.parts[key[0]][key[1]].unit.uri, wanted)
         return None
 
+    sizes = [[(c.size, c.pass_index) for c in part] for part in window.parts]
+    begin_cursor: dict[tuple[int, int], int] = {}
     picks: list[tuple[pa.Table, int, int]] = []
-    for sample_id, i, j, row in due:
-        got = fetch(i, j, row)
+    for offset, (i, (j, row)) in enumerate(mix_order(sizes, window.seed, window.buffer_rows, pull)):
+        key = (i, j)
+        waiting[key].discard(row)
+        sample_id = (window.index << WINDOW_SHIFT) | offset
+        if window.stop_below is not None and sample_id >= window.stop_below:
+            break
+        is_due = sample_id >= window.skip_below and sample_id not in window.skip_ids
+        if start is None:
+            if not is_due:
+                continue
+            begin_cursor = dict(cursor)
+            due_before = {k: set(v) for k, v in waiting.items() if v}
+            start = {k: min([*due_before.get(k, ()), begin_cursor[k]]) for k in begin_cursor}
+            start[key] = min(start.get(key, row), row)
+        if not is_due:
+            held.pop((i, j, row), None)
+            unwanted.setdefault(key, set()).add(row)
+            continue
+        got = fetch(key, row)
         if got is not None:
             picks.append((*got, sample_id))
         if len(picks) >= chunk_rows:
