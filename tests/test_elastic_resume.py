@@ -199,3 +199,35 @@ def _tensor_sums(checkpoint_dir: Path, scratch: Path) -> dict[str, list[float]]:
     dcp_to_torch_save(checkpoint_dir, scratch)
     tensors = flat_tensors(torch.load(scratch, weights_only=False))
     return {name: [float(t.double().sum()), float((t.double() ** 2).sum())] for name, t in tensors.items()}
+
+
+def test_the_batch_stream_takes_every_old_ranks_state_on_a_new_world():
+    """BatchStream.load_state_dict with the states of a world of another size: the position continues
+    the epoch from all of them, and the run's totals (samples per source, dropped records) stay whole
+    over the new ranks: rank 0 carries the old ranks' sums."""
+    import torch
+
+    from orchestration.data.stats import DistinctSkips
+    from orchestration.train.batch_stream import BatchStream
+
+    def old_state(rank: int) -> dict:
+        skipped = DistinctSkips()
+        skipped.add_entries([f"decode_error\tcoyo/bad{rank}"])
+        position = DataPosition(epoch=1, frontier=part_id(5 + rank), taken={part_id(5 + rank)})
+        return {"position": position.state(), "batches_in_epoch": 3, "samples": {"coyo": 10 + rank},
+                "skipped": skipped.state(), "skipped_epoch": skipped.state()}
+
+    saved = {"world": 2, "ranks": [old_state(0), old_state(1)]}
+    streams = [BatchStream(None, rank, 3, "tower", 4, {}, torch.device("cpu")) for rank in range(3)]
+    for stream in streams:
+        stream.load_state_dict(json.loads(json.dumps(saved)))  # as read from the checkpoint parts
+    states = [s.state_dict() for s in streams]
+    expected = DataPosition.continued([DataPosition.from_state(r["position"]) for r in saved["ranks"]])
+    assert all(DataPosition.from_state(s["position"]) == expected for s in states)
+    assert expected.epoch == 1 and expected.history[0]["world"] == 2 and states[0]["batches_in_epoch"] == 3
+    assert states[0]["samples"] == {"coyo": 21} and states[1]["samples"] == states[2]["samples"] == {}
+    assert DistinctSkips.from_state(states[0]["skipped"]).counts() == {"decode_error": 2}
+    assert DistinctSkips.from_state(states[2]["skipped"]).counts() == {}
+    same = BatchStream(None, 0, 2, "tower", 4, {}, torch.device("cpu"))
+    same.load_state_dict(old_state(0))  # the same world: this rank's own state, as it was
+    assert same.state_dict() == old_state(0)
