@@ -73,6 +73,7 @@ def position_at(plan, fraction: float):
 def restart_worker(args: dict) -> None:
     """Ray Train worker: dies once (Ray restarts the worker group), then resumes and times its first batch."""
     import functools
+    import inspect
 
     import torch
 
@@ -91,12 +92,18 @@ def restart_worker(args: dict) -> None:
     config = load_config(None, args["overrides"])
     plan = EpochPlan.from_json(open(args["plan"]).read())
     data = torch.load(args["checkpoint_part"], weights_only=False)["data"]  # what the checkpoint part holds
-    stream = BatchStream(
-        lambda epoch, position: rank_dataset(config, "tower", plan, epoch=epoch, rank=0, world=1, position=position),
-        0, 1, "tower", BATCH, torch_dtypes("tower"), torch.device("cpu"),
-        host_batch=functools.partial(with_text_tokens, tower_config(config)),
-    )
-    stream.load_state_dict(data)
+    def make_dataset(epoch, position):
+        return rank_dataset(config, "tower", plan, epoch=epoch, rank=0, world=1, position=position)
+
+    rest = ("tower", BATCH, torch_dtypes("tower"), torch.device("cpu"))
+    tokenize = functools.partial(with_text_tokens, tower_config(config))
+    if "state" in inspect.signature(BatchStream).parameters:  # the code before BatchStream owned its state
+        from orchestration.train.checkpoint import TrainState
+
+        stream = BatchStream(make_dataset, TrainState(data=data), 0, 1, *rest, host_batch=tokenize)
+    else:
+        stream = BatchStream(make_dataset, 0, 1, *rest, host_batch=tokenize)
+        stream.load_state_dict(data)
     next(stream)
     elapsed = time.perf_counter() - begin
     stream.close()
@@ -110,6 +117,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=8, help="shards of the rank (one window: data.shuffle_window_shards)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", help="append a dated markdown section to this file")
+    parser.add_argument("--label", default="", help="what code this run measures (in the results section)")
     args = parser.parse_args()
 
     import ray
@@ -118,7 +126,12 @@ def main() -> None:
     from ray.train.torch import TorchTrainer
 
     from orchestration.config import load_config
-    from orchestration.data.epochs import mix_as_drawn, mix_window
+    from orchestration.data.epochs import mix_window
+
+    try:
+        from orchestration.data.epochs import mix_as_drawn
+    except ImportError:  # the code before this benchmark (for the before/after record): it read as drawn
+        mix_as_drawn = mix_window
     from orchestration.data.pipeline import training_plan
 
     workdir = tempfile.mkdtemp(prefix="bench-resume-")
@@ -144,12 +157,8 @@ def main() -> None:
         return time.perf_counter() - begin
 
     def restart(fraction: float, run: int) -> dict:
-        from orchestration.train.batch_stream import BatchStream
-
-        stream = BatchStream(None, 0, 1, "tower", BATCH, {}, torch.device("cpu"))
-        stream.position = position_at(plan, fraction)
         part = os.path.join(workdir, f"rank_0_{run}.pt")
-        torch.save({"data": stream.state_dict()}, part)  # a checkpoint's per-rank part
+        torch.save({"data": {"position": position_at(plan, fraction).state()}}, part)  # a checkpoint's per-rank part
         out = os.path.join(workdir, f"restart_{run}.json")
         TorchTrainer(
             restart_worker,
@@ -198,7 +207,7 @@ def main() -> None:
     print(report)
     if args.results:
         with open(args.results, "a") as f:
-            f.write("\n## bench_resume at real window sizes (2026-12-02, 2-core CPU, no GPU, shared with other sessions)\n\n")
+            f.write(f"\n## bench_resume at real window sizes{args.label} (2026-12-02, 2-core CPU, no GPU, shared with other sessions)\n\n")
             f.write(f"`python benchmarks/bench_resume.py --rows {args.rows} --shards {args.shards} --repeats {args.repeats}` "
                     "(goal: resume_ratio_90_10 <= 1.3)\n\n" + report + "\n")
     print(f"RESULT resume_ratio_90_10={ratio:.3f}")
