@@ -4,7 +4,7 @@ into the run's storage and restored by each rank reading only its own shards fro
 One checkpoint directory holds, from every rank:
 
     .metadata, __<rank>_0.distcp   model + optimizer shards (DCP; rank 0 writes .metadata last)
-    rank_<r>.pt                    that rank's RNG states and data position
+    rank_<r>.pt                    that rank's RNG states and data state (BatchStream.state_dict)
     train_state.json               (rank 0) step, scheduler, the step history, last metrics
     COMPLETE.rank<r>               written by each rank after all of the above
 
@@ -13,6 +13,10 @@ writes its marker last). Each save goes to a fresh directory (Ray Train register
 rank has committed it), so a save that dies half-way leaves at most an incomplete directory beside the
 previous checkpoints and never touches them; loading refuses an incomplete directory and falls back to
 the newest complete sibling.
+
+A restart on another number of ranks loads the same directory: DCP reshards the model and optimizer
+shards onto the new ranks, and every new rank reads every old rank's ``rank_<r>.pt``, from which its
+data stream continues the epoch (``TrainState.data``; see orchestration/data/epochs.py).
 
 The step history is a list of segments ``[first_step, last_step]``, one per (re)start, so a resumed
 run can show that every step was applied exactly once in the lineage of the final weights.
