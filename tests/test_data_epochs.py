@@ -120,26 +120,23 @@ def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corru
 
     from orchestration.data.pipeline import rank_dataset, torch_dtypes, with_text_tokens
     from orchestration.data.tower_data import tower_config
-    from orchestration.train.checkpoint import TrainState
     from orchestration.train.batch_stream import BatchStream
 
     root, manifest = corrupt_data
     config = _config(root, tmp_path)
     plan = training_plan(config, "tower")
     trained: dict[int, Counter] = {}
-    state = TrainState()
 
-    def record(step, index, epoch, keys):
+    def record(epoch, keys):
         trained.setdefault(epoch, Counter()).update(keys)
 
     stream = BatchStream(lambda epoch, position: rank_dataset(config, "tower", plan, epoch=epoch, rank=0, world=1, position=position),
-                         state, 0, 1, "tower", 4, torch_dtypes("tower"), torch.device("cpu"),
+                         0, 1, "tower", 4, torch_dtypes("tower"), torch.device("cpu"),
                          recorder=record, host_batch=functools.partial(with_text_tokens, tower_config(config)))
     good = _good_keys(manifest)
     per_epoch = sum(good.values()) // 4
     for _ in range(3 * per_epoch):
         batch = next(stream)
-        state.step += 1
     stream.close()
     assert batch["pixels"].shape == (4, 3, 32, 32) and batch["pixels"].dtype == torch.uint8
     assert batch["text_tokens"].shape == (4, 32) and batch["text_tokens"].dtype == torch.int64  # tokenized in the reader
@@ -149,8 +146,12 @@ def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corru
     counts = stream.data_metrics()
     assert counts["mixture_share/coyo_parquet"] == counts["mixture_share/coyo_webdataset"] == 0.5
     assert {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("rows_skipped/")} == dict(bad)
-    # The position and the distinct records travel in the checkpoint's per-rank state.
-    assert state.data["position"]["epoch"] == 2 and sum(len(v) for v in state.data["skipped"]["keys"].values()) == sum(bad.values())
+    # The position and the distinct records travel in the checkpoint's per-rank state, and come back.
+    state = stream.state_dict()
+    assert state["position"]["epoch"] == 2 and sum(len(v) for v in state["skipped"]["keys"].values()) == sum(bad.values())
+    restored = BatchStream(None, 0, 1, "tower", 4, torch_dtypes("tower"), torch.device("cpu"))
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state and restored.data_metrics() == counts
 
 
 def test_one_big_index_file_is_read_as_record_ranges_spread_over_the_ranks(ray_session, synthetic_data, tmp_path):

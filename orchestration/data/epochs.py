@@ -30,7 +30,17 @@ already trained (stage 2 packs one call's samples into several rows). Because wi
 order are a pure function of the plan, the frontier also fixes every source's pass and cursor on the
 rank: exactly-once per pass holds across restarts without saving them separately. Resuming builds the
 rank's dataset without the windows wholly below the frontier and drops done ids inside the read task,
-before any decoding or tokenization: the cost of a resume does not grow with how far into the epoch it is.
+before any decoding or tokenization; where the units' sizes are exact (parquet), the window's order is
+drawn before reading and only the rows still due are read: the cost of a resume does not grow with
+how far into the epoch, or into its window, it is.
+
+Elastic resume: a restart on another number of ranks continues the epoch. Each rank's position is in
+its checkpoint part, which every rank can read; each new rank reads all of them and appends them to
+the position's ``history`` (`DataPosition.continued`). `EpochPlan.layout` turns the history into what
+the first world's windows have left (below any rank's frontier or trained whole: done; a record with
+some of its parts trained: only the others due) and deals that remainder over the new ranks in equal
+record counts, as offset ranges of the same windows (same seed, same mixed order: an offset names the
+same record in every world). A later change of world size appends another level to the history.
 
 An epoch ends for every rank when one rank's stream runs out (``report`` is a barrier, so ranks must
 take the same number of steps): the other ranks' remaining rows are left out of that epoch. Which rows
@@ -53,12 +63,13 @@ import numpy as np
 import pyarrow as pa
 
 from orchestration.data.mixture import mix_order
-from orchestration.data.records import NORMALIZED_SCHEMA, ReadUnit, read_unit_tables
+from orchestration.data.records import LM_CACHE, NORMALIZED_SCHEMA, ReadUnit, read_unit_tables
 from orchestration.storage import S3Settings
 
 log = logging.getLogger(__name__)
 
 WINDOW_SHIFT = 32  # sample id = window << 32 | offset in window
+OFFSET_MASK = (1 << WINDOW_SHIFT) - 1
 PART_SHIFT = 4  # part id = sample id << 4 | part << 2 | (parts - 1): a record gives up to 4 samples
 
 STREAM_SCHEMA = NORMALIZED_SCHEMA.append(pa.field("sample_id", pa.int64())).append(
@@ -106,6 +117,7 @@ class Window:
     seed: int
     buffer_rows: int
     skip_below: int = 0  # sample ids below this are done (resume)
+    stop_below: int | None = None  # and ids from this one on belong to another rank (elastic resume)
     skip_ids: frozenset = frozenset()  # and these, at or above it
     done_parts: dict = field(default_factory=dict)  # sample id -> parts already trained (the rest is due)
 
@@ -117,11 +129,18 @@ class Window:
 
 @dataclass
 class DataPosition:
-    """How far one rank got in its epoch; saved in its checkpoint part."""
+    """How far one rank got in its epoch; saved in its checkpoint part.
+
+    ``history`` is empty unless the world size changed inside this epoch (elastic resume): then it
+    lists, per earlier world of the epoch, its size and where each of its ranks got to (``frontier``,
+    ``taken``), and this rank's ids refer to its share of what those ranks left (`EpochPlan.layout`).
+    Every rank of a world holds the same history, so any rank's state carries it to the next world.
+    """
 
     epoch: int = 0
     frontier: int = 0  # every part id below it is done
     taken: set[int] = field(default_factory=set)  # part ids >= frontier already trained
+    history: list[dict] = field(default_factory=list)  # [{"world": W, "ranks": [{"frontier", "taken"}]}]
 
     def consume(self, call_start: int, sample_ids) -> None:
         """A trained row: its samples' part ids and the first part id of the pool call that made it."""
@@ -131,16 +150,96 @@ class DataPosition:
         self.taken.update(int(i) for i in sample_ids if i >= self.frontier)
 
     def next_epoch(self) -> None:
-        self.epoch, self.frontier, self.taken = self.epoch + 1, 0, set()
+        self.epoch, self.frontier, self.taken, self.history = self.epoch + 1, 0, set(), []
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "frontier": self.frontier, "taken": sorted(self.taken)}
+        out = {"epoch": self.epoch, "frontier": self.frontier, "taken": sorted(self.taken)}
+        if self.history:
+            out["history"] = self.history
+        return out
 
     @classmethod
     def from_state(cls, state: dict | None) -> "DataPosition":
         if not state:
             return cls()
-        return cls(int(state["epoch"]), int(state["frontier"]), set(state.get("taken", ())))
+        return cls(int(state["epoch"]), int(state["frontier"]), set(state.get("taken", ())),
+                   [dict(level) for level in state.get("history", ())])
+
+    @classmethod
+    def continued(cls, positions: list["DataPosition"]) -> "DataPosition":
+        """The position every rank of a new world starts from, continuing the epoch the ranks of the
+        old world (``positions``, one per old rank, in rank order) were in: what any of them finished
+        stays finished, the rest is dealt over the new ranks (`EpochPlan.layout`)."""
+        epochs = {p.epoch for p in positions}
+        if len(epochs) != 1:
+            raise ValueError(f"the saved ranks are in different epochs {sorted(epochs)}: not one checkpoint")
+        first = positions[0]
+        if not first.history and not any(p.frontier or p.taken for p in positions):
+            return cls(first.epoch)  # nothing of the epoch done: the new world's own plan of it
+        level = {"world": len(positions), "ranks": [{"frontier": p.frontier, "taken": sorted(p.taken)} for p in positions]}
+        return cls(first.epoch, 0, set(), [*first.history, level])
+
+
+@dataclass(frozen=True)
+class Span:
+    """Part of a window of the epoch's first world, dealt to a rank of a later one (elastic resume):
+    the records at offsets [start, stop) of the window's mixed order (stop None: to its real end)."""
+
+    rank: int  # the window's rank in the epoch's first world
+    window: int  # its index there
+    start: int
+    stop: int | None
+    done_parts: tuple[tuple[int, int, tuple[int, ...]], ...] = ()  # (offset, parts, parts trained) of records partly trained
+
+
+class _Done:
+    """What the ranks of an epoch's worlds finished, in the first world's coordinates: per window, the
+    offsets done (intervals) and the parts done of records partly trained."""
+
+    def __init__(self):
+        self.intervals: dict[tuple[int, int], list[tuple[int, float]]] = {}
+        self.parts: dict[tuple[int, int, int], tuple[int, set[int]]] = {}
+
+    def add(self, spans: list[Span], frontier: int, taken) -> None:
+        """One rank's position (its part ids refer to its ``spans``: span i is window i of its ids)."""
+        sample = frontier >> PART_SHIFT
+        at_span, at_offset = sample >> WINDOW_SHIFT, sample & OFFSET_MASK
+        for i, span in enumerate(spans[: at_span + 1]):
+            stop = span.stop if i < at_span else at_offset
+            stop = float("inf") if stop is None else stop
+            if stop > span.start:
+                self.intervals.setdefault((span.rank, span.window), []).append((span.start, stop))
+        for pid in taken:
+            sample, part, count = split_part_id(int(pid))
+            if sample >> WINDOW_SHIFT < len(spans):
+                span = spans[sample >> WINDOW_SHIFT]
+                key = (span.rank, span.window, sample & OFFSET_MASK)
+                self.parts.setdefault(key, (count, set()))[1].add(part)
+
+    def remainder(self, rank: int, window: int, size: int) -> list[tuple[int, int | None, int, dict]]:
+        """(start, stop, estimated records, {offset: (parts, parts done)}) of the window's offset ranges
+        not done."""
+        done = list(self.intervals.get((rank, window), []))
+        partial: dict[int, tuple[int, tuple[int, ...]]] = {}
+        for (r, w, offset), (count, got) in self.parts.items():
+            if (r, w) == (rank, window):
+                if len(got) >= count:
+                    done.append((offset, offset + 1))
+                else:
+                    partial[offset] = (count, tuple(sorted(got)))
+        gaps, at = [], 0
+        for start, stop in sorted(done):
+            if start > at:
+                gaps.append((at, start))
+            at = max(at, stop)
+        if at != float("inf"):
+            gaps.append((at, None))
+        out = []
+        for start, stop in gaps:
+            records = (stop if stop is not None else max(size, start)) - start
+            out.append((int(start), None if stop is None else int(stop), int(records),
+                        {o: p for o, p in partial.items() if o >= start and (stop is None or o < stop)}))
+        return out
 
 
 @dataclass(frozen=True)
@@ -253,30 +352,87 @@ class EpochPlan:
                for source, stream in streams.items()}
         return [tuple(tuple(cut[source][j]) for source in sorted(cut)) for j in range(count)]
 
+    def layout(self, epoch: int, world: int, history: list[dict]) -> list[list[Span]]:
+        """Per rank of ``world``, its spans of the epoch, in its stream order (span i is window i of
+        its sample ids).
+
+        Without history, each rank reads its own windows whole. With history (the world size changed
+        inside the epoch), the windows of the epoch's first world, less what the ranks of every world
+        since finished (records below a rank's frontier or trained whole, in the first world's
+        coordinates), are cut into offset ranges and dealt in order, so that each rank gets an equal
+        share of the records left (rank k the k-th ``1/world`` of them). A window keeps its seed and
+        its mixed order, so an offset names the same record in every world, and the mixture's shares
+        hold within each range as they do in the whole window. A pure function of its arguments:
+        every rank, restart and rerun computes the same layout.
+        """
+        if not history:
+            return [[Span(r, w, 0, None) for w in range(len(self.rank_windows(epoch, r, world)))] for r in range(world)]
+        key = ("layout", epoch, world, json.dumps(history, sort_keys=True))
+        if key in self._memo:
+            return self._memo[key]
+        first_world = history[0]["world"]
+        done = _Done()
+        for k, level in enumerate(history):
+            spans = self.layout(epoch, level["world"], history[:k])
+            for rank, pos in enumerate(level["ranks"]):
+                done.add(spans[rank], int(pos["frontier"]), pos.get("taken", ()))
+        left = []  # (first-world rank, window, start, stop, records, partial parts)
+        for rank in range(first_world):
+            for w, parts in enumerate(self.rank_windows(epoch, rank, first_world)):
+                size = sum(c.size for part in parts for c in part)
+                left += [(rank, w, *gap) for gap in done.remainder(rank, w, size)]
+        total = sum(gap[4] for gap in left)
+        bounds = [total * k // world for k in range(world + 1)]
+        out: list[list[Span]] = [[] for _ in range(world)]
+        k, dealt = 0, 0
+        for rank, w, start, stop, records, partial in left:
+            while True:
+                while k < world - 1 and dealt >= bounds[k + 1]:
+                    k += 1
+                room = bounds[k + 1] - dealt if k < world - 1 else records
+                piece_stop = stop if records <= room else start + room
+                done_parts = tuple((o, count, got) for o, (count, got) in sorted(partial.items())
+                                   if start <= o and (piece_stop is None or o < piece_stop))
+                out[k].append(Span(rank, w, start, piece_stop, done_parts))
+                if records <= room:
+                    dealt += records
+                    break
+                dealt, records, start = dealt + room, records - room, start + room
+        self._memo[key] = out
+        return out
+
     def windows(self, epoch: int, rank: int, world: int, position: DataPosition | None = None) -> list[Window]:
         """This rank's windows of the epoch, without those a position says are done."""
         done = position if position is not None and position.epoch == epoch else DataPosition(epoch)
+        first_world = done.history[0]["world"] if done.history else world
+        spans = self.layout(epoch, world, done.history)[rank]
         frontier = done.frontier >> PART_SHIFT
         parts: dict[int, tuple[int, set[int]]] = {}
         for pid in done.taken:
             sample, part, count = split_part_id(pid)
             parts.setdefault(sample, (count, set()))[1].add(part)
-        whole = {s for s, (count, got) in parts.items() if len(got) >= count}
+        base: dict[int, list] = {}
         out = []
-        for index, window_parts in enumerate(self.rank_windows(epoch, rank, world)):
+        for index, span in enumerate(spans):
             first_id, next_first = index << WINDOW_SHIFT, (index + 1) << WINDOW_SHIFT
-            if frontier >= next_first:
+            stop_id = None if span.stop is None else first_id | span.stop
+            if frontier >= (next_first if stop_id is None else stop_id):
                 continue  # wholly trained
-            mine = [s for s in parts if first_id <= s < next_first]
+            if span.rank not in base:
+                base[span.rank] = self.rank_windows(epoch, span.rank, first_world)
+            here = {s: (count, set(got)) for s, (count, got) in parts.items() if first_id <= s < next_first}
+            for offset, count, got in span.done_parts:  # parts of a record trained in an earlier world
+                here.setdefault(first_id | offset, (count, set()))[1].update(got)
             out.append(
                 Window(
                     index=index,
-                    parts=window_parts,
-                    seed=_seed("window", self.seed, epoch, rank, world, index),
+                    parts=base[span.rank][span.window],
+                    seed=_seed("window", self.seed, epoch, span.rank, first_world, span.window),
                     buffer_rows=self.buffer_rows,
-                    skip_below=max(frontier, first_id),
-                    skip_ids=frozenset(s for s in mine if s in whole),
-                    done_parts={s: sorted(parts[s][1]) for s in mine if s not in whole},
+                    skip_below=max(frontier, first_id | span.start),
+                    stop_below=stop_id,
+                    skip_ids=frozenset(s for s, (count, got) in here.items() if len(got) >= count),
+                    done_parts={s: sorted(got) for s, (count, got) in here.items() if len(got) < count},
                 )
             )
         return out
@@ -302,10 +458,27 @@ def _cut_stream(stream: list[Chunk], bounds: list[int]) -> list[list[Chunk]]:
     return spans
 
 
+# Formats whose unit sizes are exact (parquet footers): a window's mixed order is known before reading.
+EXACT_SIZE_FORMATS = ("coyo_parquet", LM_CACHE)
+
+
 def mix_window(window: Window, s3: S3Settings | None, chunk_rows: int = 64) -> Iterator[pa.Table]:
     """The window's records in its mixed, shuffled order, with sample ids; done ids left out before
     decoding (see `mixture.mix_order`). The draws depend only on the seed and the chunks' records, so
-    a rerun gives the same order and ids whatever it then leaves out."""
+    a rerun gives the same order and ids whatever it then leaves out.
+
+    Where every unit's size is exact, the order is drawn first without reading a record, and then only
+    the rows still due are read (each chunk from its first due row on): resuming at 90% of a window
+    reads a tenth of it, not all of it. Otherwise the records are read as they are drawn."""
+    if all(c.unit.format in EXACT_SIZE_FORMATS for part in window.parts for c in part):
+        yield from _mix_known_sizes(window, s3, chunk_rows)
+    else:
+        yield from mix_as_drawn(window, s3, chunk_rows)
+
+
+def mix_as_drawn(window: Window, s3: S3Settings | None, chunk_rows: int = 64) -> Iterator[pa.Table]:
+    """`mix_window` reading every record of the window up to its stop as it is drawn (records of
+    estimated sizes: the order depends on where a unit really ends)."""
     readers: dict[tuple[int, int], Iterator] = {}
 
     def rows(chunk: Chunk) -> Iterator[tuple[pa.Table, int]]:
@@ -323,8 +496,89 @@ def mix_window(window: Window, s3: S3Settings | None, chunk_rows: int = 64) -> I
     picks: list[tuple[pa.Table, int, int]] = []
     for offset, (_, (table, row)) in enumerate(mix_order(sizes, window.seed, window.buffer_rows, pull)):
         sample_id = (window.index << WINDOW_SHIFT) | offset
+        if window.stop_below is not None and sample_id >= window.stop_below:
+            break
         if sample_id >= window.skip_below and sample_id not in window.skip_ids:
             picks.append((table, row, sample_id))
+        if len(picks) >= chunk_rows:
+            yield _picked(picks, window.done_parts)
+            picks = []
+    if picks:
+        yield _picked(picks, window.done_parts)
+
+
+def _mix_known_sizes(window: Window, s3: S3Settings | None, chunk_rows: int) -> Iterator[pa.Table]:
+    """`mix_window` for units of exact sizes: the draws are made on row numbers (a unit's rows are
+    pulled in order, so a pull is its chunk's next row number), and rows are read only from the
+    first record due on. At that point every record due later is either waiting in a shuffle buffer
+    (pulled, not yet emitted) or not pulled yet, so each chunk's reader starts at its lowest such row;
+    rows read ahead of their turn wait in ``held``."""
+    lengths = [[max(0, (c.stop if c.stop is not None else c.unit.size) - c.start) for c in part] for part in window.parts]
+    cursor: dict[tuple[int, int], int] = {}
+    waiting: dict[tuple[int, int], set[int]] = {}  # pulled into a buffer, not emitted yet
+
+    def pull(i: int, j: int):
+        row = cursor.get((i, j), 0)
+        if row >= lengths[i][j]:
+            return None
+        cursor[(i, j)] = row + 1
+        waiting.setdefault((i, j), set()).add(row)
+        return j, row
+
+    start: dict[tuple[int, int], int] | None = None  # per chunk, its first row due (set at the first due record)
+    due_before: dict[tuple[int, int], set[int]] = {}  # rows below that cursor still due (waiting then)
+    unwanted: dict[tuple[int, int], set[int]] = {}  # rows past the first due record that are not due after all
+    readers: dict[tuple[int, int], Iterator] = {}
+    held: dict[tuple[int, int, int], tuple[pa.Table, int]] = {}
+
+    def rows(key: tuple[int, int]) -> Iterator[tuple[int, pa.Table, int]]:
+        chunk, at = window.parts[key[0]][key[1]], start.get(key, 0)  # a chunk first pulled later: from its start
+        for table in read_unit_tables(chunk.unit, s3, start=chunk.start + at, stop=chunk.stop):
+            for index in range(table.num_rows):
+                yield at, table, index
+                at += 1
+
+    def fetch(key: tuple[int, int], wanted: int):
+        if (*key, wanted) in held:
+            return held.pop((*key, wanted))
+        reader = readers.get(key)
+        if reader is None:
+            reader = readers[key] = rows(key)
+        for row, table, index in reader:
+            if row == wanted:
+                return table, index
+            if row in unwanted.get(key, ()):
+                unwanted[key].discard(row)
+            elif row >= begin_cursor.get(key, 0) or row in due_before.get(key, ()):
+                held[(*key, row)] = (table, index)
+        log.warning("%s: fewer records than its footer said; record %d of the chunk left out",
+                    window.parts[key[0]][key[1]].unit.uri, wanted)
+        return None
+
+    sizes = [[(c.size, c.pass_index) for c in part] for part in window.parts]
+    begin_cursor: dict[tuple[int, int], int] = {}
+    picks: list[tuple[pa.Table, int, int]] = []
+    for offset, (i, (j, row)) in enumerate(mix_order(sizes, window.seed, window.buffer_rows, pull)):
+        key = (i, j)
+        waiting[key].discard(row)
+        sample_id = (window.index << WINDOW_SHIFT) | offset
+        if window.stop_below is not None and sample_id >= window.stop_below:
+            break
+        is_due = sample_id >= window.skip_below and sample_id not in window.skip_ids
+        if start is None:
+            if not is_due:
+                continue
+            begin_cursor = dict(cursor)
+            due_before = {k: set(v) for k, v in waiting.items() if v}
+            start = {k: min([*due_before.get(k, ()), begin_cursor[k]]) for k in begin_cursor}
+            start[key] = min(start.get(key, row), row)
+        if not is_due:
+            held.pop((i, j, row), None)
+            unwanted.setdefault(key, set()).add(row)
+            continue
+        got = fetch(key, row)
+        if got is not None:
+            picks.append((*got, sample_id))
         if len(picks) >= chunk_rows:
             yield _picked(picks, window.done_parts)
             picks = []

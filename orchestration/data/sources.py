@@ -102,6 +102,9 @@ class WindowDatasource(Datasource):
         ]
 
 
+WINDOW_BLOCK_BYTES = 16 * 1024 * 1024
+
+
 def read_dataset(windows: list[Window], s3: S3Settings | None, rows_per_block: int, formats: set[str]) -> ray.data.Dataset:
     """Records of the given windows with their sample ids, in window order (``preserve_order``).
 
@@ -118,6 +121,10 @@ def read_dataset(windows: list[Window], s3: S3Settings | None, rows_per_block: i
         if any(FORMAT_KIND.get(fmt) not in (KIND_IMAGE_TEXT, None) for fmt in formats):
             ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     ds.context.execution_options.preserve_order = True  # the epoch's order is the position's meaning
+    # A window is one read task of ~shuffle_window_shards shards (80k COYO records): blocks of at most
+    # WINDOW_BLOCK_BYTES, not Ray's 128 MiB, so that its first records reach the trainer after a few
+    # thousand reads and decodes, not tens of thousands (the first batch of an epoch or after a resume).
+    ds.context.target_max_block_size = WINDOW_BLOCK_BYTES
     return ds
 
 

@@ -16,7 +16,6 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from orchestration.train import checkpoint as ckpt
 
 class EpochFeed:
     """One epoch's dataset, read by a thread of its own into a bounded queue of chunks.
@@ -79,15 +78,20 @@ class BatchStream:
     """Micro-batches forever, epoch after epoch, each trained sample exactly once per epoch.
 
     Every rank builds its own share of each epoch (``make_dataset(epoch, position)``, see
-    orchestration/data/epochs.py), starting from the position saved in ``state.data``: the resumed
-    dataset leaves out what this rank already trained before anything is decoded. A background thread
-    reads ``depth`` batches ahead; the next epoch's pipeline is started (`EpochFeed`) once the current
-    one has produced all its data (up to a feed's depth of chunks before the epoch's end), so its
-    start-up (read tasks, tokenizer actors loading the tower) overlaps with training instead of
-    stalling every rank at the epoch boundary, and is skipped when the run needs no more batches
-    (``batches_needed``). The position in
-    ``state.data`` advances only when the loop takes a batch, so a checkpoint records what was
-    trained on.
+    orchestration/data/epochs.py), starting from its data position: the resumed dataset leaves out
+    what this rank already trained before anything is decoded. A background thread reads ``depth``
+    batches ahead; the next epoch's pipeline is started (`EpochFeed`) once the current one has
+    produced all its data (up to a feed's depth of chunks before the epoch's end), so its start-up
+    (read tasks, tokenizer actors loading the tower) overlaps with training instead of stalling every
+    rank at the epoch boundary, and is skipped when the run needs no more batches
+    (``batches_needed``). The position advances only when the loop takes a batch, so a checkpoint
+    records what was trained on.
+
+    The stream owns its state (torchtitan/lingua's Stateful pattern): the trainer puts
+    ``state_dict()`` into each checkpoint and hands the restored one back with ``load_state_dict``
+    before the first batch. A restored state may also be the states of every rank of a world of
+    another size (``{"world": W, "ranks": [...]}``, elastic resume): the epoch then continues where
+    those ranks left it (`DataPosition.continued`).
 
     Ranks take the same number of batches per epoch (``report`` is a barrier): before each batch the
     ranks agree (one all-reduce of a flag) that every one of them has one; when one rank's share runs
@@ -97,36 +101,89 @@ class BatchStream:
     run and for the current epoch (`rows_skipped`).
     """
 
-    def __init__(self, make_dataset, state: ckpt.TrainState, rank: int, world: int, stage: str, batch_size: int,
+    def __init__(self, make_dataset, rank: int, world: int, stage: str, batch_size: int,
                  columns: dict[str, torch.dtype], device: torch.device, depth: int = 4, recorder=None,
                  batches_needed: int | None = None, host_batch=None, batch_timeout_s: float | None = None,
                  explain_error=None):
         from orchestration.data.epochs import DataPosition
         from orchestration.data.stats import DistinctSkips
 
-        self.state, self.rank, self.world, self.stage = state, rank, world, stage
+        self.make_dataset, self.rank, self.world, self.stage = make_dataset, rank, world, stage
         self.batch_size, self.columns, self.device, self.recorder = batch_size, columns, device, recorder
         self.host_batch = host_batch or (lambda batch: batch)  # numpy batch -> numpy batch, in the reader
         # How long the loop waits for a batch, and how a pipeline's failure is put to the user (e.g. an
         # actor pool that never got its resources, said with the fields that size it).
         self.batch_timeout_s = batch_timeout_s
         self.explain_error = explain_error or (lambda exc: exc)
-        data = state.data or {}
-        self.position = DataPosition.from_state(data.get("position"))
-        self.skipped = DistinctSkips.from_state(data.get("skipped"))
-        self.skipped_epoch = DistinctSkips.from_state(data.get("skipped_epoch"))
-        self.samples = defaultdict(int, data.get("samples", {}))  # trained samples per source, this run
-        self.state.epoch = self.position.epoch
-        self._save_state()
-        self.min_epoch = self.position.epoch  # the reader drops an epoch the ranks have ended
+        self.position = DataPosition()
+        self.skipped = DistinctSkips()
+        self.skipped_epoch = DistinctSkips()
+        self.samples: defaultdict[str, int] = defaultdict(int)  # trained samples per source, this run
+        self.batches_in_epoch = 0  # micro-batches taken in the current epoch (the same on every rank)
         self.batches_needed = batches_needed  # what the rest of the run takes (None: no limit)
         self.batches_taken = 0
         self.closed = False
-        self.micro_in_step = (state.step, 0)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread: threading.Thread | None = None
+
+    # -- state (checkpoints) ------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of this rank's data: its position in the epoch, the trained samples
+        per source and the dropped records (plain Python values: picklable, JSON-able)."""
+        return {
+            "position": self.position.state(),
+            "batches_in_epoch": self.batches_in_epoch,
+            "samples": dict(self.samples),
+            "skipped": self.skipped.state(),
+            "skipped_epoch": self.skipped_epoch.state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's state: this rank's own (same world size), or every rank's of a
+        world of another size, ``{"world": W, "ranks": [state of rank 0, ...]}``. Before the first batch."""
+        from orchestration.data.epochs import DataPosition
+        from orchestration.data.stats import DistinctSkips
+
+        if self.thread is not None:
+            raise RuntimeError("load_state_dict after the stream started reading")
+        if not state:
+            return
+        if "ranks" in state:
+            ranks = [r or {} for r in state["ranks"]]
+            self.position = DataPosition.continued([DataPosition.from_state(r.get("position")) for r in ranks])
+            self.batches_in_epoch = max((int(r.get("batches_in_epoch", 0)) for r in ranks), default=0)
+            # Run totals are sums over ranks (data_metrics): the new rank 0 carries the old ranks' totals.
+            ranks = ranks if self.rank == 0 else []
+            self.skipped, self.skipped_epoch, self.samples = DistinctSkips(), DistinctSkips(), defaultdict(int)
+            for r in ranks:
+                self.skipped.merge(DistinctSkips.from_state(r.get("skipped")))
+                if r.get("position", {}).get("epoch", 0) == self.position.epoch:
+                    self.skipped_epoch.merge(DistinctSkips.from_state(r.get("skipped_epoch")))
+                for source, n in r.get("samples", {}).items():
+                    self.samples[source] += n
+            return
+        self.position = DataPosition.from_state(state.get("position"))
+        self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
+        self.skipped = DistinctSkips.from_state(state.get("skipped"))
+        self.skipped_epoch = DistinctSkips.from_state(state.get("skipped_epoch"))
+        self.samples = defaultdict(int, state.get("samples", {}))
+
+    def start(self) -> None:
+        """Start reading ahead from the current position (done by the first ``next`` otherwise)."""
+        from orchestration.data.epochs import DataPosition
+
+        if self.thread is not None:
+            return
+        self.min_epoch = self.position.epoch  # the reader drops an epoch the ranks have ended
         self.thread = threading.Thread(
-            target=self._read, args=(make_dataset, self.position.epoch, DataPosition.from_state(self.position.state())),
-            daemon=True, name=f"{stage}-batches",
+            target=self._read,
+            args=(self.make_dataset, self.position.epoch, DataPosition.from_state(self.position.state())),
+            daemon=True, name=f"{self.stage}-batches",
         )
         self.thread.start()
 
@@ -188,7 +245,7 @@ class BatchStream:
     def close(self) -> None:
         """Stop reading ahead (the reader leaves at its next batch)."""
         self.closed = True
-        while self.thread.is_alive():
+        while self.thread is not None and self.thread.is_alive():
             try:
                 self.queue.get(timeout=0.1)
             except queue.Empty:
@@ -200,6 +257,7 @@ class BatchStream:
         return self
 
     def __next__(self) -> dict:
+        self.start()
         while True:
             kind, epoch, payload = self._next_item()
             if kind == "error":
@@ -236,35 +294,29 @@ class BatchStream:
         return bool(flag.item() > 0)
 
     def _end_epoch(self) -> None:
-        if self.position.epoch == 0 and self.state.batches_in_epoch == 0:
+        if self.position.epoch == 0 and self.batches_in_epoch == 0:
             raise RuntimeError(
                 f"[{self.stage}] rank {self.rank}: epoch 0 gave no full batch of {self.batch_size} on every rank; "
                 "the dataset has too few rows for this many workers"
             )
         self.position.next_epoch()
         self.min_epoch = self.position.epoch
-        self.state.epoch, self.state.batches_in_epoch = self.position.epoch, 0
+        self.batches_in_epoch = 0
         from orchestration.data.stats import DistinctSkips
 
         self.skipped_epoch = DistinctSkips()
-        self._save_state(skips=True)
 
     def _take(self, batch: dict) -> dict:
-        step = self.state.step + 1  # the step this micro-batch belongs to
-        index = self.micro_in_step[1] if self.micro_in_step[0] == step else 0
-        self.micro_in_step = (step, index + 1)
         for call_start, ids in zip(batch["call_start"], batch["sample_ids"]):
             self.position.consume(int(call_start), ids)
         self._count_skips(batch["skipped"])
-        self.state.batches_in_epoch += 1
+        self.batches_in_epoch += 1
         self.batches_taken += 1
-        self._save_state()
         keys = [str(k) for row in batch["keys"] for k in row]
         for key in keys:
             self.samples[key.split("/", 1)[0]] += 1
-        self.state.data["samples"] = dict(self.samples)
         if self.recorder is not None:
-            self.recorder(step, index, self.position.epoch, keys)
+            self.recorder(self.position.epoch, keys)
         return {
             name: torch.as_tensor(batch[name]).to(dtype=dtype).to(self.device, non_blocking=True)
             for name, dtype in self.columns.items()
@@ -275,13 +327,6 @@ class BatchStream:
         if entries:
             self.skipped.add_entries(entries)
             self.skipped_epoch.add_entries(entries)
-            self._save_state(skips=True)
-
-    def _save_state(self, skips: bool = False) -> None:
-        self.state.data["position"] = self.position.state()
-        if skips or "skipped" not in self.state.data:
-            self.state.data["skipped"] = self.skipped.state()
-            self.state.data["skipped_epoch"] = self.skipped_epoch.state()
 
     def data_metrics(self) -> dict[str, float]:
         """Collective: distinct dropped records by reason over all ranks, for the run

@@ -4,7 +4,7 @@ into the run's storage and restored by each rank reading only its own shards fro
 One checkpoint directory holds, from every rank:
 
     .metadata, __<rank>_0.distcp   model + optimizer shards (DCP; rank 0 writes .metadata last)
-    rank_<r>.pt                    that rank's RNG states and data position
+    rank_<r>.pt                    that rank's RNG states and data state (BatchStream.state_dict)
     train_state.json               (rank 0) step, scheduler, the step history, last metrics
     COMPLETE.rank<r>               written by each rank after all of the above
 
@@ -13,6 +13,10 @@ writes its marker last). Each save goes to a fresh directory (Ray Train register
 rank has committed it), so a save that dies half-way leaves at most an incomplete directory beside the
 previous checkpoints and never touches them; loading refuses an incomplete directory and falls back to
 the newest complete sibling.
+
+A restart on another number of ranks loads the same directory: DCP reshards the model and optimizer
+shards onto the new ranks, and every new rank reads every old rank's ``rank_<r>.pt``, from which its
+data stream continues the epoch (``TrainState.data``; see orchestration/data/epochs.py).
 
 The step history is a list of segments ``[first_step, last_step]``, one per (re)start, so a resumed
 run can show that every step was applied exactly once in the lineage of the final weights.
@@ -56,8 +60,9 @@ class TrainState:
     step: int = 0  # optimizer steps taken (including skipped non-finite ones)
     epoch: int = 0  # data epoch this rank is in
     batches_in_epoch: int = 0  # micro-batches this rank consumed in that epoch
-    # This rank's data position and distinct dropped records (BatchStream.data_state); per rank, so it
-    # lives in rank_<r>.pt, not in train_state.json.
+    # This rank's data state (BatchStream.state_dict(): position, counts); per rank, so it lives in
+    # rank_<r>.pt, not in train_state.json. After a change of world size, every old rank's:
+    # {"world": W, "ranks": [...]} (BatchStream.load_state_dict continues the epoch from them).
     data: dict = field(default_factory=dict)
     nonfinite_skipped: int = 0
     history: list[list[int]] = field(default_factory=list)  # [[first_step, last_step], ...]
@@ -291,20 +296,30 @@ def load_checkpoint(
     sched = dict(meta.pop("scheduler"))
     sched.setdefault("lr_lambdas", [None] * len(scheduler.optimizer.param_groups))
     scheduler.load_state_dict(sched)
-    # Per-rank state: RNG and data position. On a different world size, start the epoch over.
-    own = f"{directory}/rank_{rank}.pt"
+    # Per-rank state: RNG and data position. Every rank's part is readable by every rank: on another
+    # world size each new rank reads all of them (the data state of every old rank; the RNG streams
+    # are per rank and start afresh), and the data stream continues the epoch from them.
     train = TrainState(**{k: v for k, v in meta.items() if k in TrainState.__dataclass_fields__})
-    train.epoch, train.batches_in_epoch = 0, 0
-    if meta["world_size"] == world and _exists(fs, own):
-        extra = torch.load(io.BytesIO(_read_bytes(fs, own)), weights_only=False)
+    if meta["world_size"] == world:
+        extra = _read_rank_part(fs, directory, rank)
         set_rng_state(extra["rng"])
-        train.epoch, train.batches_in_epoch = extra["epoch"], extra["batches_in_epoch"]
         train.data = extra.get("data", {})
+        if train.data:
+            train.data.setdefault("batches_in_epoch", extra.get("batches_in_epoch", 0))  # saved beside it before
     else:
-        log.warning("checkpoint saved with %d ranks, resuming on %d: data position restarts the epoch",
-                    meta["world_size"], world)
+        parts = [_read_rank_part(fs, directory, r) for r in range(meta["world_size"])]
+        train.data = {"world": meta["world_size"], "ranks": [p.get("data", {}) for p in parts]}
+        log.warning("checkpoint saved with %d ranks, resuming on %d: the data epoch continues from the old "
+                    "ranks' positions", meta["world_size"], world)
     train.world_size = world
     return train
+
+
+def _read_rank_part(fs: pafs.FileSystem, directory: str, rank: int) -> dict:
+    path = f"{directory}/rank_{rank}.pt"
+    if not _exists(fs, path):
+        raise IncompleteCheckpointError(f"{directory}: rank {rank}'s part ({path}) is missing")
+    return torch.load(io.BytesIO(_read_bytes(fs, path)), weights_only=False)
 
 
 def flat_tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -166,6 +166,7 @@ class Trainer:
         self.reports: list[dict[str, float]] = []  # what this segment reported (returned by rank 0)
         self.step_timings: list[tuple[float, float, float]] = []  # (data wait, step time, start) per step
         self.last_eval: dict[str, float] = {}
+        self.stream: BatchStream | None = None
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -241,13 +242,19 @@ class Trainer:
             return rank_dataset(self.config, self.task.stage, plan, epoch=epoch, rank=self.rank, world=self.world,
                                 position=position, tokenizer_files=tokenizer_files)
 
-        return BatchStream(
-            make_dataset, self.state, self.rank, self.world, self.task.stage, self.section.batch_size_per_worker,
+        stream = BatchStream(
+            make_dataset, self.rank, self.world, self.task.stage, self.section.batch_size_per_worker,
             self.task.columns, self.device, recorder=self._key_recorder() if self.config.data.record_trained_keys else None,
             batches_needed=(self.section.steps - self.state.step) * self.section.grad_accum,
             host_batch=self.task.host_batch, batch_timeout_s=self.config.data.batch_timeout_s,
             explain_error=lambda exc: pool_wait_error(self.config, exc) or exc,
         )
+        # The restored data state: this rank's, or every old rank's after a change of world size.
+        stream.load_state_dict(self.state.data)
+        if "ranks" in self.state.data:
+            self._print(f"the world size changed ({self.state.data['world']} -> {self.world} ranks): epoch "
+                        f"{stream.epoch} continues with what the old ranks left dealt over the new ones")
+        return stream
 
     def _key_recorder(self):
         """data.record_trained_keys: one small JSON file per micro-batch under the run's directory. A
@@ -256,8 +263,12 @@ class Trainer:
 
         base = f"{self.experiment_path}/trained_keys/rank{self.rank}"
         self.storage_fs.create_dir(base, recursive=True)
+        micro = [0, 0]  # (step, micro-batches recorded in it)
 
-        def record(step: int, index: int, epoch: int, keys: list[str]) -> None:
+        def record(epoch: int, keys: list[str]) -> None:
+            step = self.state.step + 1  # the step this micro-batch belongs to
+            index = micro[1] if micro[0] == step else 0
+            micro[:] = [step, index + 1]
             with self.storage_fs.open_output_stream(f"{base}/step{step:07d}_{index}.json") as f:
                 f.write(json.dumps({"rank": self.rank, "step": step, "micro": index, "epoch": epoch, "keys": keys}).encode())
 
@@ -370,7 +381,8 @@ class Trainer:
         metrics = mean_across_ranks(window.means())
         metrics.update(self.task.replica_checks(self.model))
         metrics.update(window.summary(self.world, self.flops_per_token, self.peak_flops))
-        metrics.update(global_batch_size=self.global_batch, nonfinite_skipped=self.guard.skipped, epoch=self.state.epoch)
+        epoch = self.stream.epoch if self.stream is not None else self.state.epoch
+        metrics.update(global_batch_size=self.global_batch, nonfinite_skipped=self.guard.skipped, epoch=epoch)
         metrics.update(self.stream.data_metrics() if self.stream is not None else {})  # collective
         self.state.metrics = metrics
         if self.rank == 0:
@@ -416,6 +428,9 @@ class Trainer:
         """
         step = self.state.step
         self.state.nonfinite_skipped = self.guard.skipped
+        if self.stream is not None:  # the checkpoint pulls the data state from the stream that owns it
+            self.state.data = self.stream.state_dict()
+            self.state.epoch, self.state.batches_in_epoch = self.stream.epoch, self.stream.batches_in_epoch
         if self.saver.future is not None:
             # A new save waits for the previous one to be committed and registered: a save cut off
             # later always leaves the previous checkpoint as the one to resume from.
