@@ -93,16 +93,18 @@ class BatchStream:
     ranks agree (one all-reduce of a flag) that every one of them has one; when one rank's share runs
     out, the epoch ends for all, and the rows the others had left are not trained in that epoch.
 
-    Dropped records arrive with the rows (stats.py); they are counted per distinct record, for the
-    run and for the current epoch (`rows_skipped`).
+    Faults arrive with the rows (stats.py): integer counts per reason, for the run, the current epoch
+    and each epoch (``skipped_by_epoch``), kept with the position. A dropped record's entry marks its
+    part id done in the position like a trained sample, so a restart neither reads nor counts it again
+    (and a restart from an earlier checkpoint takes counts and position back together).
     """
 
     def __init__(self, make_dataset, state: ckpt.TrainState, rank: int, world: int, stage: str, batch_size: int,
                  columns: dict[str, torch.dtype], device: torch.device, depth: int = 4, recorder=None,
                  batches_needed: int | None = None, host_batch=None, batch_timeout_s: float | None = None,
-                 explain_error=None):
+                 explain_error=None, sources: list[str] | None = None):
         from orchestration.data.epochs import DataPosition
-        from orchestration.data.stats import DistinctSkips
+        from orchestration.data.stats import SkipCounts
 
         self.state, self.rank, self.world, self.stage = state, rank, world, stage
         self.batch_size, self.columns, self.device, self.recorder = batch_size, columns, device, recorder
@@ -113,8 +115,11 @@ class BatchStream:
         self.explain_error = explain_error or (lambda exc: exc)
         data = state.data or {}
         self.position = DataPosition.from_state(data.get("position"))
-        self.skipped = DistinctSkips.from_state(data.get("skipped"))
-        self.skipped_epoch = DistinctSkips.from_state(data.get("skipped_epoch"))
+        self.skipped = SkipCounts.from_state(data.get("skipped"))
+        self.skipped_epoch = SkipCounts.from_state(data.get("skipped_epoch"))
+        self.skipped_by_epoch = {int(e): dict(c) for e, c in (data.get("skipped_by_epoch") or {}).items()}
+        # The sources' fixed order in the all-reduced counts (every rank passes the same plan's names).
+        self.sources = sorted(sources) if sources is not None else None
         self.samples = defaultdict(int, data.get("samples", {}))  # trained samples per source, this run
         self.state.epoch = self.position.epoch
         self._save_state()
@@ -244,9 +249,9 @@ class BatchStream:
         self.position.next_epoch()
         self.min_epoch = self.position.epoch
         self.state.epoch, self.state.batches_in_epoch = self.position.epoch, 0
-        from orchestration.data.stats import DistinctSkips
+        from orchestration.data.stats import SkipCounts
 
-        self.skipped_epoch = DistinctSkips()
+        self.skipped_epoch = SkipCounts()
         self._save_state(skips=True)
 
     def _take(self, batch: dict) -> dict:
@@ -271,41 +276,67 @@ class BatchStream:
         }
 
     def _count_skips(self, entries) -> None:
+        """Count the faults a consumed batch (or carrier, or an epoch's leftover) holds, and mark the
+        dropped records' part ids done in the position (a restart then leaves them out before reading)."""
+        from orchestration.data.stats import parse_skip_entry
+
         entries = [e for row in entries for e in (row if not isinstance(row, str) else [row])]
-        if entries:
-            self.skipped.add_entries(entries)
-            self.skipped_epoch.add_entries(entries)
-            self._save_state(skips=True)
+        if not entries:
+            return
+        done = []
+        epoch_counts = self.skipped_by_epoch.setdefault(self.position.epoch, {})
+        for entry in entries:
+            parsed = parse_skip_entry(entry)
+            self.skipped.add(parsed.reason)
+            self.skipped_epoch.add(parsed.reason)
+            epoch_counts[parsed.reason] = epoch_counts.get(parsed.reason, 0) + 1
+            if parsed.done >= 0:
+                done.append(parsed.done)
+        if done:
+            self.position.consume(-1, done)  # no call starts here: the frontier stays, the ids join `taken`
+        self._save_state(skips=True)
 
     def _save_state(self, skips: bool = False) -> None:
         self.state.data["position"] = self.position.state()
         if skips or "skipped" not in self.state.data:
             self.state.data["skipped"] = self.skipped.state()
             self.state.data["skipped_epoch"] = self.skipped_epoch.state()
+            self.state.data["skipped_by_epoch"] = {e: dict(c) for e, c in self.skipped_by_epoch.items()}
 
     def data_metrics(self) -> dict[str, float]:
-        """Collective: distinct dropped records by reason over all ranks, for the run
-        (``rows_skipped/<reason>``) and for the current epoch (``rows_skipped_epoch/<reason>``), and
-        each source's realized share of the samples trained so far (``mixture_share/<source>``)."""
-        from orchestration.data.stats import DistinctSkips
+        """Collective: faults by reason over all ranks, for the run (``rows_skipped/<reason>``) and the
+        current epoch (``rows_skipped_epoch/<reason>``), and each source's realized share of the
+        samples trained so far (``mixture_share/<source>``): one all-reduce of a fixed-order tensor."""
+        from orchestration.data.stats import REASONS
 
-        mine = (self.skipped.state(), self.skipped_epoch.state(), dict(self.samples))
-        gathered = [mine]
+        sources = self.sources if self.sources is not None else self._source_names()
+        unknown = set(self.samples) - set(sources)
+        if unknown:
+            raise RuntimeError(f"[{self.stage}] rank {self.rank} trained samples of source(s) {sorted(unknown)} "
+                               f"that the plan does not name ({sources})")
+        mine = self.skipped.vector() + self.skipped_epoch.vector() + [self.samples.get(s, 0) for s in sources]
+        totals = torch.tensor(mine, dtype=torch.float64)
         if self.world > 1:
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, mine)
-        run, epoch, samples = DistinctSkips(), DistinctSkips(), defaultdict(int)
-        for run_state, epoch_state, rank_samples in gathered:
-            run.merge(DistinctSkips.from_state(run_state))
-            epoch.merge(DistinctSkips.from_state(epoch_state))
-            for source, n in rank_samples.items():
-                samples[source] += n
-        out: dict[str, float] = {f"rows_skipped/{k}": v for k, v in run.counts().items()}
-        out.update({f"rows_skipped_epoch/{k}": v for k, v in epoch.counts().items()})
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+        values = [int(v) for v in totals.cpu().tolist()]
+        n = len(REASONS)
+        run, epoch, samples = values[:n], values[n : 2 * n], dict(zip(sources, values[2 * n :]))
+        out: dict[str, float] = {f"rows_skipped/{r}": v for r, v in zip(REASONS, run) if v}
+        out.update({f"rows_skipped_epoch/{r}": v for r, v in zip(REASONS, epoch) if v})
         total = sum(samples.values())
         out["samples_trained"] = total
         out.update({f"mixture_share/{k}": round(n / max(total, 1), 4) for k, n in samples.items()})
         return out
+
+    def _source_names(self) -> list[str]:
+        """Without ``sources``: the names this rank has trained (one rank), or, once, all ranks' names."""
+        if self.world == 1:
+            return sorted(self.samples)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, sorted(self.samples))  # once per run: the order is then fixed
+        self.sources = sorted({name for names in gathered for name in names})
+        return self.sources
 
 
 def _parse_track_columns(chunk: dict) -> dict:
