@@ -246,3 +246,55 @@ def test_decoding_tower_records_never_loads_torch_or_the_tower_tokenizer():
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_media_fetch_failing_past_its_retries_is_queued_again_not_counted_as_bad():
+    from orchestration.data.decode import decode_counted
+    from orchestration.data.stats import RETRIED, Tally, parse_skip_entry
+
+    record = {"key": "k", "source": "share", "kind": "conversation", "origin": "index.json#4", "notes": [],
+              "text": json.dumps([{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a red circle"}]),
+              "media": [], "media_uris": ["s3://b/k.jpg"], "media_slots": [], "sample_id": 5}
+    image = jpeg_bytes(_frames(1)[0])
+    failures = {"left": 2}
+
+    def flaky(uri):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return image
+
+    tally = Tally(None)
+    pixels = decode_counted(dict(record), 32, flaky, tally, requeue_delay_s=0.001)
+    assert pixels.shape == (1, 3, 32, 32) and tally.skipped == [] and tally.samples == {"share": 1}
+    kept = dict(record)
+    failures["left"] = 2
+    decode_counted(kept, 32, flaky, Tally(None), requeue_delay_s=0.001)
+    assert [parse_skip_entry(n).reason for n in kept["notes"]] == [RETRIED, RETRIED]
+
+    def down(uri):
+        raise ConnectionResetError("connection reset by peer")
+
+    with pytest.raises(ConnectionResetError):  # an outage stops the task: nothing is dropped as bad data
+        decode_counted(dict(record), 32, down, tally, requeue_delay_s=0.001)
+    assert tally.skipped == []
+
+
+def test_a_missing_image_costs_an_mmc4_document_only_that_image(tmp_path):
+    from orchestration.data.decode import decode_counted
+    from orchestration.data.stats import MISSING_FILE, Tally, parse_skip_entry
+
+    for i in (0, 2):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes(_frames(1)[0]))
+    record = {"key": "doc", "source": "mmc4", "kind": "interleaved", "origin": "shard.jsonl#7", "notes": [],
+              "text": json.dumps(["one", "two", "three", "four"]), "media": [],
+              "media_uris": [str(tmp_path / f"{i}.jpg") for i in range(3)], "media_slots": [0, 1, 3], "sample_id": 9}
+    tally = Tally(None)
+    pixels = decode_counted(record, 32, lambda uri: Path(uri).read_bytes(), tally)
+    assert pixels.shape == (2, 3, 32, 32) and record["media_slots"] == [0, 3] and tally.skipped == []
+    (note,) = [parse_skip_entry(n) for n in record["notes"]]
+    assert (note.reason, note.origin, note.done) == (MISSING_FILE, "shard.jsonl#7/image1", -1)
+    gone = dict(record, media_uris=[str(tmp_path / "1.jpg")], media_slots=[1], notes=[])
+    assert decode_counted(gone, 32, lambda uri: Path(uri).read_bytes(), tally) is None  # no image left: dropped
+    (drop,) = [parse_skip_entry(e) for e in tally.skipped]
+    assert (drop.reason, drop.origin, drop.done) == (MISSING_FILE, "shard.jsonl#7", 9 << 4)
