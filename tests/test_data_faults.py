@@ -186,3 +186,61 @@ def test_stage2_trains_exactly_the_good_records_and_counts_each_fault_once(
     assert state["skipped_by_epoch"][0] == EXPECTED
     assert {Path(json.loads(p.read_text())["shard"].split("#")[0]).name for p in (run_dir / "unreadable_shards").glob("*.json")} == {
         "00099.tar", "part-00099.parquet"}
+
+
+def test_stage1_stream_counts_each_fault_once_across_a_restart(ray_session, faulty_shards, tmp_path):
+    """Stage 1's path (decode to pixels, one row per record) through the training loop's BatchStream,
+    stopped after a few batches and resumed from the saved state as a restarted worker is: every good
+    COYO record trained once, the two unreadable shards counted once, the dropped placeholders marked
+    done so that the resumed stream neither reads nor counts them again."""
+    import copy
+
+    from orchestration.data.pipeline import rank_dataset, torch_dtypes, training_plan, with_text_tokens
+    from orchestration.data.stats import parse_skip_entry
+    from orchestration.data.tower_data import tower_config
+    from orchestration.train.batch_stream import BatchStream
+    from orchestration.train.checkpoint import TrainState
+
+    root, good, _ = faulty_shards
+    config = load_config(None, [f"data.root={root}", f"output_dir={tmp_path}", "data.tower_sources={"
+                                "coyo: {format: coyo_parquet, path: coyo/parquet, weight: 8}, "
+                                "coyo_wds: {format: coyo_webdataset, path: coyo/webdataset, weight: 10}}",
+                                # windows of two units, whose order (seed 2) ends the first one with a fault
+                                "data.shuffle_window_shards=2", "data.shuffle_seed=2"])
+    plan = training_plan(config, "tower")
+    assert {u.source: u.repeat for u in plan.units} == {"coyo": 1.0, "coyo_wds": 1.0}
+    trained: dict[int, Counter] = {}
+    carried: dict[int, list[int]] = {}  # a row's part id -> the part ids its carried drops complete
+
+    def host_batch(batch):
+        for ids, entries in zip(batch["sample_ids"], batch["skipped"]):
+            for pid in ids:
+                carried[int(pid)] = [parse_skip_entry(e).done for e in entries]
+        return with_text_tokens(tower_config(config), batch)
+
+    def stream(state):
+        return BatchStream(
+            lambda epoch, position: rank_dataset(config, "tower", plan, epoch=epoch, rank=0, world=1, position=position,
+                                                 fault_dir=str(tmp_path / "run")),
+            state, 0, 1, "tower", 1, torch_dtypes("tower"), torch.device("cpu"), sources=["coyo", "coyo_wds"],
+            recorder=lambda step, index, epoch, keys: trained.setdefault(epoch, Counter()).update(keys),
+            host_batch=host_batch)
+
+    # Stop right after a batch whose drops lie beyond the record it trained (a block's trailing drops
+    # ride on its last row): only their marks in the position keep the resumed stream from counting them again.
+    state = TrainState()
+    first = stream(state)
+    while not any(done > state.data["position"]["frontier"] for done in carried.get(state.data["position"]["frontier"], ())):
+        next(first)
+        state.step += 1
+        assert 1 not in trained, "no batch carried drops beyond its own record: the restart proves nothing"
+    first.close()
+    saved = TrainState(step=state.step, data=copy.deepcopy(state.data))  # what a checkpoint holds
+    second = stream(saved)
+    while 1 not in trained:
+        next(second)
+        saved.step += 1
+    second.close()
+    assert trained[0] == Counter(f"{s}/{k}" for s in ("coyo", "coyo_wds") for k in good[s])
+    assert saved.data["skipped_by_epoch"][0] == {"unreadable_shard": 2}
+    assert second.data_metrics()["rows_skipped/unreadable_shard"] >= 2

@@ -52,6 +52,8 @@ def tower_text_tokenizer(tower: VisionTowerConfig):
 
 def tokenize_captions(tower: VisionTowerConfig, captions: list[str]) -> np.ndarray:
     """int64 [B, ctx] token ids from the tower's tokenizer."""
+    if not captions:  # a batch of carrier rows only (dropped records, nothing to train)
+        return np.zeros((0, tower.context_length), dtype=np.int64)
     return np.asarray(tower_text_tokenizer(tower)(captions), dtype=np.int64).reshape(len(captions), -1)
 
 
