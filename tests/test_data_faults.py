@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import fresh_mlflow_db
 from orchestration.config import load_config
 from orchestration.data.synthetic import make_synthetic_dataset
 
@@ -154,7 +153,7 @@ def test_tokenization_job_skips_counts_and_records_every_fault(tokenized, faulty
 
 @pytest.mark.e2e
 def test_stage2_trains_exactly_the_good_records_and_counts_each_fault_once(
-    tokenized, faulty_shards, tower_export, outputs, tmp_path, mlflow_db_template
+    tokenized, faulty_shards, tower_export, outputs, tmp_path
 ):
     """One worker, one row per step: the first epoch trains every good record's samples once (the
     damaged document too), counts each fault once; the run's folder records the unreadable shards."""
@@ -163,12 +162,11 @@ def test_stage2_trains_exactly_the_good_records_and_counts_each_fault_once(
 
     summary, _, _ = tokenized
     root, good, damaged_doc = faulty_shards
-    db = fresh_mlflow_db(mlflow_db_template, tmp_path / "mlflow.db")
     steps = summary["rows"] + 1  # epoch 0's rows, and one step into epoch 1 (which counts epoch 0's tail)
     config = load_config(None, [
-        *_overrides(root, outputs), f"cluster.storage_path={tmp_path / 'ray'}", f"tracking.uri={db}", "run_name=faults",
+        *_overrides(root, outputs), f"cluster.storage_path={tmp_path / 'ray'}", "tracking.enabled=false", "run_name=faults",
         "cluster.num_workers=1", f"lm_train.steps={steps}", "lm_train.batch_size_per_worker=1", "lm_train.grad_accum=1",
-        f"lm_train.checkpoint_every={steps}", "lm_train.log_every=5", "lm_train.generate_samples=0",
+        f"lm_train.checkpoint_every={steps}", f"lm_train.log_every={steps}", "lm_train.generate_samples=0",
         "data.record_trained_keys=true",
     ])
     result = fit_lm(config, tower_export)
