@@ -8,6 +8,7 @@ and the data bookkeeping can be read (and tested) apart.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from orchestration.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
 
 class EpochFeed:
     """One epoch's dataset, read by a thread of its own into a bounded queue of chunks.
@@ -311,9 +314,11 @@ class BatchStream:
 
         sources = self.sources if self.sources is not None else self._source_names()
         unknown = set(self.samples) - set(sources)
-        if unknown:
-            raise RuntimeError(f"[{self.stage}] rank {self.rank} trained samples of source(s) {sorted(unknown)} "
-                               f"that the plan does not name ({sources})")
+        if unknown and not getattr(self, "_warned_unknown", False):
+            # Not raised: the other ranks are about to wait in the all-reduce below.
+            log.warning("[%s] rank %d trained samples of source(s) %s that the plan does not name (%s): left out of "
+                        "mixture_share", self.stage, self.rank, sorted(unknown), sources)
+            self._warned_unknown = True
         mine = self.skipped.vector() + self.skipped_epoch.vector() + [self.samples.get(s, 0) for s in sources]
         totals = torch.tensor(mine, dtype=torch.float64)
         if self.world > 1:
