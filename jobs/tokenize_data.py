@@ -35,6 +35,7 @@ def main(argv=None) -> None:
     except (ConfigError, CacheMismatchError) as exc:
         sys.exit(f"error: {exc}")
     summary = {k: manifest[k] for k in ("rows", "mixture", "skipped", "created_at")}
+    summary["unreadable_shards"] = manifest.get("unreadable_shards", [])
     summary["tower"] = manifest["fingerprint"]["tower"]
     print(json.dumps(summary, indent=1))
     write_summary(args.summary_json, summary)

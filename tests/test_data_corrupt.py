@@ -1,7 +1,9 @@
 """Shards with 20% bad records: every bad record skipped and counted by reason exactly as the writer's
 manifest says, every good record delivered (through the real Ray pipelines)."""
 
+import json
 from collections import Counter
+from pathlib import Path
 
 from orchestration.config import load_config
 from orchestration.data.lm_data import decoded_dataset
@@ -39,12 +41,31 @@ def test_every_bad_record_counted_every_good_one_delivered(ray_session, corrupt_
     stats = data_stats("corrupt-lm")
     assert stats["skipped"] == counts  # exactly the writer's reasons, nothing else
     assert {r: sorted(k) for r, k in stats["skipped_keys"].items()} == keys
+    # An MMC4 document that lost one of several images keeps the others (its missing one is counted).
+    kept = _mmc4_kept_without_an_image(root, manifest)
+    assert kept, "the corrupt set has no multi-image document with a missing image"
     for fmt in FORMATS:
         delivered = [r["key"] for r in rows if r["source"] == fmt]
-        bad = manifest["formats"][fmt]["bad"]
+        bad = {k: v for k, v in manifest["formats"][fmt]["bad"].items() if fmt != "mmc4" or k not in kept}
         assert len(delivered) == len(set(delivered)) == manifest["formats"][fmt]["records"] - len(bad), fmt
         assert not set(delivered) & set(bad), f"{fmt}: a bad record was delivered"
         assert stats["samples"][fmt] == len(delivered)
+    for row in rows:
+        if row["key"] in kept:
+            assert row["num_images"] == kept[row["key"]] - 1 == len(row["media_slots"]) and row["notes"], row["key"]
+
+
+def _mmc4_kept_without_an_image(root, manifest) -> dict[str, int]:
+    """{document key: its images} of the MMC4 documents that miss one of two or more images."""
+    missing = {k for k, reason in manifest["formats"]["mmc4"]["bad"].items() if reason == "missing_file"}
+    out = {}
+    for name in manifest["formats"]["mmc4"]["files"]:
+        for line in (Path(root) / name).read_text().splitlines():
+            doc = json.loads(line)
+            key = doc["url"].rsplit("/", 1)[-1]
+            if key in missing and len(doc["image_info"]) > 1:
+                out[key] = len(doc["image_info"])
+    return out
 
 
 def test_tower_pipeline_skips_the_same_records(ray_session, corrupt_data, tmp_path):

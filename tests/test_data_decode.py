@@ -16,7 +16,16 @@ import pytest
 from PIL import Image
 
 from orchestration.data.decode import SkipRecord, decode_image, decode_video, frame_indices, resize_center_crop
-from orchestration.data.records import ReadUnit, ShardError, iter_records, read_unit_tables, with_retries
+from orchestration.data.records import (
+    KIND_FAULT,
+    FaultLedger,
+    ReadUnit,
+    iter_records,
+    read_unit_tables,
+    reading_with,
+    with_retries,
+)
+from orchestration.data.stats import BAD_ENTRY, BAD_LINE, MISSING_ID, UNREADABLE_SHARD
 from orchestration.data.synthetic import (
     NOT_AN_IMAGE,
     TRUNCATED_IMAGE,
@@ -80,26 +89,75 @@ def test_bad_videos_are_classified(tmp_path):
     assert err.value.reason == UNDECODABLE_VIDEO
 
 
-def test_shards_with_the_wrong_schema_name_the_file(tmp_path):
+def test_unreadable_shards_become_one_counted_placeholder_and_are_recorded_by_name(tmp_path):
+    """A shard in the wrong format is not a crash: one unreadable_shard placeholder where its records
+    stop, and the ledger names the file and why; a second read (ledger loaded) does not open it."""
     bad_parquet = tmp_path / "part-00000.parquet"
     pq.write_table(pa.table({"url": ["x"], "caption": ["y"]}), bad_parquet)
-    with pytest.raises(ShardError, match="part-00000.parquet.*missing key"):
-        list(iter_records(ReadUnit("s", "coyo_parquet", str(bad_parquet), ""), None))
-
     not_a_tar = tmp_path / "00000.tar"
     not_a_tar.write_bytes(b"this is not a tar file" * 100)
-    with pytest.raises(ShardError, match="00000.tar"):
-        list(iter_records(ReadUnit("s", "coyo_webdataset", str(not_a_tar), ""), None))
-
     csv_file = tmp_path / "OpenVid-1M.csv"
     csv_file.write_text("name,text\na.mp4,hello\n")
-    with pytest.raises(ShardError, match="OpenVid-1M.csv.*missing column"):
-        list(iter_records(ReadUnit("s", "openvid", str(csv_file), ""), None))
+    cases = {
+        ReadUnit("s", "coyo_parquet", str(bad_parquet), ""): "part-00000.parquet: not an img2dataset parquet shard: missing key",
+        ReadUnit("s", "coyo_webdataset", str(not_a_tar), ""): "00000.tar",
+        ReadUnit("s", "openvid", str(csv_file), ""): "OpenVid-1M.csv: not an OpenVid-1M CSV: missing column",
+    }
+    ledger = FaultLedger(str(tmp_path / "run"), None)
+    with reading_with(ledger):
+        for unit in cases:
+            (record,) = list(iter_records(unit, None))
+            assert (record["kind"], record["text"], record["origin"]) == (KIND_FAULT, UNREADABLE_SHARD, f"{unit.uri}#0")
+    recorded = {e["shard"]: e for e in FaultLedger(str(tmp_path / "run"), None).entries()}
+    assert set(recorded) == {u.uri for u in cases}
+    for unit, message in cases.items():
+        assert recorded[unit.uri]["readable_records"] == 0 and message in recorded[unit.uri]["error"], recorded[unit.uri]
+        os.remove(unit.uri)  # a restart reads the ledger and never opens these again
+    with reading_with(FaultLedger.load(str(tmp_path / "run"), None)):
+        assert [r["text"] for u in cases for r in iter_records(u, None)] == [UNREADABLE_SHARD] * 3
 
+
+def test_bad_lines_and_entries_are_placeholders_in_their_place(tmp_path):
+    doc = {"url": "https://x/a", "text_list": ["t"], "image_info": []}
     jsonl = tmp_path / "docs_shard_00000_v2.jsonl"
-    jsonl.write_text(json.dumps({"url": "u"}) + "\n")
-    with pytest.raises(ShardError, match="docs_shard_00000_v2.jsonl: line 1"):
-        list(iter_records(ReadUnit("s", "mmc4", str(jsonl), ""), None))
+    jsonl.write_text(json.dumps(doc) + "\n{not json\n" + json.dumps({"url": "u"}) + "\n\n" + json.dumps(doc) + "\n")
+    got = [(r["kind"], r["text"] if r["kind"] == KIND_FAULT else r["key"], r["origin"])
+           for r in iter_records(ReadUnit("m", "mmc4", str(jsonl), ""), None)]
+    assert got == [("interleaved", "a", f"{jsonl}#0"), (KIND_FAULT, BAD_LINE, f"{jsonl}#1"),
+                   (KIND_FAULT, BAD_LINE, f"{jsonl}#2"), ("interleaved", "a", f"{jsonl}#3")]
+    entries = [{"id": "a", "conversations": []}, {"conversations": []}, "text", {"id": "b", "conversations": []}]
+    index = tmp_path / "sharegpt4v.json"
+    index.write_text(json.dumps(entries))
+    got = [r["text"] if r["kind"] == KIND_FAULT else r["key"] for r in iter_records(ReadUnit("s", "sharegpt4v", str(index), ""), None)]
+    assert got == ["a", MISSING_ID, BAD_ENTRY, "b"]
+    # A record range counts offsets in the whole file: the placeholders keep the others in place.
+    ranged = ReadUnit("s", "sharegpt4v", str(index), "", records=(1, 3))
+    assert [r["origin"] for r in iter_records(ranged, None)] == [f"{index}#1", f"{index}#2"]
+
+
+def test_a_truncated_tar_keeps_its_readable_records_and_a_restart_reads_no_further(tmp_path):
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(6):
+            for ext, data in (("jpg", bytes(3000)), ("txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    unit = ReadUnit("coyo", "coyo_webdataset", str(path), "")
+    with reading_with(FaultLedger(str(tmp_path / "run"), None)):
+        first = [(r["key"], r["kind"]) for r in iter_records(unit, None)]
+    readable = len(first) - 1
+    assert 0 < readable < 6 and first[-1] == (f"00000.tar@{readable}", KIND_FAULT)
+    (entry,) = FaultLedger(str(tmp_path / "run"), None).entries()
+    assert entry["readable_records"] == readable
+    with reading_with(FaultLedger.load(str(tmp_path / "run"), None)):
+        assert [(r["key"], r["kind"]) for r in iter_records(unit, None)] == first
+        # split at record offsets, the placeholder is in exactly one piece
+        pieces = [[r["origin"] for t in read_unit_tables(unit, None, start=a, stop=b) for r in t.to_pylist()]
+                  for a, b in ((0, 2), (2, None))]
+    assert pieces[0] + pieces[1] == [f"{path}#{i}" for i in range(readable + 1)]
 
 
 def test_webdataset_groups_members_by_key(tmp_path):
@@ -188,3 +246,55 @@ def test_decoding_tower_records_never_loads_torch_or_the_tower_tokenizer():
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_media_fetch_failing_past_its_retries_is_queued_again_not_counted_as_bad():
+    from orchestration.data.decode import decode_counted
+    from orchestration.data.stats import RETRIED, Tally, parse_skip_entry
+
+    record = {"key": "k", "source": "share", "kind": "conversation", "origin": "index.json#4", "notes": [],
+              "text": json.dumps([{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a red circle"}]),
+              "media": [], "media_uris": ["s3://b/k.jpg"], "media_slots": [], "sample_id": 5}
+    image = jpeg_bytes(_frames(1)[0])
+    failures = {"left": 2}
+
+    def flaky(uri):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return image
+
+    tally = Tally(None)
+    pixels = decode_counted(dict(record), 32, flaky, tally, requeue_delay_s=0.001)
+    assert pixels.shape == (1, 3, 32, 32) and tally.skipped == [] and tally.samples == {"share": 1}
+    kept = dict(record)
+    failures["left"] = 2
+    decode_counted(kept, 32, flaky, Tally(None), requeue_delay_s=0.001)
+    assert [parse_skip_entry(n).reason for n in kept["notes"]] == [RETRIED, RETRIED]
+
+    def down(uri):
+        raise ConnectionResetError("connection reset by peer")
+
+    with pytest.raises(ConnectionResetError):  # an outage stops the task: nothing is dropped as bad data
+        decode_counted(dict(record), 32, down, tally, requeue_delay_s=0.001)
+    assert tally.skipped == []
+
+
+def test_a_missing_image_costs_an_mmc4_document_only_that_image(tmp_path):
+    from orchestration.data.decode import decode_counted
+    from orchestration.data.stats import MISSING_FILE, Tally, parse_skip_entry
+
+    for i in (0, 2):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes(_frames(1)[0]))
+    record = {"key": "doc", "source": "mmc4", "kind": "interleaved", "origin": "shard.jsonl#7", "notes": [],
+              "text": json.dumps(["one", "two", "three", "four"]), "media": [],
+              "media_uris": [str(tmp_path / f"{i}.jpg") for i in range(3)], "media_slots": [0, 1, 3], "sample_id": 9}
+    tally = Tally(None)
+    pixels = decode_counted(record, 32, lambda uri: Path(uri).read_bytes(), tally)
+    assert pixels.shape == (2, 3, 32, 32) and record["media_slots"] == [0, 3] and tally.skipped == []
+    (note,) = [parse_skip_entry(n) for n in record["notes"]]
+    assert (note.reason, note.origin, note.done) == (MISSING_FILE, "shard.jsonl#7/image1", -1)
+    gone = dict(record, media_uris=[str(tmp_path / "1.jpg")], media_slots=[1], notes=[])
+    assert decode_counted(gone, 32, lambda uri: Path(uri).read_bytes(), tally) is None  # no image left: dropped
+    (drop,) = [parse_skip_entry(e) for e in tally.skipped]
+    assert (drop.reason, drop.origin, drop.done) == (MISSING_FILE, "shard.jsonl#7", 9 << 4)

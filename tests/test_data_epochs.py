@@ -113,9 +113,9 @@ def test_a_big_parquet_shard_is_read_as_several_row_group_tasks(ray_session, syn
     assert sorted(keys) == sorted(f"coyo/{k}" for k in merged.column("key").to_pylist())
 
 
-def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corrupt_data, tmp_path):
-    """Three epochs through the training loop's stream: the bad records are counted once each (not
-    once per pass), per run and per epoch, and every epoch trains every good record once."""
+def test_batch_stream_counts_each_bad_record_once_per_epoch(ray_session, corrupt_data, tmp_path):
+    """Three epochs through the training loop's stream: every epoch counts each bad record once (its
+    reason, as integers), the run counts the epochs' sum, and every epoch trains every good record once."""
     import torch
 
     from orchestration.data.pipeline import rank_dataset, torch_dtypes, with_text_tokens
@@ -145,10 +145,17 @@ def test_batch_stream_counts_each_bad_record_once_over_epochs(ray_session, corru
     bad = Counter(reason for fmt in ("coyo_parquet", "coyo_webdataset") for reason in manifest["formats"][fmt]["bad"].values())
     counts = stream.data_metrics()
     assert counts["mixture_share/coyo_parquet"] == counts["mixture_share/coyo_webdataset"] == 0.5
-    assert {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("rows_skipped/")} == dict(bad)
-    # The position and the distinct records travel in the checkpoint's per-rank state, and come back.
+    # The position and the counts travel in the checkpoint's per-rank state: small integers, no key sets.
     state = stream.state_dict()
-    assert state["position"]["epoch"] == 2 and sum(len(v) for v in state["skipped"]["keys"].values()) == sum(bad.values())
+    by_epoch = state["skipped_by_epoch"]
+    assert by_epoch[0] == by_epoch[1] == dict(bad), by_epoch  # epoch 2 is cut before its last partial batch
+    run = Counter()
+    for epoch_counts in by_epoch.values():
+        run.update(epoch_counts)
+    assert {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("rows_skipped/")} == dict(run) == state["skipped"]
+    assert {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("rows_skipped_epoch/")} == by_epoch[2]
+    assert state["position"]["epoch"] == 2
+    # ... and come back.
     restored = BatchStream(None, 0, 1, "tower", 4, torch_dtypes("tower"), torch.device("cpu"))
     restored.load_state_dict(state)
     assert restored.state_dict() == state and restored.data_metrics() == counts

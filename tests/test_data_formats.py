@@ -1,6 +1,7 @@
 """Every format read through Ray Data from local disk and from the S3-protocol server gives the same rows."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from orchestration.config import load_config
 from orchestration.data.lm_data import decoded_dataset
-from orchestration.data.pipeline import build_tower_dataset, data_stats, mixture_shares, torch_dtypes, with_text_tokens
+from orchestration.data.pipeline import build_tower_dataset, data_stats, mixture_shares, skip_counts, torch_dtypes, with_text_tokens
 from orchestration.data.tower_data import tower_config
 from orchestration.data.synthetic import FORMATS
 
@@ -103,7 +104,7 @@ def test_weights_set_the_realized_shares(ray_session, synthetic_data, tmp_path):
     assert len(set(coyo)) < len(coyo) and len(set(share)) == len(share) < synthetic_data[1]["samples"]
 
 
-def test_unreadable_shard_fails_naming_the_file(ray_session, tmp_path):
+def test_unreadable_shard_is_skipped_counted_and_recorded_by_name(ray_session, tmp_path):
     bad_dir = tmp_path / "bad" / "coyo" / "parquet"
     bad_dir.mkdir(parents=True)
     (bad_dir / "part-00007.parquet").write_bytes(b"PAR1 but not really parquet")
@@ -111,5 +112,7 @@ def test_unreadable_shard_fails_naming_the_file(ray_session, tmp_path):
         None, [f"data.root={tmp_path / 'bad'}", f"output_dir={tmp_path}", "data.synthetic.make_if_missing=false",
                "data.tower_sources={coyo: {format: coyo_parquet, path: coyo/parquet}}"],
     )
-    with pytest.raises(Exception, match="part-00007.parquet"):
-        build_tower_dataset(config, stats_group="bad").take_all()
+    assert build_tower_dataset(config, stats_group="bad", fault_dir=str(tmp_path / "run")).take_all() == []
+    assert skip_counts("bad") == {"unreadable_shard": 1}
+    (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "run" / "unreadable_shards").glob("*.json")]
+    assert entry["shard"].startswith(str(bad_dir / "part-00007.parquet")) and entry["readable_records"] == 0

@@ -119,3 +119,27 @@ def test_reads_through_broken_responses_give_exactly_the_clean_rows(ray_session,
         proxy.close()
     assert proxy.done == {"cut": 6, "slowdown": 4}  # every planned fault happened
     assert faulty == clean
+
+
+def test_a_read_failing_past_its_retries_is_read_again_where_it_stopped(s3_synthetic_data, s3_server, monkeypatch):
+    """Throttled past its retries, a shard read is queued again and resumes: the same records, each
+    once, and a ``retried`` note per re-read (not counted as bad data: it marks nothing done)."""
+    from dataclasses import replace
+
+    from orchestration.data import records
+    from orchestration.data.records import ReadUnit, iter_records
+    from orchestration.data.stats import RETRIED, parse_skip_entry
+
+    root, manifest = s3_synthetic_data
+    unit = ReadUnit("mmc4", "mmc4", f"{root}/{manifest['formats']['mmc4']['files'][0]}", f"{root}/mmc4/images")
+    clean = [(r["key"], r["origin"]) for r in iter_records(unit, s3_server)]
+    monkeypatch.setattr(records, "REQUEUE_DELAY_S", 0.01)
+    proxy = FaultProxy(s3_server.endpoint_url, cuts=0, slowdowns=10, every=1)  # more than one open's retries
+    try:
+        got = list(iter_records(unit, replace(s3_server, endpoint_url=proxy.url, max_retries=0)))
+    finally:
+        proxy.close()
+    assert proxy.done["slowdown"] == 10
+    assert [(r["key"], r["origin"]) for r in got] == clean
+    notes = [parse_skip_entry(n) for r in got for n in r["notes"]]
+    assert notes and all(n.reason == RETRIED and n.done == -1 for n in notes), notes

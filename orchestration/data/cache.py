@@ -4,7 +4,10 @@ Layout under data.cache_dir (a local directory or s3:// prefix):
 
     rows/*.parquet   packed rows (vilau_model.sequence ROW_SCHEMA columns, Ray tensor columns)
     manifest.json    written last: the fingerprint of everything the rows depend on, the row count,
-                     the realized mixture, the skipped records, and the (redacted) config that made it
+                     the realized mixture, the skipped records and unreadable shards, and the
+                     (redacted) config that made it
+    unreadable_shards/  the shards found unreadable while tokenizing (records.FaultLedger): a rerun of
+                     the job after a failure reads them only up to where they broke (--force clears it)
 
 The fingerprint holds the frozen tower's identity (sha256 of the stage-1 export, or preset + seed),
 the LLM tokenizer's sha256, the sources (resolved paths, weights, tasks), row length and code depth,
@@ -41,7 +44,7 @@ from orchestration.data.lm_data import (
 )
 from orchestration.data.mixture import mixture_report, parquet_footers
 from orchestration.data.epochs import EpochPlan, part_id
-from orchestration.data.records import LM_CACHE, ReadUnit, fs_and_path
+from orchestration.data.records import LM_CACHE, FaultLedger, ReadUnit, fs_and_path
 from orchestration.data.sources import epoch_plan, rank_windows, read_dataset, resolve_sources, s3_settings
 from orchestration.data.tower_data import track_columns
 from orchestration.data.stats import data_stats, reset_stats
@@ -191,11 +194,13 @@ def write_lm_cache(config: Config, tower_path: str | None = None, *, force: bool
         return existing
 
     fs, root = fs_and_path(cache_dir, s3)
-    for stale in (MANIFEST, ROWS_DIR):  # the manifest goes first: a half-written cache is never "complete"
+    # The manifest goes first: a half-written cache is never "complete". The ledger of unreadable
+    # shards stays for a rerun after a failure; --force (other data, or shards repaired) starts it over.
+    for stale in (MANIFEST, ROWS_DIR) + ((FaultLedger.SUBDIR,) if force else ()):
         if fs.exists(f"{root}/{stale}"):
             fs.rm(f"{root}/{stale}", recursive=True)
     reset_stats(stats_group)
-    ds = tokenize_dataset(config, tower, tokenizer_path, stats_group)
+    ds = tokenize_dataset(config, tower, tokenizer_path, stats_group, fault_dir=cache_dir)
     rows_uri = join(cache_dir, ROWS_DIR)
     pa_fs, rows_path = pyarrow_filesystem(rows_uri, s3)
     try:
@@ -216,6 +221,7 @@ def write_lm_cache(config: Config, tower_path: str | None = None, *, force: bool
         "files": files,
         "mixture": mixture_report(weights, lm_samples_from_records(config, stats["samples"]), stats["tokens"]),
         "skipped": stats["skipped"],
+        "unreadable_shards": sorted((e["shard"], e["readable_records"]) for e in FaultLedger(cache_dir, s3).entries()),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "ray_version": ray.__version__,
         "config": config_to_dict(config, redact=True),
@@ -233,6 +239,9 @@ def cache_plan(config: Config, manifest: dict) -> EpochPlan:
     rows_dir = join(config.data.cache_dir, ROWS_DIR)
     uris = [join(rows_dir, name) for name in manifest["files"]]
     counts = [sum(groups) for groups in parquet_footers(uris, s3_settings(config))]
+    if sum(counts) != manifest["rows"]:  # a footer that cannot be read counts 0 rows (records.parquet_row_groups)
+        raise ValueError(f"the tokenized cache at {config.data.cache_dir} is damaged: its manifest lists "
+                         f"{manifest['rows']} rows, its files' footers {sum(counts)}; re-run jobs/tokenize_data.py --force")
     per_unit = max(1, -(-sum(counts) // max(16, CACHE_UNITS_PER_RANK * config.cluster.num_workers)))
     units = [
         ReadUnit(source="cache", format=LM_CACHE, uri=uri, media_root="", records=(start, min(start + per_unit, n)),

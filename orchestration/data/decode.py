@@ -2,7 +2,10 @@
 
 Every way a record can be bad raises `SkipRecord(reason)`, the reason a name from stats.py's
 vocabulary (listed and explained there; the synthetic writer uses it too). The Ray decode stages call
-`decode_counted`, which drops the record and counts it under that reason.
+`decode_counted`, which drops the record and counts it under that reason (the readers' fault
+placeholders included), and reads a record again when its media fetch fails transiently past its
+retries (counted as ``retried``). An MMC4 document that misses some of its images keeps the others:
+each missing one is a note on the record (counted with it, see stats.py).
 """
 
 from __future__ import annotations
@@ -16,21 +19,28 @@ import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+import time
+
+from orchestration.data import records as records_module
 from orchestration.data.records import (
     KIND_CONVERSATION,
+    KIND_FAULT,
     KIND_IMAGE_TEXT,
     KIND_INTERLEAVED,
     KIND_VIDEO,
+    is_transient,
 )
 from orchestration.data.stats import (  # the vocabulary of reasons lives with the counting
     DECODE_ERROR,
     EMPTY_CAPTION,
+    RETRIED,
     MISSING_FILE,
     NOT_AN_IMAGE,
     TRUNCATED_IMAGE,
     UNDECODABLE_VIDEO,
     ZERO_FRAMES,
     Tally,
+    skip_entry,
 )
 
 log = logging.getLogger(__name__)
@@ -158,26 +168,45 @@ def require_text(record: dict) -> None:
 
 
 def record_media(record: dict, fetch: Callable[[str], bytes]) -> list[bytes]:
-    """The record's media bytes: inline, or fetched by URI (missing_file when a file is not there)."""
+    """The record's media bytes: inline, or fetched by URI (missing_file when a file is not there).
+
+    An MMC4 document keeps the images that are there: each missing one is left out with its slot
+    (``record["media_slots"]`` updated) and noted in ``record["notes"]``; only a document with none
+    left is dropped."""
     if record["media"]:
         return list(record["media"])
-    media = []
-    for uri in record["media_uris"]:
+    media, slots, missing = [], [], []
+    for i, uri in enumerate(record["media_uris"]):
         try:
             media.append(fetch(uri))
+            if record["kind"] == KIND_INTERLEAVED:
+                slots.append(record["media_slots"][i])
         except FileNotFoundError:
-            raise SkipRecord(MISSING_FILE, uri) from None
+            if record["kind"] != KIND_INTERLEAVED:
+                raise SkipRecord(MISSING_FILE, uri) from None
+            missing.append((i, uri))
+    if missing:
+        if not media:
+            raise SkipRecord(MISSING_FILE, ", ".join(uri for _, uri in missing))
+        record["media_slots"] = slots
+        origin = record.get("origin") or f"{record['source']}/{record['key']}"
+        record["notes"] = list(record.get("notes") or []) + [
+            skip_entry(MISSING_FILE, record["source"], record["key"], f"{origin}/image{i}") for i, _ in missing
+        ]
     return media
 
 
 def decode_record(record: dict, size: int, fetch: Callable[[str], bytes], num_frames: int = FRAMES_PER_VIDEO) -> np.ndarray:
     """Check a normalized record and decode its media: uint8 [N, 3, size, size].
 
-    N is 1 for an image-text pair, the number of images of an MMC4 document (all must decode), 8 for a
-    video, 0 or 1 for a conversation. Raises SkipRecord for a bad record.
+    N is 1 for an image-text pair, the number of images of an MMC4 document that are there (all of
+    those must decode), 8 for a video, 0 or 1 for a conversation. Raises SkipRecord for a bad record
+    (a reader's fault placeholder: its reason).
     """
-    require_text(record)
     kind = record["kind"]
+    if kind == KIND_FAULT:
+        raise SkipRecord(record["text"], record.get("origin", ""))
+    require_text(record)
     media = record_media(record, fetch)
     if kind == KIND_VIDEO:
         if len(media) != 1:
@@ -190,19 +219,49 @@ def decode_record(record: dict, size: int, fetch: Callable[[str], bytes], num_fr
     return np.stack([decode_image(m, size) for m in media])
 
 
+def dropped_part(record: dict) -> int:
+    """The part id a dropped record's drop completes (epochs.part_id of all its samples), -1 without
+    a sample id (a driver-side build)."""
+    from orchestration.data.epochs import part_id
+
+    sample_id = record.get("sample_id")
+    return part_id(int(sample_id)) if sample_id is not None and sample_id >= 0 else -1
+
+
 def decode_counted(record: dict, size: int, fetch: Callable[[str], bytes], tally: Tally,
-                   num_frames: int = FRAMES_PER_VIDEO) -> np.ndarray | None:
+                   num_frames: int = FRAMES_PER_VIDEO, requeue_delay_s: float | None = None) -> np.ndarray | None:
     """decode_record for the Ray decode stages: the pixels, counted as a sample of the record's source;
     or None for a bad record, counted as skipped under its reason (any other error as decode_error,
-    logged: one bad record must not stop the epoch)."""
-    try:
-        pixels = decode_record(record, size, fetch, num_frames)
-    except SkipRecord as skip:
-        tally.skip(skip.reason, record["key"], record["source"])
-        return None
-    except Exception:
-        log.exception("record %s of source %s failed to decode", record["key"], record["source"])
-        tally.skip(DECODE_ERROR, record["key"], record["source"])
-        return None
+    logged: one bad record must not stop the epoch). A media fetch that keeps failing transiently past
+    its retries is tried again after a longer wait, up to records.REQUEUES times, in place (the order
+    the position relies on stays), each noted as ``retried``; past that the error stops the task (an
+    outage, not bad data). ``record["notes"]`` then holds the faults to count with the record."""
+    delay = records_module.REQUEUE_DELAY_S if requeue_delay_s is None else requeue_delay_s
+    origin = record.get("origin") or ""
+    retried = []
+    attempt = 0
+    while True:
+        try:
+            pixels = decode_record(record, size, fetch, num_frames)
+            break
+        except SkipRecord as skip:
+            tally.skipped.extend(list(record.get("notes") or []) + retried)
+            tally.skip(skip.reason, record["key"], record["source"], origin, dropped_part(record))
+            return None
+        except Exception as exc:
+            if is_transient(exc):
+                if attempt >= records_module.REQUEUES:
+                    raise
+                attempt += 1
+                log.warning("record %s of source %s: transient error past its retries (%r): reading it again (%d of %d)",
+                            record["key"], record["source"], exc, attempt, records_module.REQUEUES)
+                retried.append(skip_entry(RETRIED, record["source"], record["key"], f"{origin}/requeue{attempt}"))
+                time.sleep(delay * 2 ** (attempt - 1))
+                continue
+            log.exception("record %s of source %s failed to decode", record["key"], record["source"])
+            tally.skipped.extend(list(record.get("notes") or []) + retried)
+            tally.skip(DECODE_ERROR, record["key"], record["source"], origin, dropped_part(record))
+            return None
+    record["notes"] = list(record.get("notes") or []) + retried
     tally.samples[record["source"]] += 1
     return pixels

@@ -41,7 +41,15 @@ from orchestration.data.records import (
     read_bytes,
 )
 from orchestration.resource_plan import pool_start_error, tokenizer_actor_bundle
-from orchestration.data.sources import ensure_data, plan_sources, rank_windows, read_dataset, resolve_sources, s3_settings
+from orchestration.data.sources import (
+    ensure_data,
+    fault_ledger,
+    plan_sources,
+    rank_windows,
+    read_dataset,
+    resolve_sources,
+    s3_settings,
+)
 from orchestration.data.epochs import DataPosition, EpochPlan, part_id
 from orchestration.data.stats import DECODE_ERROR, TOO_LONG, Tally, stats_actor
 from orchestration.data.tower_data import tower_config, track_columns
@@ -64,7 +72,9 @@ DECODED_SCHEMA = pa.schema(
         # uint8 [num_images, 3, S, S] as raw bytes: one column type for 0, 1, 6 or 8 images
         ("pixels", pa.binary()),
         ("sample_id", pa.int64()),  # the record's place in the rank's epoch (epochs.py); -1: carrier
+        ("origin", pa.string()),  # which record (records.py: unit#offset)
         ("skipped", pa.list_(pa.string())),  # records dropped just before this one (stats.skip_entry)
+        ("notes", pa.list_(pa.string())),  # faults noted on this record, which is kept (stats.skip_entry)
         ("done_parts", pa.list_(pa.int32())),  # samples of this record trained before a resume
     ]
 )
@@ -280,10 +290,13 @@ def decode_lm_block(block: pa.Table, *, rows: int, group: str | None, size: int,
                     "num_images": len(pixels),
                     "pixels": pixels.tobytes(),
                     "sample_id": record.get("sample_id", -1),
+                    "origin": record.get("origin") or "",
                     "skipped": taken(),
+                    "notes": record.get("notes") or [],
                     "done_parts": record.get("done_parts") or [],
                 }
             )
+            block_skipped.extend(record.get("notes") or [])  # a driver-side build counts them here
         if out:
             if held is not None:
                 yield pa.Table.from_pylist(held, schema=DECODED_SCHEMA)
@@ -292,7 +305,7 @@ def decode_lm_block(block: pa.Table, *, rows: int, group: str | None, size: int,
     if trailing and group is None:  # the training path: counts travel with the rows
         if held is None:
             held = [{"key": "", "source": "", "kind": "", "text": "", "media_slots": [], "num_images": 0, "pixels": b"",
-                     "sample_id": -1, "skipped": [], "done_parts": []}]
+                     "sample_id": -1, "origin": "", "skipped": [], "notes": [], "done_parts": []}]
         held[-1]["skipped"] = held[-1]["skipped"] + trailing
     tally.flush(block_skipped)
     if held is not None:
@@ -404,11 +417,14 @@ class TokenizePool:
         for record, images in zip(records, pixels):
             codes = all_codes[offset : offset + len(images)] if len(images) else np.zeros((0,), np.int16)
             offset += len(images)
+            notes = list(record.get("notes") or [])  # counted with the row that trains the record's first part
             try:
                 samples = self.samples(record, codes)
             except Exception:
                 log.exception("record %s of source %s: cannot make a sample", record["key"], record["source"])
-                tally.skip(DECODE_ERROR, record["key"], record["source"])
+                tally.skipped.extend(notes)
+                tally.skip(DECODE_ERROR, record["key"], record["source"], record.get("origin") or "",
+                           part_id(record["sample_id"]) if record["sample_id"] >= 0 else -1)
                 continue
             done = set(record.get("done_parts") or ())
             for part, sample in enumerate(samples):
@@ -417,12 +433,16 @@ class TokenizePool:
                 # Seeded per record, so caption dropout does not depend on which actor builds it.
                 self.builder.rng = np.random.default_rng(_sample_seed(self.seed, record["key"]))
                 built = self.builder.build(sample)
+                pid = part_id(record["sample_id"], part, len(samples))
                 if built is None:
-                    tally.skip(TOO_LONG, record["key"], record["source"])
+                    tally.skip(TOO_LONG, record["key"], record["source"], f"{record.get('origin') or ''}/part{part}",
+                               pid if record["sample_id"] >= 0 else -1)
                     continue
                 sequences.append(built)
-                origin[id(built)] = (part_id(record["sample_id"], part, len(samples)), f"{record['source']}/{record['key']}")
+                origin[id(built)] = (pid, f"{record['source']}/{record['key']}", notes)
+                notes = []
                 tally.tokens[record["source"]] += len(built)
+            tally.skipped.extend(notes)  # no part built: counted with the call
         skipped = carried + tally.take_skipped()
         tally.flush(skipped if not self.track else [])
         packer = _TrackingPacker(self.seq_len, self.depth, self.builder.ids.pad)
@@ -441,10 +461,10 @@ class TokenizePool:
             call_start = part_id(min(r["sample_id"] for r in records)) if records else -1
             members = [[origin[id(s)] for s in seqs] for seqs in packer.members]
             out.update(track_columns(
-                [sorted({i for i, _ in m}) for m in members],
+                [sorted({i for i, _, _ in m}) for m in members],
                 [call_start] * len(rows),
-                [[k for _, k in m] for m in members],
-                [skipped if i == 0 else [] for i in range(len(rows))],
+                [[k for _, k, _ in m] for m in members],
+                [(skipped if i == 0 else []) + [n for _, _, notes in m for n in notes] for i, m in enumerate(members)],
             ))
         return out
 
@@ -502,16 +522,18 @@ def decoded_dataset(
     rank: int = 0,
     world: int = 1,
     position: DataPosition | None = None,
+    fault_dir: str | None = None,
 ) -> ray.data.Dataset:
     """data.lm_sources read, mixed and decoded (DECODED_SCHEMA rows): the pool's input. By default
-    the whole of epoch 0; a training rank passes its plan/epoch/rank/world/position (see epochs.py)."""
+    the whole of epoch 0; a training rank passes its plan/epoch/rank/world/position (see epochs.py).
+    ``fault_dir``: where unreadable shards are recorded and looked up (records.py)."""
     if plan is None:
         plan = plan_lm_data(config)
     if stats_group is not None:
         stats_actor()  # created by the driver, so it outlives the tasks and actors that count into it
     s3 = s3_settings(config)
     windows, formats = rank_windows(plan, epoch, rank, world, position)
-    return read_dataset(windows, s3, config.data.decode_batch_size, formats).map_batches(
+    return read_dataset(windows, s3, config.data.decode_batch_size, formats, fault_ledger(config, fault_dir)).map_batches(
         decode_lm_block,
         fn_kwargs={
             "rows": config.data.decode_batch_size,
@@ -537,7 +559,7 @@ def tokenize_dataset(
 ) -> ray.data.Dataset:
     """Packed rows made on the fly from data.lm_sources (mixed by weight) through the actor pool.
 
-    ``rank_args`` (plan, epoch, rank, world, position) select a training rank's share of an epoch;
+    ``rank_args`` (plan, epoch, rank, world, position, fault_dir) select a training rank's share of an epoch;
     ``track`` adds the position columns its BatchStream consumes. Each such rank runs its own pool of
     data.tokenizer_actors actors.
     """

@@ -126,12 +126,15 @@ def rank_dataset(
     world: int,
     position: DataPosition | None = None,
     tokenizer_files: dict[str, bytes] | None = None,
+    fault_dir: str | None = None,
 ) -> ray.data.Dataset:
-    """One training rank's share of one epoch (see epochs.py), with the position columns."""
+    """One training rank's share of one epoch (see epochs.py), with the position columns.
+    ``fault_dir``: the run's folder, where unreadable shards are recorded (``unreadable_shards/``) so
+    that a restart does not read into them again."""
     args = dict(plan=plan, epoch=epoch, rank=rank, world=world, position=position)
     pool_gpus = 0.0
     if stage == "tower":
-        ds = build_tower_dataset(config, stats_group=None, track=True, **args)
+        ds = build_tower_dataset(config, stats_group=None, track=True, fault_dir=fault_dir, **args)
     elif plan.units and plan.units[0].format == LM_CACHE:
         from orchestration.data.cache import cache_rank_dataset
 
@@ -141,7 +144,7 @@ def rank_dataset(
 
         ds = tokenize_dataset(
             config, tower_source(config, config.model.tower_checkpoint), None, None,
-            tokenizer_files=tokenizer_files, track=True, **args,
+            tokenizer_files=tokenizer_files, track=True, fault_dir=fault_dir, **args,
         )
         pool_gpus = config.data.tokenizer_actors * config.data.tokenizer_actor_gpus
     # One of `world` executors side by side: bounded to this rank's share, not sized to the whole cluster.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import ray
@@ -11,7 +12,7 @@ from ray.data.datasource import Datasource, ReadTask
 from orchestration.config import Config, ConfigError, SourceSection
 from orchestration.data.epochs import STREAM_SCHEMA, DataPosition, EpochPlan, Window, window_reader
 from orchestration.data.mixture import plan_reads
-from orchestration.data.records import FORMAT_KIND, KIND_IMAGE_TEXT, KIND_VIDEO
+from orchestration.data.records import FORMAT_KIND, KIND_IMAGE_TEXT, KIND_VIDEO, FaultLedger, reading_with
 from orchestration.data.synthetic import ensure_synthetic_dataset, synthetic_folder_state
 from orchestration.storage import S3Settings, is_s3
 
@@ -78,11 +79,12 @@ class WindowDatasource(Datasource):
     (normalized records + sample ids) in the window's shuffled order.
 
     A real datasource (rather than a map over a list of windows) keeps one task per window when Ray
-    Data fuses the decode stage into the reads.
+    Data fuses the decode stage into the reads. With a `FaultLedger`, the read tasks skip what it
+    knows to be unreadable and record what they find (records.py).
     """
 
-    def __init__(self, windows: list[Window], s3: S3Settings | None):
-        self.windows, self.s3 = windows, s3
+    def __init__(self, windows: list[Window], s3: S3Settings | None, ledger: FaultLedger | None = None):
+        self.windows, self.s3, self.ledger = windows, s3, ledger
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -93,7 +95,7 @@ class WindowDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         return [
             ReadTask(
-                window_reader(window, self.s3),
+                functools.partial(_read_window, window, self.s3, self.ledger),
                 BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[u.uri for u in window.units]),
                 schema=STREAM_SCHEMA if all(u.format in FORMAT_KIND for u in window.units) else None,
                 per_task_row_limit=per_task_row_limit,
@@ -105,7 +107,20 @@ class WindowDatasource(Datasource):
 WINDOW_BLOCK_BYTES = 16 * 1024 * 1024
 
 
-def read_dataset(windows: list[Window], s3: S3Settings | None, rows_per_block: int, formats: set[str]) -> ray.data.Dataset:
+def _read_window(window: Window, s3: S3Settings | None, ledger: FaultLedger | None):
+    """One window's read task, its readers using the run's fault ledger."""
+    with reading_with(ledger):
+        yield from window_reader(window, s3)()
+
+
+def fault_ledger(config: Config, directory: str | None) -> FaultLedger | None:
+    """The unreadable shards recorded under ``directory`` (a run's or the tokenized cache's folder,
+    local or s3:// with data.s3's settings), loaded now; None: faults are skipped but not recorded."""
+    return FaultLedger.load(directory, s3_settings(config)) if directory else None
+
+
+def read_dataset(windows: list[Window], s3: S3Settings | None, rows_per_block: int, formats: set[str],
+                 ledger: FaultLedger | None = None) -> ray.data.Dataset:
     """Records of the given windows with their sample ids, in window order (``preserve_order``).
 
     When a source references its media (MMC4, OpenVid, ShareGPT4V), blocks are cut to
@@ -117,7 +132,7 @@ def read_dataset(windows: list[Window], s3: S3Settings | None, rows_per_block: i
     if not windows:
         ds = ray.data.from_arrow(STREAM_SCHEMA.empty_table())
     else:
-        ds = ray.data.read_datasource(WindowDatasource(windows, s3), override_num_blocks=len(windows))
+        ds = ray.data.read_datasource(WindowDatasource(windows, s3, ledger), override_num_blocks=len(windows))
         if any(FORMAT_KIND.get(fmt) not in (KIND_IMAGE_TEXT, None) for fmt in formats):
             ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     ds.context.execution_options.preserve_order = True  # the epoch's order is the position's meaning

@@ -1,31 +1,44 @@
-"""Bad records and per-source counts: the vocabulary of reasons, and how counts leave the data workers.
+"""Bad records, bad shards and per-source counts: the vocabulary of reasons, and how counts leave the
+data workers.
 
-Every way a record can be bad has one name, used by the decoders (decode.py), the tokenization pool,
-the synthetic writer's manifest and the MLflow metrics ``rows_skipped/<reason>``:
+Every way data can be bad has one name, used by the readers (records.py), the decoders (decode.py),
+the tokenization pool, the synthetic writer's manifest and the MLflow metrics ``rows_skipped/<reason>``:
 
     not_an_image       the bytes are not an image PIL recognizes (an HTML error page, random bytes)
     truncated_image    a recognized image whose pixel data cannot be decoded (cut short or damaged)
     empty_caption      no text to learn from (blank caption, all-empty sentences or answers)
-    missing_file       a referenced image/video file is not there, or the record has no image
+    missing_file       a referenced image/video file is not there, or the record has no image (an MMC4
+                       document that loses one of several images keeps the rest: counted, not dropped)
     zero_frames        a video container that holds no video frames
     undecodable_video  bytes that are not a video container, or a stream that fails to decode
     decode_error       anything else that goes wrong on one record (logged with the record key)
     too_long           the sequence builder kept no supervised token
+    bad_line           a line of a JSON-lines or CSV index that is not a record of its format
+    missing_id         a ShareGPT4V entry without an ``id``
+    bad_entry          any other index entry that is not a record of its format
+    unreadable_shard   a shard that cannot be opened or read on (truncated tar or parquet, an index
+                       that is not JSON/CSV): its readable records are kept, the rest is skipped, and the
+                       shard is recorded in the run's storage so that a restart does not read into it again
+    retried            a read that kept failing with transient errors past its retries and was queued
+                       again (not bad data: the record is delivered once the read succeeds)
 
-Two ways counts travel:
+How counts travel:
 
-- **With the data** (training): each output row carries the bad records dropped next to it
-  (``skipped``: "reason<TAB>source/key" strings), so the training loop counts what it consumed, per
-  distinct record and per epoch, with no actor in the way (nothing to lose with a node, nothing to call
-  per block). See orchestration/train/trainer.py's BatchStream.
+- **With the data** (training): each output row carries the entries counted next to it (``skipped``:
+  `skip_entry` strings). An entry names the record by its *origin* (unit and offset in it, see
+  records.py; never by a URL segment) and, for a dropped record, the part id that its drop completes:
+  the training loop adds it to the data position like a trained sample, so a restart never reads (and
+  counts) it again. Counts per reason are integers kept with the position and all-reduced at log steps
+  (`SkipCounts`; no key sets travel).
 - **Into a named actor** (driver-side builds: tests, the tokenized cache, benchmarks), when a build is
-  given a stats ``group``: `DataStats` keeps distinct skipped keys per reason and samples/tokens per
+  given a stats ``group``: `DataStats` keeps distinct skipped origins per reason and samples/tokens per
   source. It restarts if its node dies (``max_restarts=-1``); counts of that group start over then.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import NamedTuple
 
 TRUNCATED_IMAGE = "truncated_image"
 NOT_AN_IMAGE = "not_an_image"
@@ -35,62 +48,105 @@ ZERO_FRAMES = "zero_frames"
 UNDECODABLE_VIDEO = "undecodable_video"
 DECODE_ERROR = "decode_error"
 TOO_LONG = "too_long"
+BAD_LINE = "bad_line"
+MISSING_ID = "missing_id"
+BAD_ENTRY = "bad_entry"
+UNREADABLE_SHARD = "unreadable_shard"
+RETRIED = "retried"
+# The fixed order of the counts tensor the ranks all-reduce (append only: saved states name reasons).
+REASONS = (TRUNCATED_IMAGE, NOT_AN_IMAGE, EMPTY_CAPTION, MISSING_FILE, ZERO_FRAMES, UNDECODABLE_VIDEO, DECODE_ERROR,
+           TOO_LONG, BAD_LINE, MISSING_ID, BAD_ENTRY, UNREADABLE_SHARD, RETRIED)
 
 ACTOR_NAME = "vilau-data-stats"
-MAX_KEYS_PER_REASON = 100_000  # distinct skipped keys kept per reason (beyond: counted, not told apart)
+MAX_KEYS_PER_REASON = 100_000  # distinct skipped origins kept per reason by the actor (beyond: counted)
 
 
 def mmc4_document_key(url: str) -> str:
-    """The record key of an MMC4 document (readers and the synthetic writer's manifest use it)."""
+    """The display key of an MMC4 document (the URL's last segment, as the synthetic writer's manifest
+    names documents). Not an identity: real URLs share "" and "index.html"; records are told apart by
+    their origin."""
     return url.rsplit("/", 1)[-1]
 
 
-def skip_entry(reason: str, source: str, key: str) -> str:
-    """How a dropped record travels with the data: "reason<TAB>source/key"."""
-    return f"{reason}\t{source}/{key}"
+class SkipEntry(NamedTuple):
+    reason: str
+    record: str  # "source/key", for people
+    origin: str  # "unit#offset": which record (records.py), the identity
+    done: int  # the part id its drop completes (epochs.part_id), -1: nothing (a note on a kept record)
 
 
-def parse_skip_entry(entry: str) -> tuple[str, str]:
-    """(reason, "source/key") of a `skip_entry` string."""
-    reason, _, record = entry.partition("\t")
-    return reason, record
+def skip_entry(reason: str, source: str, key: str, origin: str = "", done: int = -1) -> str:
+    """How a counted fault travels with the data: "reason<TAB>source/key<TAB>origin<TAB>done"."""
+    return f"{reason}\t{source}/{key}\t{origin}\t{int(done)}"
+
+
+def parse_skip_entry(entry: str) -> SkipEntry:
+    reason, record, *rest = entry.split("\t")
+    origin = rest[0] if rest and rest[0] else record  # entries of older checkpoints: the record is all there is
+    return SkipEntry(reason, record, origin, int(rest[1]) if len(rest) > 1 else -1)
+
+
+class SkipCounts:
+    """Faults counted per reason (integers): the training loop's run and epoch counts. Each entry is
+    counted once because the data position marks what it counted as done (see the module docstring)."""
+
+    def __init__(self, counts: dict[str, int] | None = None):
+        self.counts: Counter = Counter({r: int(n) for r, n in (counts or {}).items() if n})
+
+    def add(self, reason: str, n: int = 1) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown skip reason {reason!r} (stats.REASONS)")
+        self.counts[reason] += n
+
+    def vector(self) -> list[int]:
+        """The counts in REASONS order (what the ranks all-reduce)."""
+        return [self.counts.get(r, 0) for r in REASONS]
+
+    def state(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "SkipCounts":
+        """Also reads the key sets that checkpoints held before counts were integers."""
+        state = state or {}
+        if "keys" in state or "overflow" in state:
+            old = {r: len(k) for r, k in (state.get("keys") or {}).items()}
+            for r, n in (state.get("overflow") or {}).items():
+                old[r] = old.get(r, 0) + int(n)
+            return cls(old)
+        return cls(state)
 
 
 class DistinctSkips:
-    """Distinct dropped records per reason (a record dropped in every epoch counts once)."""
+    """Distinct faulty records per reason, told apart by origin (a record met in every pass or epoch
+    counts once): the driver-side actor's bookkeeping, never sent per training step."""
 
-    def __init__(self, keys: dict[str, list[str]] | None = None, overflow: dict[str, int] | None = None):
-        self.keys: dict[str, set[str]] = defaultdict(set, {r: set(k) for r, k in (keys or {}).items()})
-        self.overflow: Counter = Counter(overflow or {})  # beyond MAX_KEYS_PER_REASON: counted as seen
+    def __init__(self):
+        self.keys: dict[str, dict[str, str]] = defaultdict(dict)  # reason -> origin -> "source/key"
+        self.overflow: Counter = Counter()  # beyond MAX_KEYS_PER_REASON: counted as seen
 
-    def add(self, reason: str, record: str) -> None:
+    def add(self, reason: str, record: str, origin: str | None = None) -> None:
+        origin = origin or record
         seen = self.keys[reason]
-        if record in seen:
+        if origin in seen:
             return
         if len(seen) < MAX_KEYS_PER_REASON:
-            seen.add(record)
+            seen[origin] = record
         else:
             self.overflow[reason] += 1
 
     def add_entries(self, entries) -> None:
         for entry in entries:
-            self.add(*parse_skip_entry(entry))
+            parsed = parse_skip_entry(entry)
+            self.add(parsed.reason, parsed.record, parsed.origin)
 
     def counts(self) -> dict[str, int]:
         return {r: len(self.keys.get(r, ())) + self.overflow.get(r, 0) for r in set(self.keys) | set(self.overflow)}
 
-    def state(self) -> dict:
-        return {"keys": {r: sorted(k) for r, k in self.keys.items()}, "overflow": dict(self.overflow)}
-
-    @classmethod
-    def from_state(cls, state: dict | None) -> "DistinctSkips":
-        state = state or {}
-        return cls(state.get("keys"), state.get("overflow"))
-
     def merge(self, other: "DistinctSkips") -> None:
-        for reason, keys in other.keys.items():
-            for key in keys:
-                self.add(reason, key)
+        for reason, origins in other.keys.items():
+            for origin, record in origins.items():
+                self.add(reason, record, origin)
         self.overflow.update(other.overflow)
 
 
@@ -128,7 +184,7 @@ def _actor_class():
                     tokens.update(g["tokens"])
             return {
                 "skipped": skipped.counts(),
-                "skipped_keys": {r: sorted(k.split("/", 1)[-1] for k in keys) for r, keys in skipped.keys.items()},
+                "skipped_keys": {r: sorted(k.split("/", 1)[-1] for k in keys.values()) for r, keys in skipped.keys.items()},
                 "samples": dict(samples),
                 "tokens": dict(tokens),
             }
@@ -197,8 +253,8 @@ class Tally:
         self.samples: Counter = Counter()
         self.tokens: Counter = Counter()
 
-    def skip(self, reason: str, key: str, source: str = "") -> None:
-        self.skipped.append(skip_entry(reason, source, key))
+    def skip(self, reason: str, key: str, source: str = "", origin: str = "", done: int = -1) -> None:
+        self.skipped.append(skip_entry(reason, source, key, origin, done))
 
     def take_skipped(self) -> list[str]:
         out, self.skipped = self.skipped, []

@@ -23,7 +23,7 @@ from orchestration.config import Config
 from orchestration.data.decode import SkipRecord, decode_counted, decode_image
 from orchestration.data.records import KIND_IMAGE_TEXT, fs_and_path, read_bytes
 from orchestration.data.epochs import DataPosition, EpochPlan, part_id
-from orchestration.data.sources import ensure_data, plan_sources, rank_windows, read_dataset, s3_settings
+from orchestration.data.sources import ensure_data, fault_ledger, plan_sources, rank_windows, read_dataset, s3_settings
 from orchestration.data.stats import Tally, stats_actor
 from orchestration.storage import S3Settings, join
 from vilau_model.config import VisionTowerConfig, get_tower_config
@@ -52,6 +52,8 @@ def tower_text_tokenizer(tower: VisionTowerConfig):
 
 def tokenize_captions(tower: VisionTowerConfig, captions: list[str]) -> np.ndarray:
     """int64 [B, ctx] token ids from the tower's tokenizer."""
+    if not captions:  # a batch of carrier rows only (dropped records, nothing to train)
+        return np.zeros((0, tower.context_length), dtype=np.int64)
     return np.asarray(tower_text_tokenizer(tower)(captions), dtype=np.int64).reshape(len(captions), -1)
 
 
@@ -97,6 +99,8 @@ def _decode_tower_slice(table: pa.Table, tally: Tally, tower, s3, with_keys: boo
         keys.append(record["key"])
         sources.append(record["source"])
         ids.append(record.get("sample_id", -1))
+        # The drops before this record, and the faults noted on it (counted when its row is trained).
+        tally.skipped.extend(record.get("notes") or [])
         skipped.append(tally.take_skipped() if track else [])
     if not pixels:
         return None  # nothing to emit: an empty batch has no shapes for the tensor columns
@@ -147,6 +151,7 @@ def build_tower_dataset(
     world: int = 1,
     position: DataPosition | None = None,
     track: bool = False,
+    fault_dir: str | None = None,
 ) -> ray.data.Dataset:
     """Stage-1 training data from data.tower_sources (mixed by weight), or the eval split.
 
@@ -157,6 +162,7 @@ def build_tower_dataset(
     By default the whole of epoch 0 in its order; a training rank passes the driver's ``plan``, its
     ``epoch``, ``rank``/``world`` and resume ``position`` and gets its share of that epoch, with the
     position columns (``track``: sample_ids, call_start, keys, skipped) its BatchStream consumes.
+    ``fault_dir``: where unreadable shards are recorded and looked up (the run's folder; records.py).
     """
     if split == "eval":
         data = build_eval_split(config)
@@ -171,7 +177,8 @@ def build_tower_dataset(
     windows, formats = rank_windows(plan, epoch, rank, world, position)
     # Whole blocks per call (worked through in decode_batch_size slices): a map with no batch size is
     # fused into the read tasks, saving a trip through the object store per window.
-    return read_dataset(windows, s3_settings(config), config.data.decode_batch_size, formats).map_batches(
+    ledger = fault_ledger(config, fault_dir)
+    return read_dataset(windows, s3_settings(config), config.data.decode_batch_size, formats, ledger).map_batches(
         decode_tower_block,
         fn_kwargs={
             "rows": config.data.decode_batch_size,

@@ -8,6 +8,7 @@ and the data bookkeeping can be read (and tested) apart.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -16,6 +17,8 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+
+log = logging.getLogger(__name__)
 
 class EpochFeed:
     """One epoch's dataset, read by a thread of its own into a bounded queue of chunks.
@@ -97,16 +100,18 @@ class BatchStream:
     ranks agree (one all-reduce of a flag) that every one of them has one; when one rank's share runs
     out, the epoch ends for all, and the rows the others had left are not trained in that epoch.
 
-    Dropped records arrive with the rows (stats.py); they are counted per distinct record, for the
-    run and for the current epoch (`rows_skipped`).
+    Faults arrive with the rows (stats.py): integer counts per reason, for the run, the current epoch
+    and each epoch (``skipped_by_epoch``), kept with the position. A dropped record's entry marks its
+    part id done in the position like a trained sample, so a restart neither reads nor counts it again
+    (and a restart from an earlier checkpoint takes counts and position back together).
     """
 
     def __init__(self, make_dataset, rank: int, world: int, stage: str, batch_size: int,
                  columns: dict[str, torch.dtype], device: torch.device, depth: int = 4, recorder=None,
                  batches_needed: int | None = None, host_batch=None, batch_timeout_s: float | None = None,
-                 explain_error=None):
+                 explain_error=None, sources: list[str] | None = None):
         from orchestration.data.epochs import DataPosition
-        from orchestration.data.stats import DistinctSkips
+        from orchestration.data.stats import SkipCounts
 
         self.make_dataset, self.rank, self.world, self.stage = make_dataset, rank, world, stage
         self.batch_size, self.columns, self.device, self.recorder = batch_size, columns, device, recorder
@@ -116,8 +121,11 @@ class BatchStream:
         self.batch_timeout_s = batch_timeout_s
         self.explain_error = explain_error or (lambda exc: exc)
         self.position = DataPosition()
-        self.skipped = DistinctSkips()
-        self.skipped_epoch = DistinctSkips()
+        self.skipped = SkipCounts()
+        self.skipped_epoch = SkipCounts()
+        self.skipped_by_epoch: dict[int, dict[str, int]] = {}  # faults per epoch (with the position)
+        # The sources' fixed order in the all-reduced counts (every rank passes the same plan's names).
+        self.sources = sorted(sources) if sources is not None else None
         self.samples: defaultdict[str, int] = defaultdict(int)  # trained samples per source, this run
         self.batches_in_epoch = 0  # micro-batches taken in the current epoch (the same on every rank)
         self.batches_needed = batches_needed  # what the rest of the run takes (None: no limit)
@@ -141,13 +149,14 @@ class BatchStream:
             "samples": dict(self.samples),
             "skipped": self.skipped.state(),
             "skipped_epoch": self.skipped_epoch.state(),
+            "skipped_by_epoch": {e: dict(c) for e, c in self.skipped_by_epoch.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a checkpoint's state: this rank's own (same world size), or every rank's of a
         world of another size, ``{"world": W, "ranks": [state of rank 0, ...]}``. Before the first batch."""
         from orchestration.data.epochs import DataPosition
-        from orchestration.data.stats import DistinctSkips
+        from orchestration.data.stats import SkipCounts
 
         if self.thread is not None:
             raise RuntimeError("load_state_dict after the stream started reading")
@@ -159,18 +168,26 @@ class BatchStream:
             self.batches_in_epoch = max((int(r.get("batches_in_epoch", 0)) for r in ranks), default=0)
             # Run totals are sums over ranks (data_metrics): the new rank 0 carries the old ranks' totals.
             ranks = ranks if self.rank == 0 else []
-            self.skipped, self.skipped_epoch, self.samples = DistinctSkips(), DistinctSkips(), defaultdict(int)
+            self.skipped, self.skipped_epoch, self.samples = SkipCounts(), SkipCounts(), defaultdict(int)
+            self.skipped_by_epoch = {}
             for r in ranks:
-                self.skipped.merge(DistinctSkips.from_state(r.get("skipped")))
+                for reason, n in SkipCounts.from_state(r.get("skipped")).counts.items():
+                    self.skipped.add(reason, n)
                 if r.get("position", {}).get("epoch", 0) == self.position.epoch:
-                    self.skipped_epoch.merge(DistinctSkips.from_state(r.get("skipped_epoch")))
+                    for reason, n in SkipCounts.from_state(r.get("skipped_epoch")).counts.items():
+                        self.skipped_epoch.add(reason, n)
+                for epoch, counts in (r.get("skipped_by_epoch") or {}).items():
+                    mine = self.skipped_by_epoch.setdefault(int(epoch), {})
+                    for reason, n in counts.items():
+                        mine[reason] = mine.get(reason, 0) + int(n)
                 for source, n in r.get("samples", {}).items():
                     self.samples[source] += n
             return
         self.position = DataPosition.from_state(state.get("position"))
         self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
-        self.skipped = DistinctSkips.from_state(state.get("skipped"))
-        self.skipped_epoch = DistinctSkips.from_state(state.get("skipped_epoch"))
+        self.skipped = SkipCounts.from_state(state.get("skipped"))
+        self.skipped_epoch = SkipCounts.from_state(state.get("skipped_epoch"))
+        self.skipped_by_epoch = {int(e): dict(c) for e, c in (state.get("skipped_by_epoch") or {}).items()}
         self.samples = defaultdict(int, state.get("samples", {}))
 
     def start(self) -> None:
@@ -302,9 +319,9 @@ class BatchStream:
         self.position.next_epoch()
         self.min_epoch = self.position.epoch
         self.batches_in_epoch = 0
-        from orchestration.data.stats import DistinctSkips
+        from orchestration.data.stats import SkipCounts
 
-        self.skipped_epoch = DistinctSkips()
+        self.skipped_epoch = SkipCounts()
 
     def _take(self, batch: dict) -> dict:
         for call_start, ids in zip(batch["call_start"], batch["sample_ids"]):
@@ -323,34 +340,61 @@ class BatchStream:
         }
 
     def _count_skips(self, entries) -> None:
+        """Count the faults a consumed batch (or carrier, or an epoch's leftover) holds, and mark the
+        dropped records' part ids done in the position (a restart then leaves them out before reading)."""
+        from orchestration.data.stats import parse_skip_entry
+
         entries = [e for row in entries for e in (row if not isinstance(row, str) else [row])]
-        if entries:
-            self.skipped.add_entries(entries)
-            self.skipped_epoch.add_entries(entries)
+        if not entries:
+            return
+        done = []
+        epoch_counts = self.skipped_by_epoch.setdefault(self.position.epoch, {})
+        for entry in entries:
+            parsed = parse_skip_entry(entry)
+            self.skipped.add(parsed.reason)
+            self.skipped_epoch.add(parsed.reason)
+            epoch_counts[parsed.reason] = epoch_counts.get(parsed.reason, 0) + 1
+            if parsed.done >= 0:
+                done.append(parsed.done)
+        if done:
+            self.position.consume(-1, done)  # no call starts here: the frontier stays, the ids join `taken`
 
     def data_metrics(self) -> dict[str, float]:
-        """Collective: distinct dropped records by reason over all ranks, for the run
-        (``rows_skipped/<reason>``) and for the current epoch (``rows_skipped_epoch/<reason>``), and
-        each source's realized share of the samples trained so far (``mixture_share/<source>``)."""
-        from orchestration.data.stats import DistinctSkips
+        """Collective: faults by reason over all ranks, for the run (``rows_skipped/<reason>``) and the
+        current epoch (``rows_skipped_epoch/<reason>``), and each source's realized share of the
+        samples trained so far (``mixture_share/<source>``): one all-reduce of a fixed-order tensor."""
+        from orchestration.data.stats import REASONS
 
-        mine = (self.skipped.state(), self.skipped_epoch.state(), dict(self.samples))
-        gathered = [mine]
+        sources = self.sources if self.sources is not None else self._source_names()
+        unknown = set(self.samples) - set(sources)
+        if unknown and not getattr(self, "_warned_unknown", False):
+            # Not raised: the other ranks are about to wait in the all-reduce below.
+            log.warning("[%s] rank %d trained samples of source(s) %s that the plan does not name (%s): left out of "
+                        "mixture_share", self.stage, self.rank, sorted(unknown), sources)
+            self._warned_unknown = True
+        mine = self.skipped.vector() + self.skipped_epoch.vector() + [self.samples.get(s, 0) for s in sources]
+        totals = torch.tensor(mine, dtype=torch.float64)
         if self.world > 1:
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, mine)
-        run, epoch, samples = DistinctSkips(), DistinctSkips(), defaultdict(int)
-        for run_state, epoch_state, rank_samples in gathered:
-            run.merge(DistinctSkips.from_state(run_state))
-            epoch.merge(DistinctSkips.from_state(epoch_state))
-            for source, n in rank_samples.items():
-                samples[source] += n
-        out: dict[str, float] = {f"rows_skipped/{k}": v for k, v in run.counts().items()}
-        out.update({f"rows_skipped_epoch/{k}": v for k, v in epoch.counts().items()})
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+        values = [int(v) for v in totals.cpu().tolist()]
+        n = len(REASONS)
+        run, epoch, samples = values[:n], values[n : 2 * n], dict(zip(sources, values[2 * n :]))
+        out: dict[str, float] = {f"rows_skipped/{r}": v for r, v in zip(REASONS, run) if v}
+        out.update({f"rows_skipped_epoch/{r}": v for r, v in zip(REASONS, epoch) if v})
         total = sum(samples.values())
         out["samples_trained"] = total
         out.update({f"mixture_share/{k}": round(n / max(total, 1), 4) for k, n in samples.items()})
         return out
+
+    def _source_names(self) -> list[str]:
+        """Without ``sources``: the names this rank has trained (one rank), or, once, all ranks' names."""
+        if self.world == 1:
+            return sorted(self.samples)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, sorted(self.samples))  # once per run: the order is then fixed
+        self.sources = sorted({name for names in gathered for name in names})
+        return self.sources
 
 
 def _parse_track_columns(chunk: dict) -> dict:

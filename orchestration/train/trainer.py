@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from orchestration.config import Config, StageSection
+from orchestration.storage import is_s3
 from orchestration.train import checkpoint as ckpt
 from orchestration.train.fsdp import (
     build_sharded_model,
@@ -238,9 +239,12 @@ class Trainer:
             plan = EpochPlan.from_json(f.read().decode())
         tokenizer_files = getattr(self.task, "tokenizer_files", None)
 
+        # Unreadable shards are recorded in the run's folder, so that a restart does not read into them again.
+        run_dir = f"s3://{self.experiment_path}" if is_s3(self.config.cluster.storage_path) else self.experiment_path
+
         def make_dataset(epoch, position):
             return rank_dataset(self.config, self.task.stage, plan, epoch=epoch, rank=self.rank, world=self.world,
-                                position=position, tokenizer_files=tokenizer_files)
+                                position=position, tokenizer_files=tokenizer_files, fault_dir=run_dir)
 
         stream = BatchStream(
             make_dataset, self.rank, self.world, self.task.stage, self.section.batch_size_per_worker,
@@ -248,6 +252,7 @@ class Trainer:
             batches_needed=(self.section.steps - self.state.step) * self.section.grad_accum,
             host_batch=self.task.host_batch, batch_timeout_s=self.config.data.batch_timeout_s,
             explain_error=lambda exc: pool_wait_error(self.config, exc) or exc,
+            sources=sorted({unit.source for unit in plan.units}),
         )
         # The restored data state: this rank's, or every old rank's after a change of world size.
         stream.load_state_dict(self.state.data)
