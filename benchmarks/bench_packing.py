@@ -1,10 +1,11 @@
 """Share of real (non-pad) tokens in the packed rows stage 2 trains on, at each preset's settings.
 
 The tokenization pool packs each of its calls (``data.pack_window`` records, in the order the rank's
-stream gives them) into rows of ``data.seq_len`` tokens with vilau_model's StreamingPacker (best fit,
-16 open rows, flushed at the end of the call: orchestration/data/lm_data.py). What a call holds
-decides how full the rows get: a call of OpenVid clips alone (8 frames: 5834 positions at 384 px) can
-put only one clip in an 8192-token row, whatever the packer does.
+stream gives them) into rows of ``data.seq_len`` tokens with `vilau_model.sequence.pack_call` (best
+fit decreasing over the call: orchestration/data/lm_data.py); before, it streamed them through a
+StreamingPacker (best fit in arrival order, 16 open rows), also measured here. What a call holds
+decides how full the rows can get: a call of OpenVid clips alone (8 frames: 5834 positions at 384 px)
+puts only one clip in an 8192-token row, whatever the packer does.
 
 For every preset in jobs/configs (its row length, pack window, sources, weights, tasks, and its
 tower's image and video positions), two compositions of the calls:
@@ -39,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vilau_model.sequence import BuiltSequence, StreamingPacker  # noqa: E402
+from vilau_model.sequence import BuiltSequence, StreamingPacker, pack_call  # noqa: E402
 
 PRESET_OVERRIDES = ["model.allow_random_init=true"]  # the presets' pretrained paths are not needed to read their shapes
 
@@ -104,19 +105,23 @@ def mixed_order(by_source: dict[str, list[list[int]]], seed: int, buffer_rows: i
     return [record for _, record in mix_order(parts, seed, buffer_rows, lambda i, j: next(iters[i], None))]
 
 
-def pack_calls(calls: list[list[list[int]]], settings: dict) -> tuple[float, int, float]:
-    """Each call packed as the pool packs it (rows materialized): (non-pad share, rows, seconds)."""
+def pack_calls(calls: list[list[list[int]]], settings: dict, packer: str = "pool") -> float:
+    """Each call packed (rows materialized, as the pool does): the non-pad share of all rows.
+    ``packer``: "pool" = what the tokenization pool runs (`pack_call`: best fit decreasing over the
+    call), "stream" = the stream packer it ran before (best fit in arrival order, 16 open rows)."""
     seq_len, depth = settings["seq_len"], settings["depth"]
-    tokens = pad = rows = 0
-    start = time.perf_counter()
+    tokens = slots = 0
     for call in calls:
-        packer = StreamingPacker(seq_len=seq_len, code_depth=depth, pad_id=0)  # the pool's: 16 open rows
-        for record in call:
-            for n in record:
-                packer.add(BuiltSequence(np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros((n, depth), np.int16), np.zeros(n, bool)))
-        packer.flush()
-        tokens, pad, rows = tokens + packer.stats["tokens"], pad + packer.stats["pad_tokens"], rows + packer.stats["rows"]
-    return tokens / max(tokens + pad, 1), rows, time.perf_counter() - start
+        seqs = [BuiltSequence(np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros((n, depth), np.int16), np.zeros(n, bool))
+                for record in call for n in record]
+        if packer == "pool":
+            rows, _ = pack_call(seqs, seq_len, depth, 0)
+        else:
+            stream = StreamingPacker(seq_len=seq_len, code_depth=depth, pad_id=0)
+            rows = [row for s in seqs for row in stream.add(s)] + stream.flush()
+        tokens += sum(len(s) for s in seqs)
+        slots += len(rows) * seq_len
+    return tokens / max(slots, 1)
 
 
 def calls_of(records: list[list[int]], window: int) -> list[list[list[int]]]:
@@ -130,9 +135,11 @@ def main() -> None:
     args = parser.parse_args()
 
     presets = {"default": None} | {os.path.basename(p)[:-5]: p for p in sorted(glob.glob("jobs/configs/*.yaml"))}
-    print("| preset | seq_len | pack_window | img/vid positions | mixed calls | source-grouped calls | grouped, per source |")
+    print(f"{args.records} records per preset; non-pad share of the packed rows. Pool = best fit decreasing over "
+          "each call (now); stream = best fit in arrival order over 16 open rows (before).\n")
+    print("| preset | seq_len | pack_window | img/vid positions | mixed calls: pool (stream) | source-grouped calls: pool (stream) | grouped, pool, per source |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    results: dict[str, tuple[float, float]] = {}
+    results: dict[str, dict[str, float]] = {}
     for name, path in presets.items():
         try:
             settings = preset_settings(path)
@@ -142,17 +149,19 @@ def main() -> None:
         rng = np.random.default_rng(args.seed)
         by_source = source_records(settings, args.records, rng)
         window = settings["pack_window"]
-        mixed, _, _ = pack_calls(calls_of(mixed_order(by_source, args.seed), window), settings)
-        grouped_calls = [c for n in sorted(by_source) for c in calls_of(by_source[n], window)]
-        grouped, _, _ = pack_calls(grouped_calls, settings)
-        per_source = ", ".join(f"{n} {pack_calls(calls_of(by_source[n], window), settings)[0]:.3f}" for n in sorted(by_source))
-        results[name] = (mixed, grouped)
-        print(f"| {name} | {settings['seq_len']} | {window} | {settings['image']}/{settings['video']} | **{mixed:.3f}** | "
-              f"{grouped:.3f} | {per_source} |", flush=True)
-    print()
-    print(f"RESULT packed_share_paper={results['vilau-384'][0]:.4f}")
-    print(f"RESULT packed_share_paper_source_grouped={results['vilau-384'][1]:.4f}")
-    print(f"RESULT packed_share_default={results['default'][0]:.4f}")
+        mixed = calls_of(mixed_order(by_source, args.seed), window)
+        grouped = [c for n in sorted(by_source) for c in calls_of(by_source[n], window)]
+        r = results[name] = {f"{calls}_{packer}": pack_calls(c, settings, packer)
+                             for calls, c in (("mixed", mixed), ("grouped", grouped)) for packer in ("pool", "stream")}
+        per_source = ", ".join(f"{n} {pack_calls(calls_of(by_source[n], window), settings):.3f}" for n in sorted(by_source))
+        print(f"| {name} | {settings['seq_len']} | {window} | {settings['image']}/{settings['video']} | "
+              f"**{r['mixed_pool']:.3f}** ({r['mixed_stream']:.3f}) | {r['grouped_pool']:.3f} ({r['grouped_stream']:.3f}) | "
+              f"{per_source} |", flush=True)
+    paper = results["vilau-384"]
+    print(f"\nvilau-384 before (stream packer): mixed calls {paper['mixed_stream']:.4f}, source-grouped {paper['grouped_stream']:.4f}")
+    print(f"RESULT packed_share_paper={paper['mixed_pool']:.4f}")
+    print(f"RESULT packed_share_paper_source_grouped={paper['grouped_pool']:.4f}")
+    print(f"RESULT packed_share_default={results['default']['mixed_pool']:.4f}")
 
 
 if __name__ == "__main__":
