@@ -135,7 +135,7 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nplanning stage 1 over N={args.shards} and 10N={10 * args.shards} parquet shards of {args.rows} rows on moto S3; "
           f"medians of {args.repeats} alternating rounds; load average {min(load):.1f}-{max(load):.1f}\n")
-    print("| layout | counted by | 1k shards (s) | 10k shards (s) | ratio |")
+    print(f"| layout | counted by | {sizes['1x']} shards (s) | {sizes['10x']} shards (s) | ratio |")
     print("| --- | --- | --- | --- | --- |")
     results = {}
     for layout in layouts:
