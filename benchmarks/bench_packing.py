@@ -34,7 +34,6 @@ import argparse
 import glob
 import os
 import sys
-import time
 
 import numpy as np
 
