@@ -1,172 +1,257 @@
-"""Overhead of the training orchestration, measured against bare PyTorch in the same process run.
+"""Overhead of Ray Train on the loop a cluster runs: 2 ranks, FSDP2, gradient accumulation, in both arms.
 
-1. Steady-state step time of the Ray Train loop (orchestration.train.trainer, 1 worker, the real loop:
-   meta build, no FSDP with one rank, grad clipping, non-finite guard, metrics read once per log step,
-   MLflow every log_every, reports, an asynchronous checkpoint at the end; batches from the real data
-   path: the rank's Ray Data pipeline over the synthetic shards, epoch after epoch) vs a bare PyTorch
-   loop (the same tiny tower, AdamW, schedule and clipping, no FSDP, no Ray Train, no Ray Data) on one
-   fixed batch of the same shapes, with the same number of threads. Both run in the same Ray Train worker
-   process, in alternating blocks of steps, so they see the same process (priority, threads,
-   allocator) and, on a shared machine, nearly the same load; medians per step in each round, and the
-   median of the rounds' ratios.
-   Goal: ratio <= 1.03. The batch is sized so that a bare step takes >= 0.3 s here. By default the
-   synthetic data holds as many records as a round trains, so that the steps measured are steady
-   state, as in a real run's epoch of millions of samples; `--samples 256` (an epoch of ~6 steps)
-   adds the start of a new epoch's pipeline every few steps to the Ray loop's cost.
-   Also printed per round: the training thread's CPU time per step in each loop (what the loop itself
-   costs, whatever the load) and the CPU of the worker's other threads (batch reader, Ray Data).
-2. The data-wait share of the tiny pretrain (both stages, steady state: the first step, which waits
-   for the Ray Data pipeline to start, left out). Goal: <= 2%.
+Both arms run the project's own loop (``orchestration.train.trainer.Trainer.step``: FSDP2 over gloo on
+CPU, ``grad_accum`` micro-batches per step, clipping, the non-finite guard, metrics averaged across
+ranks and logged to MLflow every ``log_every``, an asynchronous sharded DCP checkpoint every
+``checkpoint_every`` and at the end) over the same stage-1 micro-batches:
 
-    python benchmarks/bench_train_step.py [--steps 80] [--rounds 5] [--batch 80] [--threads 1] [--settle 3] [--samples N]
-        [--pretrain-summary PATH | --skip-pretrain]
+- **Ray Train**: a ``TorchTrainer`` with 2 workers, started as a job starts a stage
+  (``orchestration.launch.run_stage``), so every Ray part of the loop is paid: the worker group, the
+  ``ray.train.report`` barrier at log steps, checkpoints registered with Ray Train.
+- **torchrun**: ``torchrun --nproc_per_node 2`` running the same ``Trainer.step`` with the Ray parts
+  taken out: rank and world from torch.distributed, the same asynchronous DCP save into a local
+  directory, no report.
 
-Last line: ``RESULT overhead_ratio=<ray/bare>``.
+The micro-batches are read once, before either arm, from the real stage-1 data path (each rank's
+share of the epoch plan over the synthetic shards, through the rank's Ray Data pipeline and
+``BatchStream``) and saved per rank; both arms train on them in the same order. The data pipeline's
+own cost is not in the ratio by default: on this 2-core machine the decoding would compete with the
+two training ranks for the cores, which a cluster's separate CPU nodes do not. ``--ray-data`` makes the
+Ray arm read through its live pipeline instead (the loop exactly as a job runs it).
 
---pretrain-summary reads the shares from `python jobs/pretrain.py --summary-json PATH` instead of
-running the tiny pretrain here.
+Step time = the whole loop on rank 0 (every step, log, checkpoint and report steps included, and the
+wait for the last checkpoint at the end) divided by the number of steps: a mean, not a median. The
+arms alternate (Ray, torchrun, Ray, ...) for ``--rounds`` rounds; start-up (worker group, process
+group, FSDP build) is outside the loop in both.
+
+    python benchmarks/bench_train_step.py [--steps 60] [--rounds 2] [--batch 24] [--grad-accum 2]
+        [--log-every 10] [--checkpoint-every 20] [--threads 1] [--ray-data]
+        [--pretrain | --pretrain-summary PATH]
+
+Last line: ``RESULT overhead_ratio=<ray/torchrun>`` (goal <= 1.05): the mean step over all rounds of
+the Ray arm over that of the torchrun arm. ``--pretrain`` also prints the tiny pretrain's steady-state
+data-wait share (a whole job, ~4 min here; goal <= 2%).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from orchestration.config import load_config  # noqa: E402
-from orchestration.train.tower import TowerTask, tower_loss_config  # noqa: E402
-
-WARMUP = 5
-
-
-def fixed_batch(config, size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """One batch of pixels (uint8) and caption tokens, the same for both loops."""
-    from orchestration.data.scenes import render_scene
-    from orchestration.data.tower_data import tokenize_captions, tower_config
-
-    tower = tower_config(config)
-    rng = np.random.default_rng(seed)
-    scenes = [render_scene(rng, tower.image_size) for _ in range(size)]
-    pixels = np.stack([s[0] for s in scenes]).astype(np.uint8)
-    if pixels.shape[-1] == 3:  # HWC -> CHW
-        pixels = pixels.transpose(0, 3, 1, 2)
-    return {"pixels": np.ascontiguousarray(pixels), "text_tokens": tokenize_captions(tower, [s[1] for s in scenes])}
-
-
-class BareLoop:
-    """Plain PyTorch: the same tiny tower, AdamW, schedule and clipping; no FSDP, no Ray."""
-
-    def __init__(self, config, batch: dict[str, np.ndarray], steps: int):
-        from orchestration.train.optim import build_optimizer, build_scheduler
-        from vilau_model.vision_tower import UnifiedVisionTower
-
-        torch.manual_seed(config.seed)
-        self.model = UnifiedVisionTower(TowerTask(config).tower_cfg, tower_loss_config(config))
-        self.params = self.model.trainable_parameters()
-        self.optimizer = build_optimizer(self.params, config.tower_train.optim)
-        self.scheduler = build_scheduler(self.optimizer, config.tower_train.optim, steps)
-        self.grad_clip = config.tower_train.optim.grad_clip
-        self.pixels = torch.from_numpy(batch["pixels"])
-        self.tokens = torch.from_numpy(batch["text_tokens"])
-
-    def step(self, step: int) -> None:
-        out = self.model(self.pixels.float().div(255.0), self.tokens, step=step)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if step % 10 == 0:
-            float(out["loss"])  # a bare loop prints its loss now and then; the Ray loop reads once per log step
+from orchestration.train.tower import TowerTask  # noqa: E402
+from orchestration.train.trainer import Trainer  # noqa: E402
 
 
 class BenchTowerTask(TowerTask):
-    """Stage 1 exactly, minus evaluation (not part of a step)."""
+    """Stage 1 exactly, minus evaluation (not part of a training step)."""
 
     def wants_eval(self, step: int, total: int) -> bool:
         return False
 
 
-def bench_worker(loop_config: dict) -> dict:
-    """In one Ray Train worker, alternating blocks of steps: the bare loop, then the real Ray Train
-    FSDP2 loop (Trainer.step: logging, reports and checkpoints included when they fall due), and so on,
-    so that both see the same process and, on a shared machine, nearly the same load.
+class SavedBatches:
+    """A rank's micro-batches as saved before the arms ran, in order (then again from the start)."""
 
-    The Ray loop's reader thread works ahead while the bare loop runs, so the first steps of each Ray
-    block find their batches ready; those steps (the read-ahead depth) are left out, so that the cost
-    of reading batches stays with the Ray loop. Each block starts after ``settle`` idle seconds: on 2
-    cores the pipeline filling its buffers after a Ray block would otherwise slow the bare block.
-    """
-    import torch
+    def __init__(self, path: str):
+        self.batches = torch.load(path)
+        self.index = 0
 
-    from orchestration.train.trainer import Trainer
+    def __iter__(self):
+        return self
 
-    torch.set_num_threads(loop_config["threads"])
-    config, steps, block = loop_config["config"], loop_config["steps"], loop_config["block"]
-    bare = BareLoop(config, loop_config["batch"], steps)
-    trainer = Trainer(BenchTowerTask(config), config, loop_config["run"])
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self.batches[self.index % len(self.batches)]
+        self.index += 1
+        return batch
+
+    def data_metrics(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class RayArmTrainer(Trainer):
+    """The Ray Train worker's Trainer as a job runs it, fed the saved micro-batches (unless ray_data)."""
+
+    def __init__(self, task, config, run, batches_path: str | None):
+        super().__init__(task, config, run)
+        self.batches_path = batches_path
+
+    def batches(self):
+        if self.batches_path is None:
+            return super().batches()  # the live Ray Data pipeline (--ray-data)
+        return SavedBatches(self.batches_path.format(rank=self.rank))
+
+
+class TorchrunArmTrainer(RayArmTrainer):
+    """The same Trainer under torchrun: rank and world from torch.distributed, checkpoints into a local
+    directory with the same asynchronous sharded save, nothing reported to Ray Train."""
+
+    def __init__(self, task, config, run, batches_path: str, directory: str):
+        import pyarrow.fs as pafs
+        import torch.distributed as dist
+
+        from orchestration.train import checkpoint as ckpt
+        from orchestration.train.fsdp import training_device
+        from orchestration.train.tracking import RunLogger
+
+        # Trainer.__init__ without ray.train.get_context(): the same attributes, from torch.distributed.
+        self.task, self.config, self.run = task, config, run
+        self.section = task.section
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.storage_fs, self.experiment_path = pafs.LocalFileSystem(), directory
+        self.logger = RunLogger(run.tracking_uri, run.mlflow_run_id, active=self.rank == 0)
+        self.device = training_device(False)
+        self.model = None
+        self.state = ckpt.TrainState(world_size=self.world)
+        self.reports, self.step_timings, self.last_eval = [], [], {}
+        self.batches_path = batches_path
+
+    def resume(self) -> None:
+        pass  # a fresh run
+
+    def save_and_report(self, metrics: dict[str, float]) -> None:
+        self.state.nonfinite_skipped = self.guard.skipped
+        self.saver.start(self.state.step, self.model, [self.optimizer], self.scheduler, self.state,
+                         ignore_frozen=self.task.ignore_frozen)  # waits for the previous save, as the Ray arm does
+
+    def report_metrics(self, metrics: dict[str, float]) -> None:
+        pass
+
+    def wait_for_checkpoints(self) -> None:
+        self.saver.wait()
+
+
+def timed_loop(trainer: Trainer) -> dict[str, float]:
+    """Run the trainer's whole loop; rank 0's wall time of the steps and of the end (last checkpoint)."""
     trainer.begin()
-    skip_ray = trainer.stream.queue.maxsize + 2  # our read-ahead + Ray Data's prefetch_batches
-    bare_times, ray_times, done = [], [], 0
-    bare_cpu, ray_cpu, ray_other_cpu = [], [], []  # training thread's CPU per step; the process's other threads
-    while done < steps:
-        n = min(block, steps - done)
-        time.sleep(loop_config["settle"])
-        for i in range(n):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            bare.step(done + i)
-            if done + i >= WARMUP:
-                bare_times.append(time.perf_counter() - t0)
-                bare_cpu.append(time.thread_time() - c0)
-        time.sleep(loop_config["settle"])
-        for i in range(n):
-            t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
-            trainer.step()
-            if done + i >= WARMUP and i >= skip_ray:
-                ray_times.append(time.perf_counter() - t0)
-                ray_cpu.append(time.thread_time() - c0)
-                ray_other_cpu.append(time.process_time() - p0 - ray_cpu[-1])
-        done += n
+    durations = []
+    loop_start = time.perf_counter()
+    while trainer.state.step < trainer.section.steps:
+        t0 = time.perf_counter()
+        trainer.step()
+        durations.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
     summary = trainer.end()
+    end_s = time.perf_counter() - t0
+    loop_s = time.perf_counter() - loop_start
     summary["final_metrics"].update(
-        bare_median_s=statistics.median(bare_times), ray_median_s=statistics.median(ray_times),
-        bare_cpu_median_s=statistics.median(bare_cpu), ray_cpu_median_s=statistics.median(ray_cpu),
-        ray_other_threads_cpu_s=statistics.mean(ray_other_cpu),
+        loop_s=loop_s, end_s=end_s, steps_timed=len(durations), step_median_s=statistics.median(durations),
+        step_max_s=max(durations), final_loss=float(summary["final_metrics"].get("loss", float("nan"))),
     )
     return summary
 
 
-def one_round(config, batch: dict[str, np.ndarray], steps: int, threads: int, block: int, settle: float,
-              round_index: int) -> tuple[float, float]:
-    """(bare, Ray) median seconds per step in one Ray Train worker (1 worker): the bare loop on the
-    fixed batch, the Ray loop on the stage's real data plan."""
-    from orchestration.data.pipeline import training_plan
+def ray_worker(loop_config: dict) -> dict:
+    torch.set_num_threads(loop_config["threads"])
+    trainer = RayArmTrainer(BenchTowerTask(loop_config["config"]), loop_config["config"], loop_config["run"],
+                            loop_config["batches_path"])
+    return timed_loop(trainer)
+
+
+def torchrun_worker(spec_path: str) -> None:
+    """One torchrun process (``--torchrun-worker SPEC``)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from orchestration.train.tracking import RunInfo
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+    try:
+        config = load_config(None, spec["overrides"])
+        run = RunInfo(spec["run_name"], config.tracking_uri, spec["mlflow_run_id"])
+        trainer = TorchrunArmTrainer(BenchTowerTask(config), config, run, spec["batches_path"], spec["directory"])
+        summary = timed_loop(trainer)
+        if dist.get_rank() == 0:
+            Path(spec["out"]).write_text(json.dumps(summary["final_metrics"], default=float))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def save_batches(config, micro_batches: int, path: str) -> None:
+    """Each rank's first ``micro_batches`` micro-batches of the stage-1 data, as its training loop reads
+    them (its share of the epoch plan, its Ray Data pipeline, BatchStream), saved to ``path``."""
+    import ray.data
+
+    from orchestration.data.pipeline import rank_dataset, training_plan
+    from orchestration.launch import TOWER
+    from orchestration.train import checkpoint as ckpt
+    from orchestration.train.batch_stream import BatchStream
+
+    plan = training_plan(config, TOWER)
+    task = BenchTowerTask(config)
+    world = config.cluster.num_workers
+    for rank in range(world):
+        def make_dataset(epoch, position, rank=rank) -> ray.data.Dataset:
+            return rank_dataset(config, TOWER, plan, epoch=epoch, rank=rank, world=world, position=position)
+
+        # world=1 for the stream itself: one rank read alone needs no agreement with the others.
+        stream = BatchStream(make_dataset, ckpt.TrainState(world_size=world), rank, 1, TOWER,
+                             config.tower_train.batch_size_per_worker, task.columns, torch.device("cpu"),
+                             batches_needed=micro_batches, host_batch=task.host_batch, batch_timeout_s=600)
+        batches = [next(stream) for _ in range(micro_batches)]
+        stream.close()
+        torch.save(batches, path.format(rank=rank))
+
+
+def ray_round(config, index: int, batches_path: str | None, threads: int) -> dict:
     from orchestration.launch import TOWER, publish_data_plan, run_stage, stage_run_name
 
-    run_config = config.model_copy(update={"run_name": f"{config.run_name}-r{round_index}"})
-    publish_data_plan(run_config, stage_run_name(run_config, TOWER), training_plan(run_config, TOWER))
-    result = run_stage(run_config, TOWER, config.tower_train, bench_worker,
-                       loop_config={"threads": threads, "steps": steps, "batch": batch, "block": block, "settle": settle})
-    m = result.metrics
-    print(f"round {round_index}: training thread CPU per step: bare {m['bare_cpu_median_s'] * 1000:.1f} ms, Ray Train loop "
-          f"{m['ray_cpu_median_s'] * 1000:.1f} ms; the worker's other threads (reader, Ray Data) "
-          f"{m['ray_other_threads_cpu_s'] * 1000:.1f} ms", flush=True)
-    return m["bare_median_s"], m["ray_median_s"]
+    run_config = config.model_copy(update={"run_name": f"{config.run_name}-ray{index}"})
+    if batches_path is None:
+        from orchestration.data.pipeline import training_plan
+
+        publish_data_plan(run_config, stage_run_name(run_config, TOWER), training_plan(run_config, TOWER))
+    result = run_stage(run_config, TOWER, config.tower_train, ray_worker,
+                       loop_config={"threads": threads, "batches_path": batches_path})
+    return result.metrics
+
+
+def torchrun_round(config, overrides: list[str], index: int, batches_path: str, threads: int, work: str) -> dict:
+    from orchestration.train.tracking import close_run, open_run
+
+    run_name = f"{config.run_name}-torchrun{index}"
+    run_id = open_run(config, "tower", run_name)
+    spec = {
+        "overrides": overrides, "threads": threads, "batches_path": batches_path, "run_name": run_name,
+        "mlflow_run_id": run_id, "directory": f"{work}/torchrun/{run_name}", "out": f"{work}/torchrun-{index}.json",
+    }
+    spec_path = Path(work) / f"torchrun-{index}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS=str(threads))
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.cluster.num_workers}",
+         str(Path(__file__).resolve()), "--torchrun-worker", str(spec_path)],
+        check=True, env=env, timeout=900,
+    )
+    close_run(config, run_id)
+    return json.loads(Path(spec["out"]).read_text())
 
 
 def pretrain_wait_shares(summary_path: str | None, workdir: str) -> dict[str, float]:
     if summary_path:
-        summary = json.loads(Path(summary_path).read_text())
-        return summary["data_wait_share"]
+        return json.loads(Path(summary_path).read_text())["data_wait_share"]
     from orchestration.launch import pretrain
 
     config = load_config(None, [
@@ -178,58 +263,73 @@ def pretrain_wait_shares(summary_path: str | None, workdir: str) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--batch", type=int, default=80,
-                        help="per-worker batch (80: a bare step of ~0.31 s on an idle 2-core CPU)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--block", type=int, default=20, help="steps per block of each loop")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in both loops")
-    parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before each block")
-    parser.add_argument("--samples", type=int, default=None,
-                        help="synthetic records per source (default: enough for one epoch to hold a round's steps)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=24, help="per-rank micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank in both arms")
+    parser.add_argument("--ray-data", action="store_true", help="the Ray arm reads through its live Ray Data pipeline")
+    parser.add_argument("--pretrain", action="store_true", help="also run the tiny pretrain for its data-wait share")
     parser.add_argument("--pretrain-summary", default=None)
-    parser.add_argument("--skip-pretrain", action="store_true")
+    parser.add_argument("--torchrun-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.torchrun_worker:
+        torchrun_worker(args.torchrun_worker)
+        return
 
     work = tempfile.mkdtemp(prefix="bench_train_step-")
+    micro_batches = args.steps * args.grad_accum
     sources = len(load_config(None, []).data.tower_sources)
-    samples = args.samples or -(-args.steps * args.batch // sources)
-    config = load_config(None, [
+    samples = -(-micro_batches * args.batch * args.workers // sources)  # one epoch holds the run
+    overrides = [
         "run_name=bench", f"data.root={work}/data", f"output_dir={work}/outputs", f"cluster.storage_path={work}/outputs/ray",
         f"tower_train.steps={args.steps}", f"tower_train.batch_size_per_worker={args.batch}",
-        f"tower_train.checkpoint_every={args.steps}", "tower_train.log_every=10",
-        "cluster.num_workers=1", f"cluster.cpus_per_worker={args.threads}",
-        f"data.synthetic.samples={samples}",
-    ])
+        f"tower_train.grad_accum={args.grad_accum}", f"tower_train.log_every={args.log_every}",
+        f"tower_train.checkpoint_every={args.checkpoint_every}", f"cluster.num_workers={args.workers}",
+        f"cluster.cpus_per_worker={args.threads}", f"data.synthetic.samples={samples}",
+    ]
+    config = load_config(None, overrides)
     from orchestration.data.synthetic import ensure_synthetic_dataset
+    from orchestration.launch import init_ray
+    from ray.data import DataContext
 
     ensure_synthetic_dataset(config.data.root, samples=config.data.synthetic.samples, seed=config.data.synthetic.seed,
                              eval_samples=config.data.synthetic.eval_samples)
-    batch = fixed_batch(config, args.batch)
-    bare, ray_times = [], []
-    from orchestration.launch import init_ray
-
-    # As in a job (orchestration/console.py): no Ray Data progress bars, which the training worker would
-    # redraw and Ray would forward to this console as new lines. (Ray Train hands the driver's context
-    # to the workers.)
-    from ray.data import DataContext
-
+    # As in a job: no Ray Data progress bars (a worker's redraws come back to this console as lines).
     DataContext.get_current().enable_progress_bars = False
-    init_ray(config)  # before any Ray Data call, which would start a default (too small) instance
+    init_ray(config)
+    batches_path = f"{work}/batches-rank{{rank}}.pt"
+    started = time.perf_counter()
+    save_batches(config, micro_batches, batches_path)
+    print(f"saved {micro_batches} micro-batches of {args.batch} per rank from the stage-1 data path "
+          f"in {time.perf_counter() - started:.1f} s", flush=True)
+
+    arms: dict[str, list[dict]] = {"ray": [], "torchrun": []}
     for r in range(args.rounds):
-        b, t = one_round(config, batch, args.steps, args.threads, args.block, args.settle, r)
-        bare.append(b)
-        ray_times.append(t)
-        print(f"round {r}: bare {bare[-1] * 1000:.1f} ms/step, Ray Train loop {ray_times[-1] * 1000:.1f} ms/step", flush=True)
-    bare_ms, ray_ms = statistics.median(bare) * 1000, statistics.median(ray_times) * 1000
-    # Each round pairs the two loops in one process at nearly the same moment; the machine drifts between
-    # rounds (a few % here), so the headline is the median of the per-round ratios.
-    ratios = sorted(t / b for b, t in zip(bare, ray_times))
-    ratio = statistics.median(ratios)
-    print(f"\nsteady-state step, tiny tower, batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds: "
-          f"bare {bare_ms:.1f} ms, Ray Train loop (1 worker) {ray_ms:.1f} ms (medians); "
-          f"ratio {ratio:.3f} (median of the per-round ratios {', '.join(f'{r:.3f}' for r in ratios)}; goal <= 1.03)")
-    if not args.skip_pretrain:
+        load = os.getloadavg()[0]
+        arms["ray"].append(ray_round(config, r, None if args.ray_data else batches_path, args.threads))
+        arms["torchrun"].append(torchrun_round(config, overrides, r, batches_path, args.threads, work))
+        ray_m, tr_m = arms["ray"][-1], arms["torchrun"][-1]
+        print(f"round {r} (load average {load:.2f} at its start): mean step Ray Train "
+              f"{ray_m['loop_s'] / args.steps * 1000:.1f} ms, torchrun {tr_m['loop_s'] / args.steps * 1000:.1f} ms "
+              f"(medians {ray_m['step_median_s'] * 1000:.1f} / {tr_m['step_median_s'] * 1000:.1f} ms, slowest step "
+              f"{ray_m['step_max_s'] * 1000:.0f} / {tr_m['step_max_s'] * 1000:.0f} ms, end-of-run wait "
+              f"{ray_m['end_s'] * 1000:.0f} / {tr_m['end_s'] * 1000:.0f} ms; final loss "
+              f"{ray_m['final_loss']:.4f} / {tr_m['final_loss']:.4f}); ratio {ray_m['loop_s'] / tr_m['loop_s']:.3f}",
+              flush=True)
+    mean_step = {arm: sum(m["loop_s"] for m in runs) / (args.steps * len(runs)) for arm, runs in arms.items()}
+    ratio = mean_step["ray"] / mean_step["torchrun"]
+    per_round = [a["loop_s"] / b["loop_s"] for a, b in zip(arms["ray"], arms["torchrun"])]
+    print(f"\ntiny tower, {args.workers} ranks FSDP2 (gloo), micro-batch {args.batch} x grad_accum {args.grad_accum}, "
+          f"{args.threads} thread(s) per rank, {args.steps} steps (log every {args.log_every}, checkpoint every "
+          f"{args.checkpoint_every}), {args.rounds} rounds, Ray arm data: {'live Ray Data' if args.ray_data else 'saved batches'}: "
+          f"mean step Ray Train {mean_step['ray'] * 1000:.1f} ms, torchrun {mean_step['torchrun'] * 1000:.1f} ms; "
+          f"ratio {ratio:.3f} (per round {', '.join(f'{x:.3f}' for x in per_round)}; goal <= 1.05); "
+          f"load average now {os.getloadavg()[0]:.2f}")
+    if args.pretrain or args.pretrain_summary:
         shares = pretrain_wait_shares(args.pretrain_summary, work)
         print("tiny pretrain data-wait share (steady state): "
               + ", ".join(f"{k} {100 * v:.2f}%" for k, v in shares.items()) + " (goal <= 2%)")

@@ -69,6 +69,8 @@ def log_data_inputs(config: Config, run_id: str | None, stage: str, plan) -> Non
                                     for u in units))
         digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
         profile = {"units": len(units), "size": sum(u.size for u in units), "format": units[0].format}
+        if getattr(plan, "counted_by", {}).get(source):  # stats files, parquet footers or estimated (data/counting.py)
+            profile["counted_by"] = plan.counted_by[source]
         location = units[0].uri.rsplit("/", 1)[0]
         inputs.append(DatasetInput(
             Dataset(name=source, digest=digest, source_type="vilau-shards", source=json.dumps({"uri": location}),

@@ -38,7 +38,8 @@ _LAZY_LM = {
     **dict.fromkeys(["SpecialIds", "MARKERS", "train_bpe_tokenizer", "load_tokenizer", "add_markers"], "vilau_model.tokenizer"),
     **dict.fromkeys(
         ["SequenceBuilder", "BuiltSequence", "CaptionSample", "GenerationSample", "VideoSample", "InterleavedSample",
-         "ConversationSample", "Turn", "ROW_SCHEMA", "IGNORE_INDEX", "StreamingPacker", "pack_sequences", "fill_row",
+         "ConversationSample", "Turn", "ROW_SCHEMA", "IGNORE_INDEX", "StreamingPacker", "pack_sequences", "pack_call",
+         "best_fit_decreasing", "fill_row",
          "pad_to_row", "collate_rows"],
         "vilau_model.sequence",
     ),

@@ -46,7 +46,8 @@ In Arrow / parquet the [L] columns travel as fixed-size lists and `codes` as a f
 round-trips rows that way.
 
 Packing places several built sequences into one row (`pack_sequences`, or `StreamingPacker` for a
-stream); `pad_to_row` puts one sequence alone in a row (the unpacked layout). Both give this format.
+stream, or `pack_call` for a bounded batch known in full: best fit decreasing, the fullest rows);
+`pad_to_row` puts one sequence alone in a row (the unpacked layout). All give this format.
 """
 
 from __future__ import annotations
@@ -558,6 +559,39 @@ def pack_sequences(
     for s in seqs:
         rows += packer.add(s)
     return rows + packer.flush()
+
+
+def best_fit_decreasing(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Rows for a bounded batch of sequences known in full (one call of the tokenization pool): the
+    indices of the sequences of each row, longest first, each into the row it fills most tightly.
+
+    A stream packer must place each sequence as it comes, and a batch of long samples (8-frame clips,
+    documents with several images) then leaves gaps that the short ones arriving later cannot reach;
+    seeing the whole batch, the short ones fill what the long ones leave. Ties keep arrival order, so
+    the rows depend only on the batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted: the best fit is the first with enough room
+    for i in order:
+        n = lengths[i]
+        if n > seq_len:
+            raise ValueError(f"a sequence of {n} tokens exceeds the row length {seq_len}; build with max_len <= row length")
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            rows.append([])
+            room, row = seq_len, len(rows) - 1
+        else:
+            room, row = free.pop(at)
+        rows[row].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, row))
+    return rows
+
+
+def pack_call(seqs: Sequence[BuiltSequence], seq_len: int, code_depth: int, pad_id: int) -> tuple[list[dict[str, np.ndarray]], list[list[int]]]:
+    """A bounded batch of sequences packed by `best_fit_decreasing`: (rows, indices of each row's sequences)."""
+    groups = best_fit_decreasing([len(s) for s in seqs], seq_len)
+    return [fill_row([seqs[i] for i in g], seq_len, code_depth, pad_id) for g in groups], groups
 
 
 def collate_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -250,6 +250,7 @@ class EpochPlan:
     seed: int
     window_units: int = 8
     buffer_rows: int = 512
+    counted_by: dict = field(default_factory=dict, compare=False, hash=False)  # source -> how its records were counted
     _memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def to_json(self) -> str:

@@ -404,7 +404,7 @@ class TokenizePool:
         raise ValueError(f"unknown record kind {kind!r}")
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        from vilau_model.sequence import ROW_COLUMNS, empty_row
+        from vilau_model.sequence import ROW_COLUMNS, empty_row, pack_call
 
         records = [r for r in batch.to_pylist()]
         carried = [entry for r in records for entry in (r.get("skipped") or [])]
@@ -445,10 +445,11 @@ class TokenizePool:
             tally.skipped.extend(notes)  # no part built: counted with the call
         skipped = carried + tally.take_skipped()
         tally.flush(skipped if not self.track else [])
-        packer = _TrackingPacker(self.seq_len, self.depth, self.builder.ids.pad)
-        rows = [row for s in sequences for row in packer.add(s)] + packer.flush()
+        # The whole call is known: best fit decreasing fills the rows fuller than a stream packer (the
+        # short samples fill the gaps the long ones leave; benchmarks/bench_packing.py).
+        rows, groups = pack_call(sequences, self.seq_len, self.depth, self.builder.ids.pad)
         if not rows and self.track and skipped:  # nothing trainable: one carrier row for the counts
-            rows, packer.members = [empty_row(self.seq_len, self.depth, self.builder.ids.pad)], [[]]
+            rows, groups = [empty_row(self.seq_len, self.depth, self.builder.ids.pad)], [[]]
         if not rows:  # all dropped: an empty batch, shaped
             template = empty_row(self.seq_len, self.depth, self.builder.ids.pad)
             out = {name: np.zeros((0,) + template[name].shape, template[name].dtype) for name in ROW_COLUMNS}
@@ -459,7 +460,7 @@ class TokenizePool:
         if self.track:
             # One call is one span of the rank's stream: every row of it names the call's first id.
             call_start = part_id(min(r["sample_id"] for r in records)) if records else -1
-            members = [[origin[id(s)] for s in seqs] for seqs in packer.members]
+            members = [[origin[id(sequences[i])] for i in group] for group in groups]
             out.update(track_columns(
                 [sorted({i for i, _, _ in m}) for m in members],
                 [call_start] * len(rows),
@@ -467,29 +468,6 @@ class TokenizePool:
                 [(skipped if i == 0 else []) + [n for _, _, notes in m for n in notes] for i, m in enumerate(members)],
             ))
         return out
-
-
-class _TrackingPacker:
-    """vilau_model's StreamingPacker, remembering which sequences went into each row."""
-
-    def __init__(self, seq_len: int, depth: int, pad: int):
-        from vilau_model.sequence import StreamingPacker
-
-        outer = self
-
-        class Packer(StreamingPacker):
-            def _emit(self, i):
-                outer.members.append(list(self._open[i][1]))
-                return super()._emit(i)
-
-        self.members: list[list] = []
-        self._packer = Packer(seq_len, depth, pad)
-
-    def add(self, seq):
-        return self._packer.add(seq)
-
-    def flush(self):
-        return self._packer.flush()
 
 
 def plan_lm_data(config: Config) -> EpochPlan:

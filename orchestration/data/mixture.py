@@ -16,10 +16,9 @@ a read task, `mix_order` picks each next record's source from a seeded low-discr
 sequence, so the shares hold at every prefix, not only on average.
 
 Planning reads no media and parses no index shard on the driver: the source directories are listed
-(one request each, never the media trees), parquet record counts come from the footers (and a big
-parquet shard becomes several units of ``PARQUET_UNIT_ROWS`` rows' worth of row groups), and the
-records of other formats are estimated from their byte sizes at the density of one sampled shard per
-source (read in a Ray task). `plan_units` is the pure part (sizes in, units and repeat factors out),
+(one request each, never the media trees) and each shard's records are counted as counting.py says
+(img2dataset's stats files, else parquet footers, else estimated from bytes; a big parquet shard
+becomes several units of ``PARQUET_UNIT_ROWS`` rows' worth of row groups). `plan_units` is the pure part (sizes in, units and repeat factors out),
 which bench_mixture.py drives with the public sources' sizes. What each source really delivered is
 counted as it is trained and set against the targets by `mixture_report`.
 """
@@ -37,10 +36,8 @@ import ray
 
 from orchestration.data.records import (
     ReadUnit,
-    count_records,
     fs_and_path,
     iter_records,
-    list_shards_with_sizes,
     media_root_for,
     parquet_row_groups,
     with_retries,
@@ -65,11 +62,6 @@ def target_shares(weights: dict[str, float]) -> dict[str, float]:
 @ray.remote(num_cpus=0.5)
 def _row_groups_remote(uris: list[str], s3: S3Settings | None) -> list[list[int]]:
     return [parquet_row_groups(uri, s3) for uri in uris]
-
-
-@ray.remote(num_cpus=0.5)
-def _count_remote(fmt: str, uri: str, s3: S3Settings | None) -> int:
-    return count_records(fmt, uri, s3)
 
 
 def parquet_footers(uris: list[str], s3: S3Settings | None, per_task: int = 64) -> list[list[int]]:
@@ -203,50 +195,31 @@ def plan_units(sources: dict[str, dict], pieces: dict[str, list[Piece]], estimat
 
 
 def plan_reads(sources: dict[str, dict], s3: S3Settings | None, seed: int = 0, unit_rows: int = PARQUET_UNIT_ROWS,
-               mix_by: str = "samples") -> list[ReadUnit]:
+               mix_by: str = "samples", counts: dict | None = None) -> list[ReadUnit]:
     """The read units of ``sources``: {name: {"format", "path" (resolved), "weight", "media_root",
     optional "samples_per_record" (default 1), for mix_by "tokens" "tokens_per_media" (visual tokens
     of one image or video in this stage)}}, in a fixed order (epochs.py orders them per epoch and
-    pass). Sources with weight 0 are left out. (``seed`` is unused: the order is the epoch plan's.)"""
+    pass). Sources with weight 0 are left out. (``seed`` is unused: the order is the epoch plan's.)
+    ``counts``: the sources' `counting.count_sources` when the caller made them (else made here)."""
     sources = {name: dict(s) for name, s in sources.items() if s["weight"] > 0}
     if not sources:
         raise ValueError("no source with a positive weight")
-    listed = {name: list_shards_with_sizes(sources[name]["format"], sources[name]["path"], s3) for name in sorted(sources)}
+    if counts is None:
+        from orchestration.data.counting import count_sources
 
-    # Parquet footers: record counts (exact) and row groups, for every parquet shard at once.
-    parquet = [uri for name in sorted(listed) if sources[name]["format"] == "coyo_parquet" for uri, _ in listed[name]]
-    groups = dict(zip(parquet, parquet_footers(parquet, s3))) if parquet else {}
-
-    # Other formats: records estimated from bytes, at the density of the source's first shard (exact
-    # for a source that is one index file).
-    sampled = {name: listed[name][0] for name in listed if sources[name]["format"] != "coyo_parquet"}
-    counts = ray.get([_count_remote.remote(sources[n]["format"], uri, s3) for n, (uri, _) in sampled.items()])
-    counts_by_source = dict(zip(sampled, counts))
-    density = {n: counts_by_source[n] / max(size, 1) for n, (_, size) in sampled.items()}
-
-    pieces: dict[str, list[Piece]] = {}
-    for name, files in listed.items():
-        pieces[name] = []
-        for uri, size in files:
-            if uri in groups:
-                for row_range, rows in split_row_groups(groups[uri], unit_rows):
-                    pieces[name].append((uri, row_range, None, rows))
-            elif len(files) == 1:
-                pieces[name].extend((uri, None, r, n) for r, n in record_ranges(counts_by_source[name], unit_rows))
-            else:
-                pieces[name].append((uri, None, None, max(round(size * density[name]), 1)))
+        counts = count_sources(sources, s3, unit_rows)
+    pieces = {name: counts[name].pieces for name in sources}
 
     if mix_by == "tokens" and len(sources) > 1:
         names = sorted(sources)
-        profiles = ray.get([_profile_remote.remote(sources[n]["format"], listed[n][0][0], s3) for n in names])
+        profiles = ray.get([_profile_remote.remote(sources[n]["format"], pieces[n][0][0], s3) for n in names])
         for name, profile in zip(names, profiles):
             if "tokens_per_media" not in sources[name]:
                 raise ValueError(f"data.mix_by=tokens: source {name} has no tokens_per_media (this stage cannot weigh by tokens)")
             sources[name]["tokens_per_sample"] = tokens_per_sample(profile, sources[name]["tokens_per_media"])
         log.info("mixture by tokens: estimated tokens per sample (first shard of each source) %s",
                  {n: round(sources[n]["tokens_per_sample"], 1) for n in names})
-    estimated = any(len(listed[n]) > 1 and sources[n]["format"] != "coyo_parquet" for n in listed)
-    return plan_units(sources, pieces, estimated, mix_by)
+    return plan_units(sources, pieces, any(counts[n].estimated for n in sources), mix_by)
 
 
 # ---------------------------------------------------------------- the weighted draw order of a window

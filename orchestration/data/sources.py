@@ -11,7 +11,8 @@ from ray.data.datasource import Datasource, ReadTask
 
 from orchestration.config import Config, ConfigError, SourceSection
 from orchestration.data.epochs import STREAM_SCHEMA, DataPosition, EpochPlan, Window, window_reader
-from orchestration.data.mixture import plan_reads
+from orchestration.data.counting import count_sources
+from orchestration.data.mixture import PARQUET_UNIT_ROWS, plan_reads
 from orchestration.data.records import FORMAT_KIND, KIND_IMAGE_TEXT, KIND_VIDEO, FaultLedger, reading_with
 from orchestration.data.synthetic import ensure_synthetic_dataset, synthetic_folder_state
 from orchestration.storage import S3Settings, is_s3
@@ -156,8 +157,10 @@ def plan_sources(config: Config, sources: dict[str, SourceSection], field: str, 
         per_media = visual_tokens(config)
         for name, source in resolved.items():
             source["tokens_per_media"] = per_media[FORMAT_KIND[source["format"]] == KIND_VIDEO]
-    units = plan_reads(resolved, s3_settings(config), config.data.shuffle_seed, mix_by=config.data.mix_by)
-    return epoch_plan(config, units)
+    # Counted here (not inside plan_reads) so that the plan can say how: stats files, footers, estimates.
+    counts = count_sources({n: s for n, s in resolved.items() if s["weight"] > 0}, s3_settings(config), PARQUET_UNIT_ROWS)
+    units = plan_reads(resolved, s3_settings(config), config.data.shuffle_seed, mix_by=config.data.mix_by, counts=counts)
+    return epoch_plan(config, units, {name: c.method for name, c in counts.items()})
 
 
 def visual_tokens(config: Config) -> tuple[int, int]:
@@ -169,9 +172,10 @@ def visual_tokens(config: Config) -> tuple[int, int]:
     return grid * grid + 2, frames * grid * grid + 2
 
 
-def epoch_plan(config: Config, units) -> EpochPlan:
+def epoch_plan(config: Config, units, counted_by: dict[str, str] | None = None) -> EpochPlan:
     data = config.data
-    return EpochPlan(tuple(units), data.shuffle_seed, data.shuffle_window_shards, data.shuffle_buffer_rows)
+    return EpochPlan(tuple(units), data.shuffle_seed, data.shuffle_window_shards, data.shuffle_buffer_rows,
+                     counted_by=dict(counted_by or {}))
 
 
 def rank_windows(plan: EpochPlan, epoch: int, rank: int, world: int, position: DataPosition | None) -> tuple[list[Window], set[str]]:
