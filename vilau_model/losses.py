@@ -270,8 +270,14 @@ class PatchDiscriminator(nn.Module):
         self.net = nn.Sequential(*seq)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Images in [0, 1] -> [-1, 1]
-        return self.net(images * 2 - 1)
+        x = images * 2 - 1  # images in [0, 1] -> [-1, 1]
+        weight_dtype = self.net[0].weight.dtype
+        if x.dtype != weight_dtype and x.is_floating_point():
+            # bf16 images from a mixed-precision tower (FSDP2 casts only the parameters it shards; this
+            # small network is kept whole, in fp32): compute in the images' precision, logits in fp32.
+            with torch.autocast(x.device.type, dtype=x.dtype):
+                return self.net(x).float()
+        return self.net(x)
 
 
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
