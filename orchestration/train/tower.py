@@ -184,9 +184,18 @@ class TowerTask(Task):
         optimizer = self.discriminator_optimizer
         if optimizer is None:
             return {}
-        params = model.discriminator_parameters()
         if not self._gan_active(step):
-            return {"discriminator_grad_norm": torch.zeros((), device=params[0].device)}
+            return {"discriminator_grad_norm": torch.zeros((), device=model.discriminator_parameters()[0].device)}
+        norm = self.average_and_clip_discriminator_gradients(model)
+        if applied and bool(torch.isfinite(norm)):  # the same on every rank: the gradients are the averaged ones
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"discriminator_grad_norm": norm.detach().float()}
+
+    def average_and_clip_discriminator_gradients(self, model: nn.Module) -> torch.Tensor:
+        """Collective: the discriminator's gradients averaged over the ranks in one all-reduce, then clipped
+        to optim.grad_clip; returns their norm before clipping."""
+        params = model.discriminator_parameters()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if dist.is_initialized() and dist.get_world_size() > 1:
             flat = torch._utils._flatten_dense_tensors(grads)
@@ -195,11 +204,7 @@ class TowerTask(Task):
             grads = list(torch._utils._unflatten_dense_tensors(flat, grads))
         for p, g in zip(params, grads):
             p.grad = g
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.tower_train.optim.grad_clip, foreach=True)
-        if applied and bool(torch.isfinite(norm)):  # the same on every rank: the gradients are the averaged ones
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"discriminator_grad_norm": norm.detach().float()}
+        return torch.nn.utils.clip_grad_norm_(params, self.config.tower_train.optim.grad_clip, foreach=True)
 
     def count(self, batch: dict) -> tuple[int, int]:
         n = batch["pixels"].shape[0]
@@ -213,15 +218,23 @@ class TowerTask(Task):
     @torch.no_grad()
     def replica_checks(self, model: nn.Module) -> dict[str, float]:
         """The EMA codebook is a buffer FSDP2 leaves whole on every rank; the quantizer all-reduces its
-        statistics so that every rank holds the same one. Max minus min of checksums across ranks."""
+        statistics so that every rank holds the same one. The discriminator (if any) is replicated and
+        steps on averaged gradients. Max minus min of checksums across ranks, per part."""
         q = model.quantizer
-        sums = torch.stack([q.embed.double().sum(), q.ema_count.double().sum(), q.ema_sum.double().sum()])
+        parts = {"codebook_rank_divergence": [q.embed, q.ema_count, q.ema_sum]}
+        if model.discriminator_parameters():
+            parts["discriminator_rank_divergence"] = model.discriminator_parameters()
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return {"codebook_rank_divergence": 0.0}
+            return {name: 0.0 for name in parts}
+        sums = torch.stack([t.detach().double().sum() for tensors in parts.values() for t in tensors])
         high, low = sums.clone(), sums.clone()
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        return {"codebook_rank_divergence": float((high - low).abs().max())}
+        spread, out, start = (high - low).abs(), {}, 0
+        for name, tensors in parts.items():
+            out[name] = float(spread[start:start + len(tensors)].max())
+            start += len(tensors)
+        return out
 
     # -- evaluation -------------------------------------------------------------------------------
 
