@@ -107,7 +107,8 @@ class Task:
 
     def host_batch(self, batch: dict) -> dict:
         """A micro-batch of numpy columns as read, before it becomes tensors; runs in the data thread
-        (e.g. the tower's caption tokenization, which the data processes leave to the trainer)."""
+        (e.g. the tower's caption tokenization, which the data processes leave to the trainer; the LM's
+        caption dropout, drawn per sample and epoch: ``batch["epoch"]`` is the data epoch)."""
         return batch
 
     def prepare_step(self, micro_batches: list[dict]) -> None:
