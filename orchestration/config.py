@@ -318,13 +318,29 @@ class TowerTrainSection(StageSection):
     w_recon: NonNegativeFloat = 1.0
     contrastive: Literal["sigmoid", "softmax"] = "sigmoid"
     pixel_loss: Literal["mse", "l1"] = "mse"
+    # LPIPS (VGG16) term of the reconstruction loss; 0 = off (the tiny default), 1.0 in the paper presets.
     perceptual_weight: NonNegativeFloat = 0.0
+    # The LPIPS weights, a local file (no hub at run time): an `lpips.LPIPS(net="vgg")` state dict, or
+    # torchvision's VGG16 `features.*` weights (LPIPS's calibrated lin layers then come from the `lpips`
+    # package's bundled vgg.pth). Required when perceptual_weight > 0 (unless model.allow_random_init).
     perceptual_weights_path: str | None = None
+    # PatchGAN hinge term of the reconstruction loss, times the VQGAN adaptive weight; 0 = no
+    # discriminator at all (the tiny default). RQ-VAE uses 0.75, LlamaGen 0.5.
     gan_weight: NonNegativeFloat = 0.0
+    # The step (0-based) from which the generator term is on and the discriminator trains.
     gan_start_step: NonNegativeInt = 0
+    # The PatchGAN: strided conv layers and base width (pix2pix / VQGAN: 3 and 64). It is small, so every
+    # rank holds all of it (not sharded); its gradients are averaged over the ranks each step.
+    discriminator_layers: PositiveInt = 3
+    discriminator_channels: PositiveInt = 64
+    # Its own AdamW: constant learning rate (None = optim.lr), VQGAN's betas, no weight decay.
+    discriminator_lr: PositiveFloat | None = None
+    discriminator_betas: tuple[float, float] = (0.5, 0.9)
     commitment_weight: NonNegativeFloat = 0.25
     eval_every: PositiveInt = 50
     frechet_weights_path: str | None = None
+
+    _discriminator_betas_in_range = field_validator("discriminator_betas")(OptimSection._betas_in_range.__func__)
 
 
 class LMTrainSection(StageSection):
@@ -495,6 +511,18 @@ class Config(Section):
             return path
         root = self.data.root
         return f"{root.rstrip('/')}/{path}" if "://" in root else str(Path(root) / path)
+
+    @model_validator(mode="after")
+    def _perceptual_weights_when_on(self) -> "Config":
+        t = self.tower_train
+        if t.perceptual_weight > 0 and not t.perceptual_weights_path and not self.model.allow_random_init:
+            raise ValueError(
+                f"tower_train.perceptual_weights_path: required with tower_train.perceptual_weight="
+                f"{t.perceptual_weight:g} (a local LPIPS VGG16 file: an lpips.LPIPS(net='vgg') state dict or "
+                "torchvision's VGG16 weights); or set tower_train.perceptual_weight=0, or model.allow_random_init="
+                "true to run without it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _gpu_attention_on_gpu(self) -> "Config":

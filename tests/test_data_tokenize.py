@@ -82,6 +82,20 @@ def test_rows_have_the_packed_row_format(one_actor_rows, make_config):
         codes = row["codes"][row["is_visual"]]
         assert codes.size and codes.min() >= 0 and codes.max() < get_tower_config("tiny").codebook_size
         assert not row["codes"][~row["is_visual"]].any()
+    # Every generation sample keeps its prompt (lm_train.caption_dropout is 0.1, drawn at batch time):
+    # no segment starts [BOS, <im_start>] / [BOS, <vi_start>].
+    from vilau_model.tokenizer import IM_START, VI_START, load_tokenizer
+
+    starts = set(load_tokenizer(tokenizer_dir).convert_tokens_to_ids([IM_START, VI_START]))
+    generation = 0
+    for row in one_actor_rows:
+        for segment in set(row["segment_ids"].tolist()) - {0}:
+            at = np.flatnonzero(row["segment_ids"] == segment)
+            first_supervised = at[row["labels"][at] != IGNORE_INDEX][0]
+            if row["input_ids"][first_supervised] in starts:  # a generation sample: [BOS, prompt, visual]
+                generation += 1
+                assert first_supervised > at[0] + 1, "a generation prompt was dropped in the rows"
+    assert generation > 0 and make_config().lm_train.caption_dropout > 0
     # Every sample kind made it into rows: samples per source were counted by the pool.
     stats = data_stats("pool-1")
     assert set(stats["tokens"]) == {"coyo", "mmc4", "openvid", "sharegpt4v"}

@@ -90,3 +90,18 @@ def test_bad_arguments_fail_before_any_work():
         estimate_stage_memory(config, "vision")
     with pytest.raises(ValueError, match="sync policy"):
         estimate_stage_memory(config, "lm", sync_policy="never")
+
+
+def test_the_tower_plan_counts_the_replicated_discriminator_and_the_lpips_network():
+    """With the GAN and LPIPS on, the planned step is one after the GAN's start: the discriminator (whole on
+    every rank) with its AdamW state, its own backward, and the VGG16 of LPIPS at full width."""
+    base = ["cluster.num_workers=2", "tower_train.batch_size_per_worker=4"]
+    plain = estimate_stage_memory(load_config(None, base), "tower")
+    recipe = estimate_stage_memory(load_config(None, [
+        *base, "tower_train.gan_weight=0.5", "tower_train.gan_start_step=100", "tower_train.perceptual_weight=1.0",
+        "model.allow_random_init=true"]), "tower")
+    assert any("replicated on every rank" in n and "2.8 M parameters" in n for n in recipe.notes), recipe.notes
+    assert any("VGG16 at full width" in n for n in recipe.notes)
+    # AdamW's two fp32 moments of the whole discriminator (2.8 M parameters), not of a 1/2 shard
+    assert recipe.tracked["OptState"] - plain.tracked["OptState"] >= 0.99 * 8 * 2.76e6
+    assert recipe.tracked_peak_bytes > plain.tracked_peak_bytes

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from orchestration.config import ConfigError, load_config
-from vilau_model.config import get_lm_config
+from vilau_model.config import get_lm_config, get_tower_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["vilau-256", "vilau-384"]
-WEIGHTS = ["model.tower_pretrained=/weights/tower.safetensors", "model.lm_path=/weights/llama-2-7b"]
+WEIGHTS = ["model.tower_pretrained=/weights/tower.safetensors", "model.lm_path=/weights/llama-2-7b",
+           "tower_train.perceptual_weights_path=/weights/lpips_vgg.pth"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -34,6 +35,14 @@ def test_paper_preset_carries_the_recipe(name):
     assert lm_cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     assert lm_cfg.pretrained_path == "/weights/llama-2-7b"
     assert lm_cfg.attention == "flex"  # packed 8192-token rows: no [L,L] mask, other samples' tiles skipped
+    # the tokenizer recipe: pixels on [-1, 1], LPIPS, a delayed PatchGAN, RQ-VAE's decoder
+    tower = config.tower_train
+    assert (tower.pixel_loss, tower.perceptual_weight, tower.gan_weight) == ("mse", 1.0, 0.75)
+    assert 0 < tower.gan_start_step < tower.steps
+    assert get_tower_config(config.model.tower).decoder == "rqvae"
+    # and the tiny default keeps both off
+    tiny = load_config(None).tower_train
+    assert (tiny.perceptual_weight, tiny.gan_weight) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -43,6 +52,8 @@ def test_paper_preset_without_weights_names_the_missing_field(name):
         load_config(path)
     with pytest.raises(ConfigError, match="model.lm_path"):
         load_config(path, WEIGHTS[:1])
+    with pytest.raises(ConfigError, match="tower_train.perceptual_weights_path"):
+        load_config(path, WEIGHTS[:2])
     # the explicit opt-out
     assert load_config(path, ["model.allow_random_init=true"]).model.tower_pretrained is None
 

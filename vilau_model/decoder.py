@@ -71,6 +71,12 @@ class PixelDecoder(nn.Module):
         """Weight of the last conv: the VQGAN adaptive GAN weight balances gradients at this layer."""
         return self.out_conv.weight
 
+    def shard_units(self) -> list[nn.Module]:
+        """The submodules worth an FSDP unit each: the upsampling stages. The stem and the output head
+        stay with the parent's unit, so that the adaptive GAN weight's gradient at `last_layer`, taken
+        inside the parent's forward, crosses no unit boundary (whose backward hooks would fire)."""
+        return list(self.stages)
+
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(grid))
         x = self.out_conv(F.silu(self.out_norm(x)))
@@ -170,6 +176,15 @@ class RQVAEDecoder(nn.Module):
     @property
     def last_layer(self) -> torch.Tensor:
         return self.conv_out.weight
+
+    def shard_units(self) -> list[nn.Module]:
+        """The submodules worth an FSDP unit each: every residual, attention and upsampling block (the
+        levels are containers, never called whole). The projections in and the output head stay with the
+        parent's unit (see `PixelDecoder.shard_units`)."""
+        units = [self.mid.block_1, self.mid.attn_1, self.mid.block_2]
+        for stage in self.up:
+            units += [*stage.block, *stage.attn] + ([stage.upsample] if hasattr(stage, "upsample") else [])
+        return units
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         if grid.shape[-1] != self.latent_size or grid.shape[-2] != self.latent_size:

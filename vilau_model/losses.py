@@ -205,7 +205,10 @@ class PerceptualLoss(nn.Module):
             raise ValueError(f"{weights_path}: VGG16 weights missing {missing}") from None
         # VGG16's conv trunk only (torchvision's layout, without the 100M-parameter classifier)
         features = make_layers(layout)[: _VGG_SLICE_ENDS[-1]]
-        missing, _ = features.load_state_dict(trunk, strict=False)
+        if next(features.parameters()).is_meta:  # a shapes-only build (meta device): nothing to copy
+            missing = sorted(set(features.state_dict()) - set(trunk))
+        else:
+            missing, _ = features.load_state_dict(trunk, strict=False)
         if missing:
             raise ValueError(f"{weights_path}: VGG16 weights missing {missing[:4]}...")
         self.slices = nn.ModuleList(
@@ -237,8 +240,11 @@ class PerceptualLoss(nn.Module):
         return super().train(False)  # frozen feature net: always eval
 
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        x = (reconstruction - self.mean) / self.std
-        y = (target - self.mean) / self.std
+        # In the trunk's precision: bf16 when a mixed-precision (FSDP2) tower casts its parameters, while
+        # the normalization buffers stay fp32.
+        dtype = self.slices[0][0].weight.dtype
+        x = ((reconstruction - self.mean) / self.std).to(dtype)
+        y = ((target - self.mean) / self.std).to(dtype)
         total = x.new_zeros(())
         for k, block in enumerate(self.slices):
             x, y = block(x), block(y)
@@ -270,8 +276,14 @@ class PatchDiscriminator(nn.Module):
         self.net = nn.Sequential(*seq)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Images in [0, 1] -> [-1, 1]
-        return self.net(images * 2 - 1)
+        x = images * 2 - 1  # images in [0, 1] -> [-1, 1]
+        weight_dtype = self.net[0].weight.dtype
+        if x.dtype != weight_dtype and x.is_floating_point():
+            # bf16 images from a mixed-precision tower (FSDP2 casts only the parameters it shards; this
+            # small network is kept whole, in fp32): compute in the images' precision, logits in fp32.
+            with torch.autocast(x.device.type, dtype=x.dtype):
+                return self.net(x).float()
+        return self.net(x)
 
 
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -551,6 +551,53 @@ class StreamingPacker:
         return fill_row(seqs, self.seq_len, self.code_depth, self.pad_id)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Caption dropout on packed rows
+
+
+def generation_prompts(row: dict[str, np.ndarray], start_ids: Iterable[int]) -> dict[int, slice]:
+    """{segment id: the span of its prompt text} for each generation sample of a packed row that has a
+    prompt. A generation sample ([text, image] / [text, video]) is the one layout whose first supervised
+    position is a visual start marker (``start_ids``: `<im_start>`, `<vi_start>`); its prompt is what lies
+    between its BOS and that marker."""
+    segments, labels, ids = row["segment_ids"], row["labels"], row["input_ids"]
+    starts = np.asarray(sorted(set(start_ids)))
+    spans = {}
+    boundaries = np.flatnonzero(np.diff(segments, prepend=-1))  # first position of each run
+    ends = np.append(boundaries[1:], len(segments))
+    for first, end in zip(boundaries, ends):
+        segment = int(segments[first])
+        if segment == 0:
+            continue  # padding
+        supervised = np.flatnonzero(labels[first:end] != IGNORE_INDEX)
+        if len(supervised) == 0:
+            continue
+        marker = first + int(supervised[0])
+        if np.isin(ids[marker], starts) and marker > first + 1:
+            spans[segment] = slice(first + 1, marker)
+    return spans
+
+
+def drop_spans(row: dict[str, np.ndarray], spans: Iterable[slice], pad_id: int) -> dict[str, np.ndarray]:
+    """The row without the positions in ``spans`` (the rest moved up, padding after), positions renumbered
+    from 0 in every segment: the same row as if those tokens had never been laid out."""
+    length = len(row["input_ids"])
+    keep = np.ones(length, dtype=bool)
+    for span in spans:
+        keep[span] = False
+    kept = int(keep.sum())
+    out = empty_row(length, row["codes"].shape[-1], pad_id)
+    for name in ("input_ids", "labels", "codes", "is_visual", "segment_ids"):
+        out[name][:kept] = row[name][keep]
+    segments = out["segment_ids"]
+    run_starts = np.flatnonzero(np.diff(segments, prepend=-1))
+    run_of = np.repeat(run_starts, np.diff(np.append(run_starts, length)))
+    out["position_ids"] = (np.arange(length) - run_of).astype(row["position_ids"].dtype)
+    for name, value in out.items():
+        out[name] = value.astype(row[name].dtype, copy=False)
+    return out
+
+
 def pack_sequences(
     seqs: Iterable[BuiltSequence], seq_len: int, code_depth: int, pad_id: int, max_open_rows: int = 16
 ) -> list[dict[str, np.ndarray]]:

@@ -14,8 +14,8 @@ Usage:
 The loss weights live in the `TowerLossConfig` given to the constructor (default: the paper's
 w_contra = w_recon = 1, SigLIP loss, MSE pixels, commitment = config.commitment_weight). With a PatchGAN
 (gan_weight > 0) train the discriminator with its own optimizer on `discriminator_parameters()` and
-`discriminator_loss(images, out["reconstruction"], step)`; zero its gradients before that backward,
-since the generator term of `forward` also reaches the discriminator's parameters.
+`discriminator_loss(images, out["reconstruction"], step)`; the generator term of `forward` leaves the
+discriminator's gradients alone (it sees the discriminator as a fixed function).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ class UnifiedVisionTower(nn.Module):
 
         loss_gan, gan_weight = zero, zero
         if self._gan_active(step):
-            loss_gan = generator_loss(self.discriminator(reconstruction))
+            loss_gan = generator_loss(self._frozen_discriminator(reconstruction))
             if torch.is_grad_enabled() and self.training:
                 gan_weight = adaptive_gan_weight(loss_rec_base, loss_gan, self.decoder.last_layer)
             else:
@@ -256,6 +256,19 @@ class UnifiedVisionTower(nn.Module):
         }
         out.update({k: v.detach() for k, v in q.stats.items()})
         return out
+
+    def _frozen_discriminator(self, images: torch.Tensor) -> torch.Tensor:
+        """The discriminator's logits with no graph edge to its parameters: the generator's backward then
+        neither computes nor accumulates discriminator gradients (its own step would have to undo them)."""
+        params = self.discriminator_parameters()
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return self.discriminator(images)
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
 
     def discriminator_loss(self, images: torch.Tensor, reconstructions: torch.Tensor, step: int) -> torch.Tensor:
         """Hinge loss of the PatchGAN on real images vs (detached) reconstructions; 0 before gan_start_step."""

@@ -52,7 +52,9 @@ from orchestration.storage import join, pyarrow_filesystem
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 2  # 2: clips give a [video, text] sample besides [text, video]
+# 2: clips give a [video, text] sample besides [text, video]; 3: every generation prompt kept (caption
+# dropout moved to batch time)
+CACHE_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 ROWS_DIR = "rows"
 
@@ -87,7 +89,6 @@ def fingerprint(config: Config, tower: TowerSource, tokenizer_path: str) -> dict
         "builder": {
             "frames_per_video": lm.frames_per_video,
             "max_images_per_doc": lm.max_images_per_doc,
-            "caption_dropout": config.lm_train.caption_dropout,
         },
     }
 

@@ -315,10 +315,6 @@ def decode_lm_block(block: pa.Table, *, rows: int, group: str | None, size: int,
 # ---------------------------------------------------------------- the tokenization pool
 
 
-def _sample_seed(seed: int, key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest(), "big")
-
-
 class TokenizePool:
     """The callable class the actor pool runs: frozen tower + LLM tokenizer + sequence builder + packer."""
 
@@ -332,8 +328,6 @@ class TokenizePool:
         image_text_tasks: dict[str, str],
         frames_per_video: int,
         max_images_per_doc: int,
-        caption_dropout: float,
-        seed: int,
         group: str | None,
         use_gpu: bool,
         track: bool = False,
@@ -354,10 +348,11 @@ class TokenizePool:
             max_len=seq_len,
             frames_per_video=frames_per_video,
             max_images_per_doc=max_images_per_doc,
-            caption_dropout=caption_dropout,
+            # no caption dropout here: rows keep every prompt, and the trainer drops prompts per (record,
+            # epoch) when it builds batches (LMTask.host_batch)
         )
         self.seq_len, self.encode_batch_size = seq_len, encode_batch_size
-        self.image_text_tasks, self.seed, self.group, self.track = image_text_tasks, seed, group, track
+        self.image_text_tasks, self.group, self.track = image_text_tasks, group, track
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, 3, S, S] -> int16 codes [N, H, W, D], in batches of encode_batch_size."""
@@ -430,8 +425,6 @@ class TokenizePool:
             for part, sample in enumerate(samples):
                 if part in done:
                     continue  # trained before the resume
-                # Seeded per record, so caption dropout does not depend on which actor builds it.
-                self.builder.rng = np.random.default_rng(_sample_seed(self.seed, record["key"]))
                 built = self.builder.build(sample)
                 pid = part_id(record["sample_id"], part, len(samples))
                 if built is None:
@@ -557,8 +550,6 @@ def tokenize_dataset(
             "image_text_tasks": {n: s.image_text_task for n, s in config.data.lm_sources.items()},
             "frames_per_video": lm.frames_per_video,
             "max_images_per_doc": lm.max_images_per_doc,
-            "caption_dropout": config.lm_train.caption_dropout,
-            "seed": config.data.shuffle_seed,
             "group": stats_group,
             "use_gpu": gpus > 0,
             "track": track,

@@ -17,6 +17,8 @@ Layout under the output directory::
     sharegpt4v/sharegpt4v_instruct.json  LLaVA-style list: id, image, conversations[{from, value}]
     sharegpt4v/images/<file>.jpg
     eval/eval.parquet                  held-back labelled split: jpg, caption, label, class_name
+    eval/clips.parquet                 held-back labelled clips (OpenVid-style): mp4 bytes, key, caption,
+                                       label, class_name (the moving shape's class)
     eval/classes.json                  class names, index = label
 """
 
@@ -349,6 +351,25 @@ def _write_eval(n: int, rng: np.random.Generator, out: Path) -> str:
     return str(path)
 
 
+def _write_eval_clips(n: int, rng: np.random.Generator, out: Path) -> str:
+    """Held-back clips (8 frames, as training takes them), labelled by the class of the moving shape."""
+    import tempfile
+
+    names = scenes.class_names()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            frames, caption = scenes.render_clip(rng, 8, IMAGE_SIZE)
+            class_name = " ".join(caption.split()[1:3])  # "a <colour> <shape> moving <direction>"
+            path = Path(tmp) / f"clip-{i:06d}.mp4"
+            write_mp4(path, frames)
+            rows.append({"mp4": path.read_bytes(), "key": f"eval-clip-{i:06d}", "caption": caption,
+                         "label": names.index(class_name), "class_name": class_name})
+    path = out / "clips.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -360,6 +381,7 @@ def make_synthetic_dataset(
     eval_samples: int = 64,
     shard_size: int = 32,
     video_samples: int | None = None,
+    eval_clips: int = 16,
 ) -> dict:
     """Write every format under ``out_dir`` and return the manifest (also saved as manifest.json).
 
@@ -389,13 +411,16 @@ def make_synthetic_dataset(
         "sharegpt4v": _write_sharegpt4v(samples, rngs["sharegpt4v"], corrupt_fraction, out / "sharegpt4v"),
     }
     eval_path = _write_eval(eval_samples, rngs["eval"], out / "eval")
+    # a generator of their own: the held-back images stay what they were before clips were added
+    clips_path = _write_eval_clips(eval_clips, np.random.default_rng([seed, len(FORMATS) + 1]), out / "eval") if eval_clips else None
     manifest = {
         "generator": GENERATOR,
         "seed": seed,
         "samples": samples,
         "corrupt_fraction": corrupt_fraction,
         "image_size": IMAGE_SIZE,
-        "eval": {"records": eval_samples, "file": os.path.relpath(eval_path, out), "classes": scenes.class_names()},
+        "eval": {"records": eval_samples, "file": os.path.relpath(eval_path, out), "classes": scenes.class_names(),
+                 "clips": eval_clips, "clips_file": os.path.relpath(clips_path, out) if clips_path else None},
         "formats": {
             name: {
                 "records": m.records,

@@ -213,7 +213,8 @@ def build_eval_split(config: Config, stats_group: str = "eval") -> dict:
     s3 = s3_settings(config)
     root = config.resolve_path(config.data.eval_path)
     fs, path = fs_and_path(root, s3)
-    parquet_files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    # the held-back clips beside the images (clips.parquet) are the stage-2 understanding score's
+    parquet_files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not p.endswith("/clips.parquet"))
     if not parquet_files:
         raise FileNotFoundError(f"{root}: no eval parquet found (data.eval_path)")
     class_names = json.loads(read_bytes(join(root, "classes.json"), s3))

@@ -225,6 +225,7 @@ class BatchStream:
                     while rows >= self.batch_size or (pending and rows == 0):
                         batch, pending = _take_rows(pending, self.batch_size)
                         rows = _real_rows(pending)
+                        batch["epoch"] = epoch  # for host_batch's choices per (sample, epoch): caption dropout
                         self.queue.put(("batch", epoch, self.host_batch(batch)))
                 feed.close()
                 leftover = [entry for c in pending for row in c["skipped"] for entry in row]

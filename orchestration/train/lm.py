@@ -50,6 +50,33 @@ class LMTask(Task):
             self.special = SpecialIds.from_tokenizer(self.tokenizer)
         self.tower_source = tower_source(config, config.model.tower_checkpoint)
 
+    def host_batch(self, batch: dict) -> dict:
+        """Caption dropout, drawn here and not stored anywhere: each generation sample's prompt is emptied
+        with probability lm_train.caption_dropout, the draw seeded by (seed, record key, epoch), so a
+        record's prompt is dropped in some epochs and kept in others whatever the rank, worker or cache
+        that built its row (the rows, cached or streamed, always hold the whole prompt)."""
+        rate = self.config.lm_train.caption_dropout
+        if rate <= 0 or "keys" not in batch:
+            return batch
+        from vilau_model.sequence import ROW_COLUMNS, drop_spans, generation_prompts
+
+        epoch, starts = int(batch.get("epoch", 0)), (self.special.im_start, self.special.vi_start)
+        for i, keys in enumerate(batch["keys"]):
+            row = {name: batch[name][i] for name in ROW_COLUMNS}
+            prompts = generation_prompts(row, starts)
+            if not prompts:
+                continue
+            if max(prompts) > len(keys):
+                raise ValueError(f"a packed row has segment {max(prompts)} but names {len(keys)} samples")
+            dropped = [span for segment, span in prompts.items()
+                       if caption_dropped(self.config.seed, keys[segment - 1], epoch, rate)]
+            if dropped:
+                for name, value in drop_spans(row, dropped, self.special.pad).items():
+                    if not batch[name].flags.writeable:  # a zero-copy view of the data's Arrow buffers
+                        batch[name] = batch[name].copy()
+                    batch[name][i] = value
+        return batch
+
     def _tower(self) -> nn.Module:
         from orchestration.data.sources import s3_settings
 
@@ -189,6 +216,15 @@ def lm_units(model: nn.Module) -> tuple[list[nn.ModuleList], list[nn.Module]]:
     backward, which comes first; only the head + loss are chunked (activations recomputed per chunk, the
     parameters never re-gathered). Not activation-checkpointed: the chunks already recompute."""
     return [model.llm.get_decoder().layers], [model.depth]
+
+
+def caption_dropped(seed: int, key: str, epoch: int, rate: float) -> bool:
+    """Whether the record ``key``'s generation prompt is dropped in ``epoch``: a uniform draw from a hash of
+    (seed, key, epoch), the same on every rank and at every rerun."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}|{key}|{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < rate
 
 
 class TowerCodebook(nn.Module):

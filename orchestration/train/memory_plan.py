@@ -180,7 +180,31 @@ def _shapes_only(config: Config) -> tuple[Config, list[str]]:
         plan.model.lm_path = None
     plan.model.tower_pretrained = None
     plan.model.tower_checkpoint = None
+    if plan.tower_train.perceptual_weight > 0:
+        # The LPIPS VGG16's shapes, from a full-width stand-in: the run's weights file need not be here.
+        plan.tower_train.perceptual_weights_path = _full_width_vgg_stand_in()
+        notes.append("perceptual loss: VGG16 at full width (a random stand-in of the LPIPS weights' shapes)")
     return plan, notes
+
+
+_VGG_STAND_IN: list[str] = []
+
+
+def _full_width_vgg_stand_in() -> str:
+    """A random VGG16 trunk of the real widths in a temporary file (once per process, 59 MB)."""
+    import atexit
+    import os
+    import tempfile
+
+    from vilau_model.losses import save_stand_in_perceptual_weights
+
+    if not _VGG_STAND_IN:
+        handle, path = tempfile.mkstemp(suffix=".safetensors", prefix="vgg16-shapes-")
+        os.close(handle)
+        save_stand_in_perceptual_weights(path, channels=(64, 128, 256, 512, 512))
+        atexit.register(lambda: os.path.exists(path) and os.remove(path))
+        _VGG_STAND_IN.append(path)
+    return _VGG_STAND_IN[0]
 
 
 def _task(config: Config, stage: str):
@@ -241,11 +265,19 @@ def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # The task's own optimizers (the tower's replicated discriminator), their state created alike.
+        extra_optimizers = task.extra_optimizers(model)
 
         if not is_sharded(model):
             raise ValueError("the memory plan needs at least 2 ranks (one rank trains without FSDP)")
         tracker = _StepPeakTracker(model, optimizer)
         tracker.track_inputs(tuple(steps))
+        replicated = _track_replicated(tracker, task, model, extra_optimizers)
+        if replicated:
+            notes.append(f"replicated on every rank (not sharded): {replicated / 1e6:.1f} M parameters "
+                         "(the discriminator), counted whole under Sharded Param / OptState")
+        # A step with every loss term on (the tower's GAN starts at gan_start_step).
+        plan_step = config.tower_train.gan_start_step if stage == "tower" and config.tower_train.gan_weight > 0 else 0
         micro_peaks = []
         sampling = _sampled_depth_chunks(notes) if sample_depth_chunks else nullcontext()
         with tracker, known, sampling, _untracked_sharding_propagation():
@@ -255,14 +287,21 @@ def _run_step(config, stage, section, world, replicas, accum, sync_policy, notes
                 for i, batch in enumerate(micro_batches):
                     tracker.start_window()
                     set_micro_batch_sync(model, is_last=i == accum - 1, policy=sync_policy)
-                    out = task.forward(model, batch, step=0)
+                    out = task.forward(model, batch, step=plan_step)
                     (out["loss"] * scale).backward()
+                    task.after_backward(model, batch, out, plan_step, scale)
                     del out
                     micro_peaks.append(tracker.window_peak)
                     tracker.reset_mod_stats()  # the next micro-batch's forward is a new module call
                 clip_grad_norm(params, section.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                # The task's own step, as after_optimizer_step takes it (without its finiteness check: a
+                # fake tensor has no value to test).
+                for extra in extra_optimizers:
+                    task.average_and_clip_discriminator_gradients(model)
+                    extra.step()
+                    extra.zero_grad(set_to_none=True)
         if known.empty_nonzero:
             notes.append(f"{known.empty_nonzero} nonzero() on values a fake tensor does not have taken as empty "
                          "(e.g. the quantizer's dead codes: none restarted in the planned step)")
@@ -341,12 +380,32 @@ def _untracked_sharding_propagation():
 
 def _step_peak_tracker_class():
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mod_tracker import ModTracker
+
+    class NestedGradModTracker(ModTracker):
+        """ModTracker that accepts a backward inside a forward (the tower's adaptive GAN weight takes a
+        gradient in its forward): the end of that inner backward pops the modules still in their
+        forward, whose own forward end then finds them gone. The plan uses the module hierarchy for
+        nothing but "in backward or not" (activations vs temporaries), so a missing entry is let pass."""
+
+        def _get_pop_fn(self, w_mod, name, is_bw):
+            pop = super()._get_pop_fn(w_mod, name, is_bw)
+
+            def fn(*args):
+                if name in self.parents or self.is_bw:
+                    pop(*args)
+
+            return fn
 
     class StepPeakTracker(FSDPMemTracker):
         """FSDPMemTracker without its per-module peaks (unused here: it walks every tracked module on
         every op, a third of the plan's run time at 7B), plus the peak of a window (a micro-batch)."""
 
         window_peak = 0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._mod_tracker = NestedGradModTracker()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if _PROPAGATION.depth:
@@ -368,6 +427,20 @@ def _step_peak_tracker_class():
 
 def _StepPeakTracker(model, optimizer):
     return _step_peak_tracker_class()(model, optimizer)
+
+
+def _track_replicated(tracker, task, model, optimizers) -> int:
+    """FSDPMemTracker follows the parameters FSDP2 shards and the optimizer it was given; parameters FSDP2
+    ignores (kept whole on every rank) and the task's other optimizers' state are added here. Returns the
+    number of such parameters."""
+    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+
+    ignored = task.ignored_params(model) or set()
+    for p in ignored:
+        tracker._update_and_maybe_create_winfos(p, _FSDPRefType.SHARDED_PARAM)
+    for optimizer in optimizers:
+        tracker._track_optimizer_states(_FSDPRefType.OPT, optimizer)
+    return sum(p.numel() for p in ignored)
 
 
 def _total(snapshot: dict) -> int:

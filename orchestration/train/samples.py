@@ -13,9 +13,13 @@ The *understanding score* checks the other direction on the same held-back image
 are trained with (``SequenceBuilder.question_prompt``; the question is the one those samples ask, since
 a tiny stage 2 does not generalize to new questions), by greedy decoding of a few tokens; the score is
 the share of answers that name the image's class (its colour and its shape, ``answer_accuracy``), chance
-1 / number of classes. Colour and shape are also scored alone (chance 1 / number of each). MLflow:
-``eval/understanding_score``, ``eval/understanding_chance``, ``eval/understanding_color_acc``, ... and
-the answers as a table. The eval split holds images only: held-back clips are not scored.
+1 / number of classes. Colour and shape are also scored alone (chance 1 / number of each). Held-back
+clips (the eval split's ``clips.parquet``, OpenVid-style mp4 with a class label, when it has one) are
+answered along with the images: the model continues ``[BOS, video]``, the layout its OpenVid
+[video, text] samples are trained with (no conversation holds a video), and its caption is scored the
+same way. ``eval/understanding_score`` is over images and clips together; ``eval/understanding_image_score``
+and ``eval/understanding_video_score`` (with ``eval/understanding_clips``, their number) split it. MLflow
+also keeps every answer as a table.
 
 Both run after the worker group has finished, from the Ray-free stage-2 export, with its own resources
 (a GPU when the cluster trains on GPUs), so no training rank ever waits for it.
@@ -101,6 +105,50 @@ def understanding_score(model, tokenizer, pixels, labels, names: list[str], ques
     return {**result, "answers": answers}
 
 
+@torch.no_grad()
+def video_understanding_answers(model, tokenizer, frames, batch_size: int = 16) -> list[str]:
+    """The model's greedy caption of each clip (uint8 [N, T, 3, S, S]), prompted as its [video, text]
+    samples are laid out: ``[BOS, <vi_start> frames <vi_end>]``."""
+    from vilau_model.sequence import SequenceBuilder
+
+    builder = SequenceBuilder(tokenizer, code_depth=model.code_depth)
+    tower = model.tower.eval()
+    device = next(tower.parameters()).device
+    answers = []
+    for start in range(0, len(frames), batch_size):
+        clips = torch.as_tensor(frames[start : start + batch_size])
+        n, t = clips.shape[:2]
+        x = clips.flatten(0, 1).to(device).float().div_(255.0)
+        codes = tower.encode_codes(x).cpu().numpy()
+        codes = codes.reshape(n, t, *codes.shape[1:])  # [N, T, H, W, D]
+        prompts = [builder.understanding_prompt(c) for c in codes]
+        ids = model.generate_text(prompts, max_new_tokens=ANSWER_TOKENS, temperature=0.0)
+        answers += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return answers
+
+
+def eval_clips(config: Config, frames: int) -> dict | None:
+    """The eval split's held-back clips (``clips.parquet``: mp4 bytes, label), decoded to ``frames`` frames
+    at the tower's size: {"frames" uint8 [N, T, 3, S, S], "labels", "captions"}; None without the file."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from orchestration.data.decode import decode_video
+    from orchestration.data.records import fs_and_path
+    from orchestration.data.sources import s3_settings
+    from orchestration.train.tower import tower_config
+
+    fs, path = fs_and_path(join(config.resolve_path(config.data.eval_path), "clips.parquet"), s3_settings(config))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f, columns=["mp4", "label", "caption"]).to_pylist()
+    size = tower_config(config).image_size
+    return {"frames": np.stack([decode_video(row["mp4"], size, frames) for row in table]),
+            "labels": np.asarray([row["label"] for row in table], dtype=np.int64),
+            "captions": [row["caption"] for row in table]}
+
+
 def understanding_metrics(result: dict) -> dict[str, float]:
     metrics = {"eval/understanding_score": result["class_acc"], "eval/understanding_chance": result["class_chance"]}
     # The scenes' classes are "<colour> <shape>": name the two slots; other class lists get numbers.
@@ -157,13 +205,30 @@ def run_generation_eval(config: Config, export_uri: str, tracking_uri: str, run_
 def _understanding_eval(config: Config, model, tokenizer, names: list[str], logger, step: int) -> dict[str, float]:
     from orchestration.data.tower_data import build_eval_split
 
+    from vilau_model.evaluation import answer_accuracy
+
     split = build_eval_split(config, stats_group=None)
-    result = understanding_score(model, tokenizer, split["pixels"], split["labels"], names)
-    lines = [f"{names[label]}\t{' '.join(w or '-' for w in named)}\t{answer!r}"
-             for label, named, answer in zip(split["labels"].tolist(), result["named"], result["answers"])]
-    logger.log_text(f"question: {UNDERSTANDING_QUESTION}\ntrue class\tnamed\tanswer\n" + "\n".join(lines) + "\n",
+    images = understanding_score(model, tokenizer, split["pixels"], split["labels"], names)
+    answers, labels, kinds = list(images["answers"]), split["labels"].tolist(), ["image"] * len(images["answers"])
+    metrics = {"eval/understanding_image_score": images["class_acc"]}
+    clips = None
+    try:
+        clips = eval_clips(config, model.config.frames_per_video)
+    except Exception:  # an unreadable clips file costs the clips, not the score
+        log.exception("held-back clips not scored")
+    if clips is not None and len(clips["labels"]):
+        clip_answers = video_understanding_answers(model, tokenizer, clips["frames"])
+        metrics["eval/understanding_video_score"] = answer_accuracy(clip_answers, clips["labels"].tolist(), names)["class_acc"]
+        answers, labels = answers + clip_answers, labels + clips["labels"].tolist()
+        kinds += ["clip"] * len(clip_answers)
+    metrics["eval/understanding_clips"] = float(len(kinds) - len(images["answers"]))
+    result = {**answer_accuracy(answers, labels, names), "answers": answers}
+    lines = [f"{kind}\t{names[label]}\t{' '.join(w or '-' for w in named)}\t{answer!r}"
+             for kind, label, named, answer in zip(kinds, labels, result["named"], result["answers"])]
+    logger.log_text(f"question (images): {UNDERSTANDING_QUESTION}\nclips: the caption after [BOS, video]\n"
+                    "kind\ttrue class\tnamed\tanswer\n" + "\n".join(lines) + "\n",
                     f"samples/understanding_step_{step:07d}.tsv")
-    return understanding_metrics(result)
+    return {**understanding_metrics(result), **metrics}
 
 
 def generation_resources(config: Config) -> dict:

@@ -1,9 +1,18 @@
 """Stage 1: the unified vision tower (encoder -> residual quantizer -> decoder), contrastive +
 reconstruction loss, on FSDP2 workers.
 
-FSDP units: each vision block, each (frozen) text block, the pixel decoder, and the root (patch
-embedding, heads, logit scale). The quantizer's codebook is a buffer, never sharded, kept identical on
-every rank by the quantizer itself.
+FSDP units: each vision block, each (frozen) text block, each block of the pixel decoder, and the root
+(patch embedding, heads, logit scale, the decoder's input projection and output head, the frozen LPIPS
+network). The decoder's output head stays in the root so that the adaptive GAN weight, a gradient at
+its last conv taken inside the forward, crosses no unit boundary. The quantizer's codebook is a buffer,
+never sharded, kept identical on every rank by the quantizer itself.
+
+The PatchGAN discriminator (tower_train.gan_weight > 0) is small (2.8 M parameters at the default 3
+layers x 64 channels: 44 MB with its gradients and AdamW state) and is replicated, not sharded: FSDP2
+ignores its parameters, every rank holds all of it, and its gradients are averaged over the ranks with
+one all-reduce per step. It trains with its own AdamW (``TowerTask.extra_optimizers``) on the hinge loss
+of real images vs the step's reconstructions, one step per optimizer step from gan_start_step on, after
+the tower's step; the checkpoint holds it and its optimizer state with the rest.
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ def tower_loss_config(config: Config) -> TowerLossConfig:
     return TowerLossConfig(
         w_contra=t.w_contra, w_recon=t.w_recon, contrastive=t.contrastive, pixel_loss=t.pixel_loss,
         perceptual_weight=t.perceptual_weight, perceptual_weights_path=t.perceptual_weights_path,
-        gan_weight=t.gan_weight, gan_start_step=t.gan_start_step, commitment_weight=t.commitment_weight,
+        gan_weight=t.gan_weight, gan_start_step=t.gan_start_step, discriminator_layers=t.discriminator_layers,
+        discriminator_channels=t.discriminator_channels, commitment_weight=t.commitment_weight,
     )
 
 
@@ -66,13 +76,9 @@ class TowerTask(Task):
 
     def __init__(self, config: Config):
         super().__init__(config, config.tower_train)
-        if config.tower_train.gan_weight > 0:
-            raise NotImplementedError(
-                "tower_train.gan_weight > 0: the PatchGAN discriminator step is not wired into the FSDP "
-                "trainer yet; set tower_train.gan_weight=0"
-            )
         self.tower_cfg = tower_config(config)
         self._eval: EvalSplit | None = None
+        self.discriminator_optimizer: torch.optim.Optimizer | None = None
 
     def build_model(self) -> nn.Module:
         if self.config.model.init_from:
@@ -92,7 +98,10 @@ class TowerTask(Task):
         return block_lists(model.clip)  # open_clip ViT, timm trunk (SigLIP) or transformers SigLIP
 
     def extra_units(self, model: nn.Module) -> list[nn.Module]:
-        return [model.decoder]
+        return model.decoder.shard_units()
+
+    def ignored_params(self, model: nn.Module) -> set[nn.Parameter] | None:
+        return set(model.discriminator_parameters()) or None  # replicated on every rank (module docstring)
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         params = model.trainable_parameters()
@@ -108,6 +117,67 @@ class TowerTask(Task):
         images = batch["pixels"].float().div_(255.0)
         return model(images, batch["text_tokens"], step=step)
 
+    # -- the discriminator ------------------------------------------------------------------------
+
+    def _gan_active(self, step: int) -> bool:
+        t = self.config.tower_train
+        return t.gan_weight > 0 and step >= t.gan_start_step
+
+    def extra_optimizers(self, model: nn.Module) -> list[torch.optim.Optimizer]:
+        params = model.discriminator_parameters()
+        if not params:
+            return []
+        t = self.config.tower_train
+        self.discriminator_optimizer = torch.optim.AdamW(
+            params, lr=t.discriminator_lr or t.optim.lr, betas=tuple(t.discriminator_betas), weight_decay=0.0,
+            foreach=True,
+        )
+        _create_adam_state(self.discriminator_optimizer)
+        return [self.discriminator_optimizer]
+
+    def after_backward(self, model: nn.Module, batch: dict, out: dict, step: int, scale: float) -> dict[str, torch.Tensor]:
+        """The discriminator's hinge loss on this micro-batch's real images and (detached) reconstructions,
+        backwarded into its own gradients (the tower's gradients are not touched: the reconstructions are
+        detached and the tower's parameters are not in this graph)."""
+        if self.discriminator_optimizer is None:
+            return {}
+        if not self._gan_active(step):
+            return {"loss_discriminator": out["loss"].new_zeros(())}
+        reconstructions = out["reconstruction"]
+        # compute in the reconstructions' precision (bf16 under FSDP2 mixed precision on GPU)
+        images = batch["pixels"].to(reconstructions.dtype) / 255.0
+        loss = model.discriminator_loss(images, reconstructions, step)
+        (loss * scale).backward()
+        return {"loss_discriminator": loss.detach()}
+
+    def after_optimizer_step(self, model: nn.Module, step: int, applied: bool) -> dict[str, torch.Tensor]:
+        """Average the discriminator's gradients over the ranks (one all-reduce), clip them like the tower's,
+        and step it, unless the tower's step was skipped as non-finite or its own gradients are."""
+        optimizer = self.discriminator_optimizer
+        if optimizer is None:
+            return {}
+        if not self._gan_active(step):
+            return {"discriminator_grad_norm": torch.zeros((), device=model.discriminator_parameters()[0].device)}
+        norm = self.average_and_clip_discriminator_gradients(model)
+        if applied and bool(torch.isfinite(norm)):  # the same on every rank: the gradients are the averaged ones
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"discriminator_grad_norm": norm.detach().float()}
+
+    def average_and_clip_discriminator_gradients(self, model: nn.Module) -> torch.Tensor:
+        """Collective: the discriminator's gradients averaged over the ranks in one all-reduce, then clipped
+        to optim.grad_clip; returns their norm before clipping."""
+        params = model.discriminator_parameters()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat.div_(dist.get_world_size())
+            grads = list(torch._utils._unflatten_dense_tensors(flat, grads))
+        for p, g in zip(params, grads):
+            p.grad = g
+        return torch.nn.utils.clip_grad_norm_(params, self.config.tower_train.optim.grad_clip, foreach=True)
+
     def count(self, batch: dict) -> tuple[int, int]:
         n = batch["pixels"].shape[0]
         return n, n * self.tower_cfg.grid_size**2
@@ -120,15 +190,23 @@ class TowerTask(Task):
     @torch.no_grad()
     def replica_checks(self, model: nn.Module) -> dict[str, float]:
         """The EMA codebook is a buffer FSDP2 leaves whole on every rank; the quantizer all-reduces its
-        statistics so that every rank holds the same one. Max minus min of checksums across ranks."""
+        statistics so that every rank holds the same one. The discriminator (if any) is replicated and
+        steps on averaged gradients. Max minus min of checksums across ranks, per part."""
         q = model.quantizer
-        sums = torch.stack([q.embed.double().sum(), q.ema_count.double().sum(), q.ema_sum.double().sum()])
+        parts = {"codebook_rank_divergence": [q.embed, q.ema_count, q.ema_sum]}
+        if model.discriminator_parameters():
+            parts["discriminator_rank_divergence"] = model.discriminator_parameters()
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return {"codebook_rank_divergence": 0.0}
+            return {name: 0.0 for name in parts}
+        sums = torch.stack([t.detach().double().sum() for tensors in parts.values() for t in tensors])
         high, low = sums.clone(), sums.clone()
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        return {"codebook_rank_divergence": float((high - low).abs().max())}
+        spread, out, start = (high - low).abs(), {}, 0
+        for name, tensors in parts.items():
+            out[name] = float(spread[start:start + len(tensors)].max())
+            start += len(tensors)
+        return out
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -176,6 +254,22 @@ class TowerTask(Task):
             grid = image_grid([originals, reconstructions], row_labels=["original", "reconstructed"])
             trainer.logger.log_image(grid, f"reconstructions/step_{step:07d}.png")
         return {f"eval/{k}": float(v) for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def _create_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its AdamW state now (one step of zero gradients at learning rate 0: nothing
+    moves), as a resume does before it loads a checkpoint. A checkpoint saved before the discriminator's
+    first step then holds its state too, and so loads into a fresh run."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
 
 
 def _all_gather_over(device: torch.device):

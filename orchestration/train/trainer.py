@@ -108,7 +108,8 @@ class Task:
 
     def host_batch(self, batch: dict) -> dict:
         """A micro-batch of numpy columns as read, before it becomes tensors; runs in the data thread
-        (e.g. the tower's caption tokenization, which the data processes leave to the trainer)."""
+        (e.g. the tower's caption tokenization, which the data processes leave to the trainer; the LM's
+        caption dropout, drawn per sample and epoch: ``batch["epoch"]`` is the data epoch)."""
         return batch
 
     def prepare_step(self, micro_batches: list[dict]) -> None:
@@ -137,6 +138,21 @@ class Task:
 
     def flops_per_token(self, model: nn.Module) -> float | None:
         return None
+
+    def extra_optimizers(self, model: nn.Module) -> list[torch.optim.Optimizer]:
+        """Optimizers of parameters trained on a loss of their own (a GAN discriminator), none of them in
+        ``trainable_parameters``; checkpointed and restored with the main optimizer."""
+        return []
+
+    def after_backward(self, model: nn.Module, batch: dict, out: dict, step: int, scale: float) -> dict[str, torch.Tensor]:
+        """After a micro-batch's backward of the main loss: the task's own second backward, if any (the
+        discriminator's loss, times ``scale``); returns scalars to log with the step's."""
+        return {}
+
+    def after_optimizer_step(self, model: nn.Module, step: int, applied: bool) -> dict[str, torch.Tensor]:
+        """After the main optimizer step (``applied`` False when the non-finite guard skipped it): step the
+        extra optimizers. Same calls on every rank. Returns scalars to log."""
+        return {}
 
     def replica_checks(self, model: nn.Module) -> dict[str, float]:
         """Collective, at log steps: how far state that every rank must hold identically (not sharded
@@ -184,6 +200,7 @@ class Trainer:
         self.sharded = is_sharded(model)
         self.params = self.task.trainable_parameters(self.model)
         self.optimizer = build_optimizer(self.params, self.section.optim)
+        self.optimizers = [self.optimizer, *self.task.extra_optimizers(self.model)]  # what checkpoints hold
         self.scheduler = build_scheduler(self.optimizer, self.section.optim, self.section.steps)
         self.guard = NonFiniteGuard(self.section.max_nonfinite_in_a_row, self.task.stage)
         self.saver = ckpt.AsyncSaver(self.storage_fs, self.experiment_path)
@@ -201,7 +218,7 @@ class Trainer:
             path, fs = candidates.pop()
             try:
                 self.state = ckpt.load_checkpoint(
-                    path, self.model, [self.optimizer], self.scheduler, ignore_frozen=self.task.ignore_frozen,
+                    path, self.model, self.optimizers, self.scheduler, ignore_frozen=self.task.ignore_frozen,
                     filesystem=fs,
                 )
                 self.guard.skipped = self.state.nonfinite_skipped
@@ -221,7 +238,7 @@ class Trainer:
         (collective), written by rank 0 beside the checkpoints for a test to compare with their files."""
         import json
 
-        digest = ckpt.state_digest(self.model, [self.optimizer], self.task.ignore_frozen)
+        digest = ckpt.state_digest(self.model, self.optimizers, self.task.ignore_frozen)
         if self.rank == 0:
             path = f"{self.experiment_path}/restored_state_step{self.state.step:07d}.json"
             with self.storage_fs.open_output_stream(path) as f:
@@ -309,6 +326,7 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 out = self.task.forward(model, batch, step)
             (out["loss"] * scale).backward()
+            out.update(self.task.after_backward(model, batch, out, step, scale))
             for k, v in out.items():
                 if isinstance(v, torch.Tensor) and v.numel() == 1:
                     term = v.detach().float().reshape(()) * scale
@@ -318,9 +336,11 @@ class Trainer:
         self.maybe_fail("step", step + 1)
         grad_norm = clip_grad_norm(self.params, self.section.optim.grad_clip)
         finite = bool(torch.isfinite(grad_norm))  # the step's one host sync (see above)
-        if self.guard.check(finite, step + 1, scalars["loss"] if finite else float(scalars["loss"])):
+        applied = self.guard.check(finite, step + 1, scalars["loss"] if finite else float(scalars["loss"]))
+        if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        scalars.update(self.task.after_optimizer_step(model, step, applied))
         scalars["lr"] = self.scheduler.get_last_lr()[0]
         scalars["grad_norm"] = grad_norm.detach().float()
         self.scheduler.step()
@@ -441,7 +461,7 @@ class Trainer:
             # later always leaves the previous checkpoint as the one to resume from.
             self.wait_for_checkpoints()
         directory = self.saver.start(
-            step, self.model, [self.optimizer], self.scheduler, self.state,
+            step, self.model, self.optimizers, self.scheduler, self.state,
             ignore_frozen=self.task.ignore_frozen, before_complete=lambda: self.maybe_fail("save", step),
         )
         written = self.saver.future
