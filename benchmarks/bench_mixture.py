@@ -10,7 +10,7 @@ Size-only descriptions of the stage-2 sources (no files are read; records are si
     sharegpt4v  sharegpt4v    one JSON list of 1.2M entries (record ranges of 10,000)          weight 1
 
 64 ranks, the first 1% of epoch 0 on every rank. Both designs use the real planner
-(`mixture.plan_units`, with `split_row_groups` / `record_ranges` making the units):
+(`mixture.plan_units`, with `counting.split_row_groups` / `counting.record_ranges` making the units):
 
     mixer     (today) epochs.EpochPlan.windows + mixture.mix_order: per-source streams of seeded passes,
               a weighted low-discrepancy source sequence per window, per-source shuffle buffers.
@@ -41,7 +41,8 @@ import time
 import numpy as np
 
 from orchestration.data.epochs import EpochPlan, _seed
-from orchestration.data.mixture import Uniforms, mix_order, plan_units, record_ranges, split_row_groups, target_shares
+from orchestration.data.counting import record_ranges, split_row_groups
+from orchestration.data.mixture import Uniforms, mix_order, plan_units, target_shares
 
 SEED = 0
 WINDOW_UNITS, BUFFER_ROWS = 8, 512  # the config's defaults (data.shuffle_window_shards / shuffle_buffer_rows)

@@ -105,7 +105,7 @@ def export_parameter_count(config: Config, export_path: str) -> dict[str, int]:
 
 def architecture(config: Config, stage: str) -> dict[str, str]:
     """The resolved model config of a stage (the preset with every override), as flat params."""
-    from orchestration.train.tower import tower_config
+    from orchestration.data.tower_data import tower_config
 
     resolved = {"tower": dataclasses.asdict(tower_config(config))}
     if stage == "lm":

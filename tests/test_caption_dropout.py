@@ -108,6 +108,33 @@ def test_caption_dropout_is_drawn_per_record_and_epoch_when_batches_are_built(ta
     assert all((first["labels"][i][first["segment_ids"][i] == 1] != IGNORE_INDEX).any() for i in zero)
 
 
+def test_rows_of_the_tokenized_cache_get_a_draw_per_sample_and_epoch(task):
+    """A cached row names only itself ("cache/<id>"), not its samples: each of its generation samples
+    still gets a draw of its own per epoch (keyed by row and segment), the same on every rerun."""
+    builder = SequenceBuilder(task.tokenizer, code_depth=task.tower_source.config.code_depth)
+    depth = task.tower_source.config.code_depth
+    samples = [builder.build(GenerationSample(text=CORPUS[k % 2], codes=_codes(depth, k))) for k in range(3)]
+    row = fill_row(samples, 3 * SEQ_LEN // 2, depth, task.special.pad)
+    stored = {name: np.stack([row[name]] * RECORDS) for name in ROW_COLUMNS}
+    stored["keys"] = np.empty(RECORDS, dtype=object)
+    stored["keys"][:] = [[f"cache/{i}"] for i in range(RECORDS)]
+
+    def dropped_segments(epoch: int) -> set[tuple[int, int]]:
+        batch = task.host_batch(copy.deepcopy(stored) | {"epoch": epoch})
+        out = set()
+        for i in range(RECORDS):
+            for segment in (1, 2, 3):
+                first = np.flatnonzero(batch["segment_ids"][i] == segment)[:2]
+                if batch["input_ids"][i][first[1]] == task.special.im_start:
+                    out.add((i, segment))
+        return out
+
+    zero, one = dropped_segments(0), dropped_segments(1)
+    assert zero == dropped_segments(0) and zero != one
+    assert len({segment for _, segment in zero}) > 1  # the samples of a row are drawn apart
+    assert abs(len(zero) - RATE * 3 * RECORDS) < 4 * (RATE * (1 - RATE) * 3 * RECORDS) ** 0.5
+
+
 def test_no_dropout_configured_leaves_batches_alone(task):
     off = LMTask(load_config(None, ["lm_train.caption_dropout=0"]), task.tokenizer_files)
     stored, _ = _batch(off, SequenceBuilder(off.tokenizer, code_depth=off.tower_source.config.code_depth))

@@ -76,3 +76,21 @@ def test_an_unknown_mix_by_is_refused_naming_the_field():
 def test_zero_source_weights_are_refused():
     with pytest.raises(ConfigError, match="tower_sources"):
         load_config(None, ["data.tower_sources.coyo_parquet.weight=0", "data.tower_sources.coyo_webdataset.weight=0"])
+
+
+def test_an_imported_towers_text_tokenizer_is_kept_unless_the_run_names_one(tmp_path):
+    """One mapping from the config to the tower (data pipeline and trainer alike): with model.init_from
+    the export's tokenizer stays unless model.tower_text_tokenizer names another."""
+    import dataclasses
+    import json
+
+    from orchestration.data.tower_data import tower_config
+    from vilau_model.config import get_tower_config
+
+    saved = dataclasses.replace(get_tower_config("tiny"), tokenizer_path="/exports/release/tokenizer")
+    (tmp_path / "tower.json").write_text(json.dumps({"tower_config": dataclasses.asdict(saved), "loss_config": {}}))
+    kept = tower_config(load_config(None, [f"model.init_from={tmp_path}", "model.allow_random_init=true"]))
+    assert kept.tokenizer_path == "/exports/release/tokenizer"
+    named = tower_config(load_config(None, [f"model.init_from={tmp_path}", "model.tower_text_tokenizer=/mine",
+                                            "model.allow_random_init=true"]))
+    assert named.tokenizer_path == "/mine"

@@ -165,7 +165,7 @@ def test_one_big_index_file_is_read_as_record_ranges_spread_over_the_ranks(ray_s
     """ShareGPT4V and OpenVid come as one index file each (a JSON list, a CSV): read whole, one rank
     would get all of a source and another none. The plan cuts such a file into record ranges, which
     together read every record once, and both ranks get their share of every source."""
-    from orchestration.data.mixture import MIN_UNITS_PER_SOURCE
+    from orchestration.data.counting import MIN_UNITS_PER_SOURCE
     from orchestration.data.records import iter_records
     from orchestration.data.sources import rank_windows
 

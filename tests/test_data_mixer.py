@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestration.data.epochs import DataPosition, EpochPlan, mix_window, part_id
-from orchestration.data.mixture import Uniforms, mix_order, plan_units, record_ranges, repeat_factors, source_sequence
+from orchestration.data.counting import record_ranges
+from orchestration.data.mixture import Uniforms, mix_order, plan_units, repeat_factors, source_sequence
 from orchestration.data.records import ReadUnit
 
 

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestration.data.epochs import DataPosition, EpochPlan, mix_window, part_id, split_part_id
-from orchestration.data.mixture import mix_order, plan_units, record_ranges
+from orchestration.data.counting import record_ranges
+from orchestration.data.mixture import mix_order, plan_units
 from orchestration.data.records import read_unit_tables
 
 

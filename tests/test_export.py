@@ -56,7 +56,8 @@ def test_safetensors_written_tensor_by_tensor_read_back_by_safetensors(tmp_path)
 
 def test_tower_export_from_a_sharded_checkpoint(tmp_path, read_groups):
     from orchestration.train.outputs import load_tower_export
-    from orchestration.train.tower import tower_config, tower_loss_config
+    from orchestration.data.tower_data import tower_config
+    from orchestration.train.tower import tower_loss_config
     from vilau_model.vision_tower import UnifiedVisionTower
 
     config = load_config(None, [f"output_dir={tmp_path}"])

@@ -141,12 +141,39 @@ def parallel(fn, items: list, threads: int = IO_THREADS) -> list:
         return list(pool.map(lambda item: fn(*item), items))
 
 
+# A source that is one index file (an OpenVid CSV, a ShareGPT4V JSON) is cut into record ranges, at
+# least this many: ranks and windows then get every source in its share, not one rank the whole OpenVid
+# index and another none. (Its count is exact: the file is counted for the density estimate anyway.)
+MIN_UNITS_PER_SOURCE = 16
+
+
+def record_ranges(records: int, max_rows: int) -> list[tuple[tuple[int, int | None] | None, int]]:
+    """One file of ``records`` records as [(record range, records)]: at least MIN_UNITS_PER_SOURCE
+    ranges of at most ``max_rows`` (the last one open-ended), or the whole file (None) when small."""
+    per_unit = min(max_rows, max(1, -(-records // MIN_UNITS_PER_SOURCE)))
+    if records <= per_unit:
+        return [(None, max(records, 1))]
+    starts = range(0, records, per_unit)
+    return [((start, start + per_unit if start + per_unit < records else None), min(per_unit, records - start)) for start in starts]
+
+
+def split_row_groups(groups: list[int], target_rows: int) -> list[tuple[tuple[int, int], int]]:
+    """Consecutive row groups cut into ranges of about ``target_rows`` rows: [((start, stop), rows)]."""
+    out, start, rows = [], 0, 0
+    for i, n in enumerate(groups):
+        rows += n
+        if rows >= target_rows:
+            out.append(((start, i + 1), rows))
+            start, rows = i + 1, 0
+    if start < len(groups):
+        out.append(((start, len(groups)), rows))
+    return out
+
+
 def count_sources(sources: dict[str, dict], s3: S3Settings | None, unit_rows: int) -> dict[str, SourceCount]:
     """{name: SourceCount} for ``sources`` ({name: {"format", "path" (resolved)}}): the pieces the plan
     is made of (a parquet shard of more than ``unit_rows`` rows cut at row groups, a single index file
     cut into record ranges) and how each was counted."""
-    from orchestration.data.mixture import record_ranges, split_row_groups
-
     listed = {name: list_source(sources[name]["format"], sources[name]["path"], s3) for name in sorted(sources)}
     filesystems: dict[bool, pafs.FileSystem] = {}
 

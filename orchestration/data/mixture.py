@@ -47,10 +47,6 @@ from orchestration.storage import S3Settings
 log = logging.getLogger(__name__)
 
 PARQUET_UNIT_ROWS = 10_000  # a shard with more records is read as several units (row groups, record ranges)
-# A source that is one index file (an OpenVid CSV, a ShareGPT4V JSON) is cut into record ranges, at
-# least this many: ranks and windows then get every source in its share, not one rank the whole OpenVid
-# index and another none. (Its count is exact: the file is counted for the density estimate anyway.)
-MIN_UNITS_PER_SOURCE = 16
 ESTIMATE_TOLERANCE = 0.1  # a repeat factor this close to 1 that rests on estimated counts is taken as 1
 
 
@@ -68,29 +64,6 @@ def parquet_footers(uris: list[str], s3: S3Settings | None, per_task: int = 64) 
     """Rows per row group of each parquet shard (footers only), read in parallel Ray tasks."""
     chunks = [uris[i : i + per_task] for i in range(0, len(uris), per_task)]
     return [groups for part in ray.get([_row_groups_remote.remote(c, s3) for c in chunks]) for groups in part]
-
-
-def record_ranges(records: int, max_rows: int) -> list[tuple[tuple[int, int | None] | None, int]]:
-    """One file of ``records`` records as [(record range, records)]: at least MIN_UNITS_PER_SOURCE
-    ranges of at most ``max_rows`` (the last one open-ended), or the whole file (None) when small."""
-    per_unit = min(max_rows, max(1, -(-records // MIN_UNITS_PER_SOURCE)))
-    if records <= per_unit:
-        return [(None, max(records, 1))]
-    starts = range(0, records, per_unit)
-    return [((start, start + per_unit if start + per_unit < records else None), min(per_unit, records - start)) for start in starts]
-
-
-def split_row_groups(groups: list[int], target_rows: int) -> list[tuple[tuple[int, int], int]]:
-    """Consecutive row groups cut into ranges of about ``target_rows`` rows: [((start, stop), rows)]."""
-    out, start, rows = [], 0, 0
-    for i, n in enumerate(groups):
-        rows += n
-        if rows >= target_rows:
-            out.append(((start, i + 1), rows))
-            start, rows = i + 1, 0
-    if start < len(groups):
-        out.append(((start, len(groups)), rows))
-    return out
 
 
 # A piece of a source: (uri, row-group range, record range, records). Records are exact for parquet

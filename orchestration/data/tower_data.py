@@ -34,12 +34,17 @@ TOWER_GROUP = "tower"
 
 
 def tower_config(config: Config) -> VisionTowerConfig:
-    if config.model.init_from:  # the export's tower (orchestration.released), the run's explicit overrides on top
+    """The run's vision tower (the one mapping from the config, for the data pipeline and the trainer):
+    the preset, or with ``model.init_from`` the export's tower, the run's explicit overrides on top (an
+    unset ``model.tower_text_tokenizer`` keeps the preset's or the export's text tokenizer)."""
+    overrides = config.model.tower_overrides()
+    if config.model.tower_text_tokenizer:
+        overrides["tokenizer_path"] = config.model.tower_text_tokenizer
+    if config.model.init_from:
         from orchestration.released import export_tower_config
 
-        return export_tower_config(config.model.init_from, **config.model.tower_overrides(),
-                                   tokenizer_path=config.model.tower_text_tokenizer)
-    return get_tower_config(config.model.tower, **config.model.tower_overrides(), tokenizer_path=config.model.tower_text_tokenizer)
+        return export_tower_config(config.model.init_from, **overrides)
+    return get_tower_config(config.model.tower, **overrides)
 
 
 @functools.lru_cache(maxsize=4)

@@ -206,7 +206,8 @@ def export_tower_from_checkpoint(config: Config, checkpoint_uri: str, export_uri
     """tower.safetensors + tower.json from the stage-1 checkpoint; returns codebook statistics."""
     from orchestration.data.sources import s3_settings
     from orchestration.train.outputs import TOWER_FILE, TOWER_META, tower_metadata
-    from orchestration.train.tower import tower_config, tower_loss_config
+    from orchestration.data.tower_data import tower_config
+    from orchestration.train.tower import tower_loss_config
     from vilau_model.vision_tower import UnifiedVisionTower
 
     _end_of_run_delay(config)
@@ -336,7 +337,7 @@ def finish_tower_stage(config: Config, checkpoint_uri: str, export_uri: str, run
     started_at = time.time()
     info = export_tower_from_checkpoint(config, checkpoint_uri, export_uri)
     from orchestration.train.artifacts import codebook_usage_figure
-    from orchestration.train.tower import tower_config
+    from orchestration.data.tower_data import tower_config
     from orchestration.train.tracking import RunLogger
 
     logger = RunLogger(run.tracking_uri, run.mlflow_run_id, active=True)

@@ -67,7 +67,11 @@ class LMTask(Task):
             if not prompts:
                 continue
             if max(prompts) > len(keys):
-                raise ValueError(f"a packed row has segment {max(prompts)} but names {len(keys)} samples")
+                if len(keys) != 1:
+                    raise ValueError(f"a packed row has segment {max(prompts)} but names {len(keys)} samples")
+                # A row of the tokenized cache names itself, not its samples: (row, segment) is as stable
+                # an identity of a sample from epoch to epoch.
+                keys = [f"{keys[0]}#{segment}" for segment in range(1, max(prompts) + 1)]
             dropped = [span for segment, span in prompts.items()
                        if caption_dropped(self.config.seed, keys[segment - 1], epoch, rate)]
             if dropped:

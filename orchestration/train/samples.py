@@ -136,7 +136,7 @@ def eval_clips(config: Config, frames: int) -> dict | None:
     from orchestration.data.decode import decode_video
     from orchestration.data.records import fs_and_path
     from orchestration.data.sources import s3_settings
-    from orchestration.train.tower import tower_config
+    from orchestration.data.tower_data import tower_config
 
     fs, path = fs_and_path(join(config.resolve_path(config.data.eval_path), "clips.parquet"), s3_settings(config))
     if not fs.exists(path):

@@ -25,26 +25,15 @@ import torch.distributed as dist
 from torch import nn
 
 from orchestration.config import Config
+from orchestration.data.tower_data import tower_config
 from orchestration.train.artifacts import image_grid
 from orchestration.train.trainer import Task, Trainer
-from vilau_model.config import VisionTowerConfig, get_tower_config
 from vilau_model.losses import TowerLossConfig
 from vilau_model.vision_tower import UnifiedVisionTower
 
 log = logging.getLogger(__name__)
 
 GRID_IMAGES = 8
-
-
-def tower_config(config: Config) -> VisionTowerConfig:
-    overrides = config.model.tower_overrides()
-    if config.model.tower_text_tokenizer:
-        overrides["tokenizer_path"] = config.model.tower_text_tokenizer
-    if config.model.init_from:  # the export's tower (orchestration.released), the run's explicit overrides on top
-        from orchestration.released import export_tower_config
-
-        return export_tower_config(config.model.init_from, **overrides)
-    return get_tower_config(config.model.tower, **overrides)
 
 
 def tower_loss_config(config: Config) -> TowerLossConfig:
