@@ -425,14 +425,14 @@ def pretrain(config: Config, console=None) -> tuple[StageResult, StageResult]:
 
 def data_line(stage: str, result: StageResult) -> str:
     """One line about what the data pipeline delivered to a stage, from the training loop's own counts:
-    samples trained, each source's realized share, distinct records dropped by reason."""
+    samples trained, each source's realized share, faults by reason (each record once per epoch it was met)."""
     metrics = result.metrics
     shares = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("mixture_share/")}
     line = f"[{stage} data] {int(metrics.get('samples_trained', 0))} samples trained"
     if shares:
         line += " (" + ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items())) + ")"
     skipped = result.rows_skipped
-    line += f", {sum(skipped.values())} distinct records skipped" + (f" {dict(sorted(skipped.items()))}" if skipped else "")
+    line += f", {sum(skipped.values())} records skipped" + (f" {dict(sorted(skipped.items()))}" if skipped else "")
     return line
 
 
