@@ -112,7 +112,9 @@ def outputs(tmp_path_factory) -> Path:
 
 
 def _overrides(root: str, outputs: Path) -> list[str]:
-    return [f"data.root={root}", f"output_dir={outputs}", SOURCES, "data.pack_window=16", "data.seq_len=1024"]
+    # Everything the jobs write stays under this test's folders (never the repository's outputs/).
+    return [f"data.root={root}", f"output_dir={outputs}", f"cluster.storage_path={outputs / 'ray'}", SOURCES,
+            "data.pack_window=16", "data.seq_len=1024"]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +166,7 @@ def test_stage2_trains_exactly_the_good_records_and_counts_each_fault_once(
     root, good, damaged_doc = faulty_shards
     steps = summary["rows"] + 1  # epoch 0's rows, and one step into epoch 1 (which counts epoch 0's tail)
     config = load_config(None, [
-        *_overrides(root, outputs), f"cluster.storage_path={tmp_path / 'ray'}", "tracking.enabled=false", "run_name=faults",
+        *_overrides(root, outputs), "tracking.enabled=false", "run_name=faults",
         "cluster.num_workers=1", f"lm_train.steps={steps}", "lm_train.batch_size_per_worker=1", "lm_train.grad_accum=1",
         f"lm_train.checkpoint_every={steps}", f"lm_train.log_every={steps}", "lm_train.generate_samples=0",
         "data.record_trained_keys=true",
