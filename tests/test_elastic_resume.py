@@ -196,11 +196,10 @@ def _tensor_sums(checkpoint_dir: Path, scratch: Path) -> dict[str, list[float]]:
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from orchestration.train.checkpoint import flat_tensors
+    from orchestration.train.checkpoint import flat_tensors, tensor_digest
 
     dcp_to_torch_save(checkpoint_dir, scratch)
-    tensors = flat_tensors(torch.load(scratch, weights_only=False))
-    return {name: [float(t.double().sum()), float((t.double() ** 2).sum())] for name, t in tensors.items()}
+    return tensor_digest(flat_tensors(torch.load(scratch, weights_only=False)).items())
 
 
 def test_the_batch_stream_takes_every_old_ranks_state_on_a_new_world():

@@ -28,17 +28,11 @@ def _saved_state(fs, checkpoint_dir: str, local: Path) -> dict:
     return torch.load(local / "full.pt", weights_only=False)
 
 
-def _sums(state: dict, prefix: str = "") -> dict[str, list[float]]:
+def _sums(state: dict) -> dict[str, list[float]]:
     """[sum, sum of squares] in float64 of every tensor of a nested state dict, by its path."""
-    out = {}
-    for key, value in state.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(_sums(value, name))
-        elif isinstance(value, torch.Tensor):
-            full = value.detach().to(torch.float64)
-            out[name] = [float(full.sum()), float((full * full).sum())]
-    return out
+    from orchestration.train.checkpoint import flat_tensors, tensor_digest
+
+    return tensor_digest(flat_tensors(state).items())
 
 
 @pytest.fixture(scope="module")

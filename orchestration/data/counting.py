@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from orchestration.data.records import (
@@ -37,7 +36,7 @@ from orchestration.data.records import (
     UNREADABLE_FOOTER,
     ShardError,
     count_records,
-    is_transient,
+    footer_row_groups,
     with_retries,
 )
 from orchestration.storage import S3Settings, is_s3, list_files, pyarrow_filesystem, strip_scheme
@@ -108,14 +107,7 @@ def read_footer(fs: pafs.FileSystem, uri: str) -> list[int]:
     then meets it, counts it as unreadable_shard and records it (records.parquet_row_groups)."""
     def read() -> list[int]:
         with _open(fs, uri) as f:
-            try:
-                meta = pq.ParquetFile(f).metadata
-            except Exception as exc:
-                if is_transient(exc):
-                    raise
-                log.warning("%s: parquet footer unreadable (%r): planned as a unit of no records", uri, exc)
-                return list(UNREADABLE_FOOTER)
-            return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            return footer_row_groups(f, uri)
 
     return with_retries(read, uri)
 

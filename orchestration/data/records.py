@@ -710,14 +710,19 @@ def parquet_row_groups(uri: str, s3: S3Settings | None) -> list[int]:
     unreadable shard, found at planning or later)."""
     fs, path = fs_and_path(uri, s3)
     with with_retries(lambda: fs.open(path, "rb"), uri) as f:
-        try:
-            meta = pq.ParquetFile(f).metadata
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            log.warning("%s: parquet footer unreadable (%r): planned as a unit of no records", uri, exc)
-            return list(UNREADABLE_FOOTER)
-        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return footer_row_groups(f, uri)
+
+
+def footer_row_groups(f, uri: str) -> list[int]:
+    """Rows of each row group from an open parquet file's footer; UNREADABLE_FOOTER when it has none."""
+    try:
+        meta = pq.ParquetFile(f).metadata
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.warning("%s: parquet footer unreadable (%r): planned as a unit of no records", uri, exc)
+        return list(UNREADABLE_FOOTER)
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
 def count_records(fmt: str, uri: str, s3: S3Settings | None) -> int:

@@ -342,10 +342,16 @@ def state_digest(model: nn.Module, optimizers: list[torch.optim.Optimizer], igno
     from torch.distributed.tensor import DTensor
 
     model_sd, optim_sd = get_state_dict(model, optimizers, options=state_dict_options(ignore_frozen))
+    flat = flat_tensors({"model": model_sd, "optim": optim_sd}).items()
+    return tensor_digest((name, t.full_tensor() if isinstance(t, DTensor) else t) for name, t in flat)
+
+
+def tensor_digest(tensors) -> dict[str, list[float]]:
+    """``{name: [sum, sum of squares]}`` in float64 of (name, tensor) pairs, taken one at a time: what
+    state_digest records and what tests compute from a checkpoint's files to compare with it."""
     digest = {}
-    for name, tensor in flat_tensors({"model": model_sd, "optim": optim_sd}).items():
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        full = full.detach().to("cpu", torch.float64)
+    for name, tensor in tensors:
+        full = tensor.detach().to("cpu", torch.float64)
         digest[name] = [float(full.sum()), float((full * full).sum())]
     return digest
 
